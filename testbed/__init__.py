@@ -1,0 +1,3 @@
+"""Testbed: Cross-vCenter vMotion (XvMotion) reproduced end to end on QEMU."""
+
+__version__ = "0.1.0"

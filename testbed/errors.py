@@ -1,0 +1,89 @@
+"""The project's one exception tree.
+
+    TestbedError                 anything the testbed reports to a person
+     +-- InputError              bad input: topology, names, sizes, workload specs
+     +-- NotFound                a lab, host, VM, datastore or disk that does not exist
+     +-- Conflict                a name already taken, a lab already up
+     +-- LabError                building or tearing down the lab failed
+     +-- HostError               a host could not do what was asked
+     |    +-- HostUnreachable    SSH to the host failed (refused key, no route, ...)
+     |    +-- AgentError         the host agent answered with an error
+     +-- QemuError               QEMU failed to launch or a QMP command failed
+     +-- CommandError            a local command exited non-zero
+
+Every message says what was tried, on which host or VM, and what to do.
+Wrapping keeps the cause (``raise X(...) from err``).
+"""
+
+from __future__ import annotations
+
+
+class TestbedError(Exception):
+    """Base of every error the testbed reports to a person."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  what to do: {self.hint}"
+        return self.message
+
+
+class InputError(TestbedError):
+    """The user gave something malformed."""
+
+
+class NotFound(TestbedError):
+    """The named thing does not exist."""
+
+
+class Conflict(TestbedError):
+    """The name is taken or the thing is already in that state."""
+
+
+class LabError(TestbedError):
+    """Building or tearing down the lab failed."""
+
+
+class HostError(TestbedError):
+    """A host could not do what was asked."""
+
+
+class HostUnreachable(HostError):
+    """The host could not be reached over SSH."""
+
+
+class AgentError(HostError):
+    """The host agent answered with an error.
+
+    ``kind`` is the remote error's class name, so callers can tell a
+    NotFound on the host from a QEMU failure.
+    """
+
+    def __init__(self, message: str, *, kind: str = "AgentError", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+
+
+class QemuError(TestbedError):
+    """QEMU failed to launch, or a QMP command failed."""
+
+
+class CommandError(TestbedError):
+    """A local command failed; carries the command, exit status and output."""
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        tail = (stderr or stdout).strip().splitlines()[-5:]
+        msg = f"command failed (exit {returncode}): {' '.join(argv)}"
+        if tail:
+            msg += "\n    " + "\n    ".join(tail)
+        super().__init__(msg)
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr

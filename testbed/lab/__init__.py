@@ -1,0 +1,1 @@
+"""The embedded lab: a typed topology (``topology``) made real by ``builder``."""

@@ -1,0 +1,189 @@
+"""The heartbeat observer: a host on the VM network that every guest agent reports to.
+
+It records, per VM, the kernel's receive time of every heartbeat (converted
+to CLOCK_MONOTONIC, the clock every lab process shares) and its sequence
+number, so the largest gap around a switchover is the downtime a user of the
+VM felt. Queries come as JSON lines on a UNIX socket:
+
+    {"op": "vms"}
+    {"op": "stats", "vm": "web01", "since_s": 1234.5, "until_s": null, "gap_threshold_ms": 20}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import struct
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+from testbed.guest.heartbeat import Heartbeat, parse
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+MAX_SAMPLES = 8_000_000     # per VM; the oldest half is dropped beyond this
+
+
+class Track:
+    def __init__(self) -> None:
+        self.t = array("d")       # receive time, monotonic seconds
+        self.seq = array("Q")
+        self.last: Heartbeat | None = None
+        self.violations = 0
+        self.sources: dict[str, int] = {}
+
+    def add(self, t: float, hb: Heartbeat, src: str) -> None:
+        if len(self.t) >= MAX_SAMPLES:
+            del self.t[: MAX_SAMPLES // 2]
+            del self.seq[: MAX_SAMPLES // 2]
+        self.t.append(t)
+        self.seq.append(hb.seq)
+        self.last = hb
+        if hb.violation:
+            self.violations += 1
+        self.sources[src] = self.sources.get(src, 0) + 1
+
+    def stats(self, since_s: float | None, until_s: float | None, threshold_ms: float) -> dict[str, Any]:
+        import bisect
+        lo = bisect.bisect_left(self.t, since_s) if since_s is not None else 0
+        hi = bisect.bisect_right(self.t, until_s) if until_s is not None else len(self.t)
+        n = hi - lo
+        out: dict[str, Any] = {"count": n, "violations_seen": self.violations,
+                               "last": self.last.as_dict() if self.last else None,
+                               "sources": self.sources}
+        if n == 0:
+            out.update(first_s=None, last_s=None, max_gap_ms=None, gaps=[], lost=0)
+            return out
+        gaps: list[dict[str, float]] = []
+        max_gap = 0.0
+        max_at = self.t[lo]
+        lost = 0
+        for i in range(lo + 1, hi):
+            g = (self.t[i] - self.t[i - 1]) * 1000
+            ds = self.seq[i] - self.seq[i - 1]
+            if ds > 1:
+                lost += ds - 1
+            if g > max_gap:
+                max_gap, max_at = g, self.t[i - 1]
+            if g >= threshold_ms and len(gaps) < 5000:
+                gaps.append({"start_s": self.t[i - 1], "end_s": self.t[i], "gap_ms": round(g, 3),
+                             "seq_before": self.seq[i - 1], "seq_after": self.seq[i]})
+        span = self.t[hi - 1] - self.t[lo]
+        out.update(first_s=self.t[lo], last_s=self.t[hi - 1], max_gap_ms=round(max_gap, 3),
+                   max_gap_at_s=max_at, gaps=gaps, lost=lost,
+                   rate_hz=round((n - 1) / span, 1) if span > 0 else None,
+                   first_seq=self.seq[lo], last_seq=self.seq[hi - 1])
+        return out
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.tracks: dict[str, Track] = {}
+        self.offset = time.time() - time.monotonic()   # realtime - monotonic
+        self.received = 0
+
+    def on_readable(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, anc, _flags, addr = sock.recvmsg(256, 64)
+            except BlockingIOError:
+                return
+            t = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", payload[:16])
+                    t = sec + nsec / 1e9 - self.offset
+            if t is None:
+                t = time.monotonic()
+            hb = parse(data)
+            if hb is None:
+                continue
+            self.received += 1
+            self.tracks.setdefault(hb.vm, Track()).add(t, hb, addr[0])
+
+    async def resync(self) -> None:
+        while True:   # realtime may be stepped; keep the mapping to monotonic fresh
+            await asyncio.sleep(5)
+            self.offset = time.time() - time.monotonic()
+
+    async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    resp = self.answer(req)
+                except Exception as err:  # a bad query gets an answer, not a dead observer
+                    resp = {"error": f"{type(err).__name__}: {err}"}
+                writer.write((json.dumps(resp) + "\n").encode())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "vms":
+            return {"vms": {name: {"count": len(tr.t), "last_s": tr.t[-1] if tr.t else None}
+                            for name, tr in self.tracks.items()},
+                    "received": self.received, "now_s": time.monotonic()}
+        if op == "stats":
+            tr = self.tracks.get(req["vm"])
+            if tr is None:
+                return {"count": 0, "now_s": time.monotonic(), "max_gap_ms": None, "gaps": [], "last": None}
+            out = tr.stats(req.get("since_s"), req.get("until_s"), float(req.get("gap_threshold_ms", 20)))
+            out["now_s"] = time.monotonic()
+            return out
+        return {"error": f"unknown op {op!r}"}
+
+
+async def main_async(bind: str, port: int, control: Path) -> None:
+    obs = Observer()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    sock.bind((bind, port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sock.fileno(), obs.on_readable, sock)
+    control.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(obs.control, path=str(control))
+    resync = asyncio.create_task(obs.resync())
+    stop = asyncio.Event()
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+    resync.cancel()
+    control.unlink(missing_ok=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="heartbeat observer (run inside the lab's observer namespace)")
+    p.add_argument("--bind", required=True)
+    p.add_argument("--port", type=int, default=7000)
+    p.add_argument("--control", required=True, type=Path)
+    a = p.parse_args()
+    asyncio.run(main_async(a.bind, a.port, a.control))
+
+
+
+async def query(control: Path, req: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """Ask the observer one question."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(control)), timeout_s)
+    try:
+        writer.write((json.dumps(req) + "\n").encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+    finally:
+        writer.close()
+    resp: dict[str, Any] = json.loads(line)
+    if "error" in resp:
+        raise RuntimeError(f"observer: {resp['error']}")
+    return resp
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""A lab described apart from building it (Mininet's Topo idea).
+
+The topology holds names and options only: sites, their vCenter and hosts,
+datastores, port groups and the site-to-site link. It is validated once into
+frozen models; ``addressing`` derives every address from 198.18.0.0/15.
+
+Address plan (site index s = 0, 1, ...; host index h = 1, 2, ...):
+
+    management   198.18.s.0/24        gateway .1, vCenter .2, host h at .(10+h)
+    vMotion      198.18.(16+s).0/24   gateway .1, host h at .(10+h)
+    site transit 198.18.254.0/24      site router s at .(1+s)
+    VM network   198.19.0.0/16        stretched L2 across sites; observer .0.2,
+                                      VMs from 198.19.1.1 up
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from testbed.errors import InputError
+from testbed.units import parse_rate_bytes, parse_size
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,14}$")
+LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+LAB_SUPERNET = ipaddress.ip_network("198.18.0.0/15")
+VM_NETWORK = ipaddress.ip_network("198.19.0.0/16")
+OBSERVER_IP = ipaddress.ip_address("198.19.0.2")
+OBSERVER_PORT = 7000
+FIRST_VM_IP = ipaddress.ip_address("198.19.1.1")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-15 characters: lowercase letters, "
+                         "digits and '-', starting with a letter")
+    return value
+
+
+class DatastoreSpec(_Frozen):
+    name: str
+    capacity_bytes: int = Field(default=16 * 1024**3, gt=0)
+
+    @field_validator("capacity_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return parse_size(v, what="datastore capacity") if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "datastore name")
+
+
+class HostSpec(_Frozen):
+    name: str
+    kind: Literal["netns"] = "netns"
+    datastores: tuple[DatastoreSpec, ...] = ()
+    license: str = "enterprise-plus"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "host name")
+
+
+class VCenterSpec(_Frozen):
+    name: str
+    sso_domain: str = "vsphere.local"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "vCenter name")
+
+
+class SiteSpec(_Frozen):
+    name: str
+    vcenter: VCenterSpec
+    hosts: tuple[HostSpec, ...] = Field(min_length=1, max_length=50)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "site name")
+
+
+class PortGroupSpec(_Frozen):
+    """A VM network. Each port group is its own L2 segment (its own bridge), stretched across sites."""
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class LinkSpec(_Frozen):
+    """The site-to-site link. ``bandwidth_bps`` is in bytes per second; None = unlimited."""
+
+    bandwidth_bps: int | None = Field(default=None, gt=0)
+    mtu: int = Field(default=1500, ge=1280, le=9000)
+
+    @field_validator("bandwidth_bps", mode="before")
+    @classmethod
+    def _rate(cls, v: object) -> object:
+        return parse_rate_bytes(v, what="link bandwidth") if isinstance(v, str) else v
+
+
+class Topology(_Frozen):
+    name: str = "tb"
+    sites: tuple[SiteSpec, ...] = Field(min_length=1, max_length=8)
+    port_groups: tuple[PortGroupSpec, ...] = (PortGroupSpec(name="VM Network"),)
+    link: LinkSpec = LinkSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _labname(cls, v: str) -> str:
+        if not LAB_NAME_RE.match(v):
+            raise ValueError(f"lab name {v!r} must be 1-8 lowercase letters or digits, "
+                             "starting with a letter (it prefixes namespace names)")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Topology:
+        seen: dict[str, str] = {}
+        for s in self.sites:
+            for what, name in [("site", s.name), ("vCenter", s.vcenter.name)] + [
+                    ("host", h.name) for h in s.hosts]:
+                if name in seen:
+                    raise ValueError(f"name {name!r} is used twice ({seen[name]} and {what}); "
+                                     "site, vCenter and host names must be unique")
+                seen[name] = what
+        pgs = [p.name for p in self.port_groups]
+        if len(set(pgs)) != len(pgs):
+            raise ValueError("port group names must be unique")
+        if not pgs:
+            raise ValueError("at least one port group is needed")
+        return self
+
+    # --- lookups -------------------------------------------------------
+    def hosts(self) -> list[tuple[int, SiteSpec, int, HostSpec]]:
+        """(site index, site, host index from 1, host) for every host."""
+        return [(si, s, hi, h) for si, s in enumerate(self.sites)
+                for hi, h in enumerate(s.hosts, start=1)]
+
+    def host(self, name: str) -> tuple[int, SiteSpec, int, HostSpec]:
+        for entry in self.hosts():
+            if entry[3].name == name:
+                return entry
+        known = ", ".join(h.name for *_, h in self.hosts())
+        from testbed.errors import NotFound
+        raise NotFound(f"host {name!r} is not in lab {self.name!r}", hint=f"hosts are: {known}")
+
+    def port_group(self, name: str) -> PortGroupSpec:
+        for pg in self.port_groups:
+            if pg.name == name:
+                return pg
+        from testbed.errors import NotFound
+        raise NotFound(f"port group {name!r} does not exist in lab {self.name!r}",
+                       hint="port groups are: " + ", ".join(p.name for p in self.port_groups))
+
+
+def datastores_of(host: HostSpec) -> tuple[DatastoreSpec, ...]:
+    """A host without datastores in the topology gets one local datastore."""
+    return host.datastores or (DatastoreSpec(name=f"ds-{host.name}"[:15]),)
+
+
+def default_topology(name: str = "tb") -> Topology:
+    """Two sites, each with its own vCenter and two hosts."""
+    def site(letter: str) -> SiteSpec:
+        return SiteSpec(
+            name=f"site-{letter}",
+            vcenter=VCenterSpec(name=f"vc-{letter}", sso_domain=f"vsphere-{letter}.local"),
+            hosts=tuple(HostSpec(name=f"esx-{letter}{i}") for i in (1, 2)),
+        )
+    return Topology(name=name, sites=(site("a"), site("b")))
+
+
+def load_topology(path: Path | str) -> Topology:
+    """Read a YAML topology file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"cannot read topology file {path}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"topology file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError(f"topology file {path} must hold a mapping with at least 'sites'")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {e['msg']}")
+        raise InputError(f"topology file {path} is invalid:\n" + "\n".join(lines),
+                         hint="fix the fields above; `testbed lab up` without --topology "
+                              "uses the default two-site lab") from err
+
+
+# --- addressing -----------------------------------------------------------
+
+class HostAddresses(_Frozen):
+    mgmt: str            # 198.18.s.(10+h)/24
+    mgmt_gateway: str
+    vmotion: str         # 198.18.(16+s).(10+h)/24
+    vmotion_gateway: str
+
+
+def host_addresses(site_index: int, host_index: int) -> HostAddresses:
+    return HostAddresses(
+        mgmt=f"198.18.{site_index}.{10 + host_index}/24",
+        mgmt_gateway=f"198.18.{site_index}.1",
+        vmotion=f"198.18.{16 + site_index}.{10 + host_index}/24",
+        vmotion_gateway=f"198.18.{16 + site_index}.1",
+    )
+
+
+def vcenter_address(site_index: int) -> str:
+    return f"198.18.{site_index}.2/24"
+
+
+def site_router_addresses(site_index: int) -> dict[str, str]:
+    return {
+        "mgmt": f"198.18.{site_index}.1/24",
+        "vmotion": f"198.18.{16 + site_index}.1/24",
+        "transit": f"198.18.254.{1 + site_index}/24",
+    }
+
+
+def vm_address(index: int) -> str:
+    """The index-th VM address (0-based) on the stretched VM network, as a /16."""
+    ip = FIRST_VM_IP + index
+    if ip not in VM_NETWORK or ip == VM_NETWORK.broadcast_address:
+        raise InputError("the VM network 198.19.0.0/16 has no free address left")
+    return f"{ip}/{VM_NETWORK.prefixlen}"

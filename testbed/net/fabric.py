@@ -1,0 +1,151 @@
+"""The lab's wiring, named in one place.
+
+Namespaces (lab ``L``): ``L-<site>`` is a site's switch and router,
+``L-<host>`` a host, ``L-<vcenter>`` a vCenter's management station,
+``L-wan`` the site-to-site link, ``L-obs`` the heartbeat observer.
+
+Inside a site namespace: bridges ``br-mgmt`` and ``br-vmk`` (management and
+vMotion networks, routed; the site is their gateway, .1) and one bridge
+``pg<i>`` per port group (the VM networks). ``wan0`` is the site's leg of the
+site-to-site link (transit network 198.18.254.0/24); its egress queue is the
+link's bandwidth cap in that direction. Port groups are stretched across sites
+at L2 by VXLAN (``vx<i>``, VNI 1000+i, between the sites' transit addresses), so
+VM traffic between sites crosses the same shaped link as everything else.
+Host ``h`` plugs in at ports ``p<h>m``, ``p<h>v``, ``p<h>u<i>``; the vCenter at
+``vc0``; the observer at ``obs0``.
+
+Inside a host namespace: ``vmk0`` (management), ``vmk1`` (vMotion), bridges
+``pg<i>`` with uplinks ``up<i>``, VM taps ``t<n>-<vm>`` as their ports.
+Inside ``L-wan``: bridge ``br-wan`` with one port ``s-<site>`` per site.
+
+This kernel has no 802.1Q VLANs (neither VLAN devices nor bridge VLAN
+filtering), so port groups are separate bridges rather than VLAN ids.
+"""
+
+from __future__ import annotations
+
+from testbed.lab import topology as topo
+from testbed.net.cmd import ip_batch, run
+
+VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50
+
+
+def ns_name(lab: str, node: str) -> str:
+    return f"{lab}-{node}"
+
+
+def pg_bridge(index: int) -> str:
+    return f"pg{index}"
+
+
+def veth(a_ns: str, a: str, b_ns: str, b: str, mtu: int = 1500) -> str:
+    return f"link add name {a} netns {a_ns} mtu {mtu} type veth peer name {b} netns {b_ns} mtu {mtu}"
+
+
+def sysctl(netns: str, *settings: str) -> None:
+    run(["sysctl", "-q", "-w", *settings], netns=netns)
+
+
+def wan_mtu(t: topo.Topology) -> int:
+    return t.link.mtu + VXLAN_OVERHEAD
+
+
+def link_commands(t: topo.Topology, wan_ns: str | None) -> list[str]:
+    """Root-namespace ``ip`` commands creating every veth pair of the lab (namespaces must exist)."""
+    lab, mtu, cmds = t.name, t.link.mtu, []
+    for si, site in enumerate(t.sites):
+        sns = ns_name(lab, site.name)
+        for hi, host in enumerate(site.hosts, start=1):
+            hns = ns_name(lab, host.name)
+            cmds += [veth(hns, "vmk0", sns, f"p{hi}m"), veth(hns, "vmk1", sns, f"p{hi}v", mtu)]
+            cmds += [veth(hns, f"up{i}", sns, f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))]
+        cmds.append(veth(ns_name(lab, site.vcenter.name), "eth0", sns, "vc0"))
+        if si == 0:
+            cmds.append(veth(ns_name(lab, "obs"), "eth0", sns, "obs0", mtu))
+        if wan_ns is not None:
+            cmds.append(veth(sns, "wan0", wan_ns, f"s-{site.name}"[:15], wan_mtu(t)))
+    return cmds
+
+
+def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
+    """Addresses, bridges, routes and VXLAN of site ``si`` and of its hosts and vCenter."""
+    site, lab, mtu = t.sites[si], t.name, t.link.mtu
+    sns = ns_name(lab, site.name)
+    r = topo.site_router_addresses(si)
+    npg = len(t.port_groups)
+    cmds = ["link set lo up",
+            "link add br-mgmt type bridge", f"addr add {r['mgmt']} dev br-mgmt",
+            "link add br-vmk type bridge", f"addr add {r['vmotion']} dev br-vmk"]
+    cmds += [f"link add {pg_bridge(i)} type bridge" for i in range(npg)]
+    for hi, host in enumerate(site.hosts, start=1):
+        cmds += [f"link set p{hi}m master br-mgmt", f"link set p{hi}v master br-vmk",
+                 f"link set p{hi}m up", f"link set p{hi}v up"]
+        cmds += [c for i in range(npg) for c in (f"link set p{hi}u{i} master {pg_bridge(i)}",
+                                                  f"link set p{hi}u{i} up")]
+        _configure_host(t, si, hi, host.name)
+    cmds += ["link set vc0 master br-mgmt", "link set vc0 up"]
+    if si == 0:
+        cmds += [f"link set obs0 master {pg_bridge(0)}", "link set obs0 up"]
+    if with_wan:
+        cmds += [f"addr add {r['transit']} dev wan0", "link set wan0 up"]
+        local = r["transit"].split("/")[0]
+        for i in range(npg):
+            cmds += [f"link add vx{i} mtu {mtu} type vxlan id {1000 + i} local {local} dstport {VXLAN_PORT} "
+                     "nolearning", f"link set vx{i} master {pg_bridge(i)}", f"link set vx{i} up"]
+        for sj in range(len(t.sites)):
+            if sj != si:
+                via = topo.site_router_addresses(sj)["transit"].split("/")[0]
+                cmds += [f"route add 198.18.{sj}.0/24 via {via}", f"route add 198.18.{16 + sj}.0/24 via {via}"]
+    cmds += [f"link set br-vmk mtu {mtu}", "link set br-mgmt up", "link set br-vmk up"]
+    cmds += [f"link set {pg_bridge(i)} up" for i in range(npg)]
+    ip_batch(cmds, netns=sns)
+    sysctl(sns, "net.ipv4.ip_forward=1")
+    if with_wan:
+        fdb = [f"fdb append 00:00:00:00:00:00 dev vx{i} dst {topo.site_router_addresses(sj)['transit'].split('/')[0]}"
+               for i in range(npg) for sj in range(len(t.sites)) if sj != si]
+        run(["bridge", "-n", sns, "-batch", "-"], input="\n".join(fdb) + "\n")
+    vns = ns_name(lab, site.vcenter.name)
+    ip_batch(["link set lo up", f"addr add {topo.vcenter_address(si)} dev eth0", "link set eth0 up",
+              f"route add default via {r['mgmt'].split('/')[0]}"], netns=vns)
+    if si == 0:
+        ip_batch(["link set lo up", f"addr add {topo.OBSERVER_IP}/{topo.VM_NETWORK.prefixlen} dev eth0",
+                  "link set eth0 up"], netns=ns_name(lab, "obs"))
+
+
+def _configure_host(t: topo.Topology, si: int, hi: int, host: str) -> None:
+    a = topo.host_addresses(si, hi)
+    cmds = ["link set lo up",
+            f"addr add {a.mgmt} dev vmk0", "link set vmk0 up",
+            f"addr add {a.vmotion} dev vmk1", "link set vmk1 up",
+            f"route add default via {a.mgmt_gateway}",
+            f"route add 198.18.16.0/20 via {a.vmotion_gateway}"]
+    for i in range(len(t.port_groups)):
+        cmds += [f"link add {pg_bridge(i)} type bridge", f"link set up{i} master {pg_bridge(i)}",
+                 f"link set up{i} up", f"link set {pg_bridge(i)} up"]
+    ip_batch(cmds, netns=ns_name(t.name, host))
+
+
+def configure_wan(t: topo.Topology, wan_ns: str) -> None:
+    cmds = ["link set lo up", "link add br-wan type bridge", "link set br-wan up"]
+    for site in t.sites:
+        port = f"s-{site.name}"[:15]
+        cmds += [f"link set {port} master br-wan", f"link set {port} up"]
+    ip_batch(cmds, netns=wan_ns)
+
+
+def shape_link(t: topo.Topology, bandwidth_bps: int | None) -> None:
+    """Cap the site-to-site link at ``bandwidth_bps`` bytes/s in each direction (None: uncap).
+
+    Each site's ``wan0`` egress carries everything that leaves the site
+    (routed, and the port groups inside VXLAN), so one token bucket per
+    direction caps the whole link.
+    """
+    for site in t.sites:
+        sns = ns_name(t.name, site.name)
+        if bandwidth_bps is None:
+            run(["tc", "-n", sns, "qdisc", "del", "dev", "wan0", "root"], check=False)
+            continue
+        burst = max(bandwidth_bps // 100, 64 * 1024)   # 10 ms of traffic, at least 64 KiB
+        run(["tc", "-n", sns, "qdisc", "replace", "dev", "wan0", "root", "tbf",
+             "rate", f"{bandwidth_bps * 8}bit", "burst", str(burst), "latency", "50ms"])
