@@ -1,0 +1,44 @@
+"""A host agent's configuration, written by whoever provisions the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class DatastoreConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    path: str
+    capacity_bytes: int
+
+
+class HostConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    dir: str                          # the agent's own directory (sockets, VMs, logs)
+    datastores: tuple[DatastoreConfig, ...]
+    port_groups: dict[str, str]       # port group name -> the host's bridge for it
+    license: str = "enterprise-plus"
+    qemu_binary: str = "qemu-system-x86_64"
+    accel: str = "tcg"
+    accel_reason: str = ""
+    vmotion_address: str = ""
+    mgmt_address: str = ""
+
+    @property
+    def socket(self) -> Path:
+        return Path(self.dir) / "hostd.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return Path(self.dir) / "hostd.pid"
+
+    @property
+    def vms_dir(self) -> Path:
+        return Path(self.dir) / "vms"
+
+    @classmethod
+    def load(cls, path: Path) -> HostConfig:
+        return cls.model_validate_json(path.read_text())

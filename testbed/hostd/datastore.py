@@ -1,0 +1,131 @@
+"""The host's datastores: directories of disk images, managed with qemu-img.
+
+Space is accounted thick, the way vCenter's provisioning checks do: a disk
+counts with its virtual size, and the datastore's free space is its capacity
+minus those sizes (never more than the filesystem really has free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import Conflict, InputError, NotFound, TestbedError
+from testbed.hostd.config import DatastoreConfig, HostConfig
+from testbed.units import format_bytes
+
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+async def qemu_img(*args: str, host: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise TestbedError(f"qemu-img {' '.join(args)} failed on host {host}: "
+                           f"{err.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+class Datastores:
+    def __init__(self, cfg: HostConfig) -> None:
+        self.cfg = cfg
+        self._by_name = {d.name: d for d in cfg.datastores}
+        self._lock = asyncio.Lock()
+        for d in cfg.datastores:
+            Path(d.path).mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str) -> DatastoreConfig:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise NotFound(f"datastore {name!r} does not exist on host {self.cfg.name}",
+                           hint="datastores here: " + ", ".join(self._by_name)) from None
+
+    def path(self, datastore: str, file: str) -> Path:
+        if not FILE_RE.match(file):
+            raise InputError(f"disk file name {file!r} is not allowed",
+                             hint="use letters, digits, '.', '_' and '-'")
+        return Path(self.get(datastore).path) / file
+
+    async def _provisioned(self, ds: DatastoreConfig) -> int:
+        total = 0
+        for entry in sorted(Path(ds.path).iterdir()):
+            if entry.is_file():
+                total += await self._virtual_size(entry)
+        return total
+
+    async def _virtual_size(self, path: Path) -> int:
+        info = json.loads(await qemu_img("info", "-U", "--output=json", str(path), host=self.cfg.name))
+        return int(info["virtual-size"])
+
+    async def describe(self, ds: DatastoreConfig) -> dict[str, Any]:
+        provisioned = await self._provisioned(ds)
+        st = os.statvfs(ds.path)
+        fs_free = st.f_bavail * st.f_frsize
+        free = max(0, min(ds.capacity_bytes - provisioned, fs_free))
+        return {"name": ds.name, "path": ds.path, "capacity_bytes": ds.capacity_bytes,
+                "provisioned_bytes": provisioned, "free_bytes": free,
+                "filesystem_free_bytes": fs_free,
+                "disks": sorted(p.name for p in Path(ds.path).iterdir() if p.is_file())}
+
+    async def list(self) -> list[dict[str, Any]]:
+        return [await self.describe(d) for d in self.cfg.datastores]
+
+    async def _reserve(self, datastore: str, file: str, size_bytes: int) -> Path:
+        path = self.path(datastore, file)
+        if path.exists():
+            raise Conflict(f"disk {file!r} already exists on datastore {datastore} of host {self.cfg.name}",
+                           hint="choose another name or delete the old disk first")
+        ds = self.get(datastore)
+        free = (await self.describe(ds))["free_bytes"]
+        if size_bytes > free:
+            raise InputError(
+                f"datastore {datastore} on host {self.cfg.name} has {format_bytes(free)} free; "
+                f"disk {file} needs {format_bytes(size_bytes)}",
+                hint="use a smaller disk, another datastore, or free space by deleting VMs")
+        return path
+
+    async def create(self, datastore: str, file: str, size_bytes: int, fmt: str = "qcow2") -> dict[str, Any]:
+        if size_bytes <= 0 or size_bytes % 512:
+            raise InputError(f"disk size {size_bytes} must be a positive multiple of 512 bytes")
+        async with self._lock:
+            path = await self._reserve(datastore, file, size_bytes)
+            await qemu_img("create", "-q", "-f", fmt, str(path), str(size_bytes), host=self.cfg.name)
+        return await self.info(datastore, file)
+
+    async def import_image(self, datastore: str, file: str, source: str) -> dict[str, Any]:
+        """Copy a user's bootable image into the datastore as a qcow2 disk."""
+        src = Path(source)
+        if not src.is_file():
+            raise NotFound(f"image {source} does not exist on host {self.cfg.name}")
+        size = await self._virtual_size(src)
+        async with self._lock:
+            path = await self._reserve(datastore, file, size)
+            try:
+                await qemu_img("convert", "-q", "-O", "qcow2", str(src), str(path), host=self.cfg.name)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        return await self.info(datastore, file)
+
+    async def info(self, datastore: str, file: str) -> dict[str, Any]:
+        path = self.path(datastore, file)
+        if not path.exists():
+            raise NotFound(f"disk {file!r} does not exist on datastore {datastore} of host {self.cfg.name}")
+        info = json.loads(await qemu_img("info", "-U", "--output=json", str(path), host=self.cfg.name))
+        return {"datastore": datastore, "file": file, "path": str(path),
+                "size_bytes": int(info["virtual-size"]), "allocated_bytes": int(info.get("actual-size", 0)),
+                "format": info["format"]}
+
+    async def delete(self, datastore: str, file: str) -> None:
+        path = self.path(datastore, file)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(f"disk {file!r} does not exist on datastore {datastore} of host "
+                           f"{self.cfg.name}") from None

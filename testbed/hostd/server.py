@@ -1,0 +1,331 @@
+"""The host agent daemon: JSON-lines RPC on a UNIX socket, one per host.
+
+``HostAgent`` holds the methods (``vm.*``, ``disk.*``, ``datastore.*``,
+``host.*``, ``events.*``); ``serve`` accepts connections and dispatches
+requests concurrently; events from every VM's QMP go to the connections that
+subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import Conflict, InputError, NotFound, QemuError
+from testbed.hostd import protocol
+from testbed.hostd.config import HostConfig
+from testbed.hostd.datastore import Datastores
+from testbed.hostd.vm import VmProcess
+from testbed.qemu.cmdline import VmPaths
+from testbed.qemu.spec import VmSpec
+
+log = logging.getLogger("testbed.hostd")
+
+
+class Connection:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.subscribed: set[str] | None = None   # None: no events; empty set: all VMs
+        self._lock = asyncio.Lock()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        async with self._lock:
+            self.writer.write(protocol.encode(msg))
+            await self.writer.drain()
+
+
+class HostAgent:
+    def __init__(self, cfg: HostConfig) -> None:
+        self.cfg = cfg
+        self.datastores = Datastores(cfg)
+        self.vms: dict[str, VmProcess] = {}
+        self.connections: set[Connection] = set()
+        self._facts_cache: dict[str, Any] | None = None
+        cfg.vms_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- events --------------------------------------------------------------
+    def _emitter(self, vm: str) -> Any:
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            msg = {"event": kind, "vm": vm, "host": self.cfg.name, "data": data}
+            for conn in list(self.connections):
+                if conn.subscribed is not None and (not conn.subscribed or vm in conn.subscribed):
+                    asyncio.ensure_future(self._send_quietly(conn, msg))
+        return emit
+
+    async def _send_quietly(self, conn: Connection, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await conn.send(msg)
+
+    # --- host ------------------------------------------------------------------
+    async def m_host_ping(self, conn: Connection) -> dict[str, Any]:
+        return {"host": self.cfg.name, "pid": os.getpid(), "time_s": time.time()}
+
+    async def m_host_facts(self, conn: Connection) -> dict[str, Any]:
+        if self._facts_cache is None:
+            self._facts_cache = await _static_facts(self.cfg.qemu_binary)
+        mem_total = 0
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                mem_total = int(line.split()[1]) * 1024
+        return {
+            "name": self.cfg.name, **self._facts_cache,
+            "accel": self.cfg.accel, "accel_reason": self.cfg.accel_reason,
+            "cpus": os.cpu_count(), "memory_available_bytes": mem_total,
+            "license": self.cfg.license,
+            "datastores": await self.datastores.list(),
+            "port_groups": [{"name": n, "bridge": b} for n, b in self.cfg.port_groups.items()],
+            "mgmt_address": self.cfg.mgmt_address, "vmotion_address": self.cfg.vmotion_address,
+            "vms": sorted(self.vms),
+        }
+
+    # --- datastores and disks --------------------------------------------------
+    async def m_datastore_list(self, conn: Connection) -> list[dict[str, Any]]:
+        return await self.datastores.list()
+
+    async def m_disk_create(self, conn: Connection, datastore: str, file: str, size_bytes: int,
+                            format: str = "qcow2") -> dict[str, Any]:
+        return await self.datastores.create(datastore, file, size_bytes, format)
+
+    async def m_disk_import(self, conn: Connection, datastore: str, file: str, source: str) -> dict[str, Any]:
+        return await self.datastores.import_image(datastore, file, source)
+
+    async def m_disk_info(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:
+        return await self.datastores.info(datastore, file)
+
+    async def m_disk_delete(self, conn: Connection, datastore: str, file: str) -> None:
+        for vm in self.vms.values():
+            if vm.alive and self.datastores.path(datastore, file) in vm.disk_paths:
+                raise Conflict(f"disk {file} on {datastore} is in use by running VM {vm.spec.name} "
+                               f"on host {self.cfg.name}", hint="stop the VM first")
+        await self.datastores.delete(datastore, file)
+
+    # --- VMs -----------------------------------------------------------------------
+    def _vm(self, name: str) -> VmProcess:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise NotFound(f"VM {name!r} is not on host {self.cfg.name}",
+                           hint="`testbed vm list` shows where each VM is") from None
+
+    async def m_vm_start(self, conn: Connection, spec: dict[str, Any], incoming: bool = False) -> dict[str, Any]:
+        vspec = VmSpec.model_validate(spec)
+        old = self.vms.get(vspec.name)
+        if old is not None and old.alive:
+            raise Conflict(f"VM {vspec.name} is already running on host {self.cfg.name}")
+        disk_paths = [self.datastores.path(d.datastore, d.file) for d in vspec.disks]
+        for d, p in zip(vspec.disks, disk_paths, strict=False):
+            if not p.exists():
+                raise NotFound(f"disk {d.file} of VM {vspec.name} is not on datastore {d.datastore} "
+                               f"of host {self.cfg.name}", hint="create the disk first")
+        bridges = []
+        for nic in vspec.nics:
+            if nic.port_group not in self.cfg.port_groups:
+                raise NotFound(f"port group {nic.port_group!r} does not exist on host {self.cfg.name}",
+                               hint="port groups here: " + ", ".join(self.cfg.port_groups))
+            bridges.append(self.cfg.port_groups[nic.port_group])
+        for path in (vspec.boot.kernel, vspec.boot.initrd):
+            if path and not Path(path).is_file():
+                raise NotFound(f"boot file {path} of VM {vspec.name} does not exist on host {self.cfg.name}",
+                               hint="build the guest image with `make image` or give an existing path")
+        vm = VmProcess(vspec, VmPaths(self.cfg.vms_dir / vspec.name), disk_paths, host=self.cfg.name,
+                       qemu_binary=self.cfg.qemu_binary, accel=self.cfg.accel, bridges=bridges,
+                       emit=self._emitter(vspec.name))
+        self.vms[vspec.name] = vm
+        try:
+            await vm.start(incoming=incoming)
+        except BaseException:
+            if self.vms.get(vspec.name) is vm:
+                del self.vms[vspec.name]
+            raise
+        return vm.describe()
+
+    async def m_vm_stop(self, conn: Connection, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        vm = self._vm(name)
+        how = await vm.stop(timeout_s)
+        return {**vm.describe(), "how": how}
+
+    async def m_vm_kill(self, conn: Connection, name: str) -> dict[str, Any]:
+        vm = self._vm(name)
+        how = await vm.kill()
+        return {**vm.describe(), "how": how}
+
+    async def m_vm_remove(self, conn: Connection, name: str) -> None:
+        """Forget a stopped VM and remove its directory (console log included)."""
+        vm = self.vms.get(name)
+        vm_dir = self.cfg.vms_dir / name
+        if vm is not None and vm.alive:
+            raise Conflict(f"VM {name} is running on host {self.cfg.name}", hint="stop it first")
+        if vm is None and not vm_dir.exists():
+            raise NotFound(f"VM {name!r} is not on host {self.cfg.name}")
+        self.vms.pop(name, None)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+
+    async def m_vm_list(self, conn: Connection) -> list[dict[str, Any]]:
+        out = []
+        for vm in self.vms.values():
+            d = vm.describe()
+            if vm.alive:
+                with contextlib.suppress(QemuError, asyncio.TimeoutError):
+                    d["status"] = (await asyncio.wait_for(vm.execute("query-status"), 5))["status"]
+            out.append(d)
+        return out
+
+    async def m_vm_status(self, conn: Connection, name: str) -> dict[str, Any]:
+        vm = self._vm(name)
+        d = vm.describe()
+        if vm.alive:
+            d["status"] = (await vm.execute("query-status"))["status"]
+        return d
+
+    async def m_vm_qmp(self, conn: Connection, name: str, command: str,
+                       arguments: dict[str, Any] | None = None) -> Any:
+        return await self._vm(name).execute(command, arguments)
+
+    async def m_vm_console_log(self, conn: Connection, name: str, offset: int = 0) -> dict[str, Any]:
+        path = self.cfg.vms_dir / name / "serial.log"
+        if name not in self.vms and not path.exists():
+            raise NotFound(f"VM {name!r} has no console log on host {self.cfg.name}")
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        return {"offset": offset, "text": data.decode(errors="replace"), "next_offset": offset + len(data)}
+
+    async def m_vm_corrupt_memory(self, conn: Connection, name: str, gpa: int, length: int = 1) -> dict[str, Any]:
+        """Fault injection: invert ``length`` bytes of guest RAM at ``gpa`` (through the gdbstub)."""
+        from testbed.qemu.gdbstub import GdbStub, flip_bytes
+        vm = self._vm(name)
+        sock = vm.paths.dir / "gdb.sock"
+        sock.unlink(missing_ok=True)
+        await vm.execute("human-monitor-command", {"command-line": f"gdbserver unix:{sock},server=on,wait=off"})
+        try:
+            stub = await GdbStub.connect(sock)
+            try:
+                old, new = await flip_bytes(stub, gpa, length)
+            finally:
+                await stub.close()
+        finally:
+            await vm.execute("human-monitor-command", {"command-line": "gdbserver none"})
+            sock.unlink(missing_ok=True)
+        log.warning("fault injected: VM %s gpa %#x: %s -> %s", name, gpa, old.hex(), new.hex())
+        return {"gpa": gpa, "before": old.hex(), "after": new.hex()}
+
+    # --- events ----------------------------------------------------------------------
+    async def m_events_subscribe(self, conn: Connection, vms: list[str] | None = None) -> None:
+        conn.subscribed = set(vms or [])
+
+    # --- dispatch ----------------------------------------------------------------------
+    async def handle(self, conn: Connection, msg: dict[str, Any]) -> None:
+        req_id = msg.get("id")
+        method = str(msg.get("method", ""))
+        fn = getattr(self, "m_" + method.replace(".", "_"), None)
+        try:
+            if fn is None or not method:
+                raise InputError(f"host agent on {self.cfg.name} has no method {method!r}")
+            params = msg.get("params") or {}
+            if not isinstance(params, dict):
+                raise InputError("params must be an object")
+            try:
+                result = await fn(conn, **params)
+            except TypeError as err:
+                if "argument" in str(err) and "m_" in str(err):
+                    raise InputError(f"bad parameters for {method}: {err}") from err
+                raise
+            await conn.send({"id": req_id, "result": result})
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # every failure goes back to the caller, as data
+            if not isinstance(err, (InputError, NotFound, Conflict, QemuError)):
+                log.exception("%s failed", method)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await conn.send({"id": req_id, "error": protocol.error_body(err)})
+
+    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(writer)
+        self.connections.add(conn)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while line := await reader.readline():
+                try:
+                    msg = protocol.decode(line)
+                except ValueError as err:
+                    await conn.send({"id": None, "error": {"kind": "InputError",
+                                                           "message": f"not a JSON object: {err}", "hint": None}})
+                    continue
+                t = asyncio.create_task(self.handle(conn, msg))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.connections.discard(conn)
+            for t in tasks:
+                t.cancel()
+            writer.close()
+
+
+async def _static_facts(qemu_binary: str) -> dict[str, Any]:
+    async def out(*argv: str) -> str:
+        p = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.DEVNULL)
+        o, _ = await p.communicate()
+        return o.decode(errors="replace")
+
+    version_line = (await out(qemu_binary, "--version")).splitlines()[0]
+    version = version_line.split("version", 1)[1].split()[0] if "version" in version_line else "unknown"
+    machines: list[str] = []
+    aliases: dict[str, str] = {}
+    for line in (await out(qemu_binary, "-machine", "help")).splitlines()[1:]:
+        parts = line.split()
+        if not parts:
+            continue
+        machines.append(parts[0])
+        if "(alias of" in line:
+            aliases[parts[0]] = line.split("(alias of", 1)[1].strip(" )")
+    cpu_model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    return {"qemu_version": version, "qemu_version_line": version_line, "machine_types": machines,
+            "machine_aliases": aliases, "host_cpu_model": cpu_model, "kernel": platform.release(),
+            "product": "testbed-hostd", "agent_version": _agent_version()}
+
+
+def _agent_version() -> str:
+    from testbed import __version__
+    return __version__
+
+
+async def serve(cfg: HostConfig, ready: Any = None) -> None:
+    agent = HostAgent(cfg)
+    cfg.socket.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(agent.client, path=str(cfg.socket), limit=protocol.MAX_LINE)
+    os.chmod(cfg.socket, 0o600)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("host agent %s listening on %s", cfg.name, cfg.socket)
+    if ready is not None:
+        ready()
+    async with server:
+        await stop.wait()
+    # Like ESXi's hostd, a restarting agent leaves its VMs running.
+    log.info("host agent %s stopping; %d VM(s) keep running", cfg.name, len(agent.vms))
+    cfg.socket.unlink(missing_ok=True)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1)

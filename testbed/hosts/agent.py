@@ -1,0 +1,158 @@
+"""An async client of one host agent, over an SSH channel.
+
+    async with await AgentClient.connect(target, agent_command) as agent:
+        facts = await agent.call("host.facts")
+        async with agent.events(["web01"]) as q: ...
+
+A reader thread turns the channel's lines into futures and events on the
+event loop; calls may overlap. A remote error comes back as ``AgentError``
+(or the matching local class: NotFound, Conflict, InputError, QemuError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import paramiko
+
+from testbed import errors
+from testbed.errors import AgentError, HostUnreachable
+from testbed.hosts.ssh import SshSession, SshTarget
+
+_REMOTE_KINDS: dict[str, type[errors.TestbedError]] = {
+    "NotFound": errors.NotFound, "Conflict": errors.Conflict,
+    "InputError": errors.InputError, "QemuError": errors.QemuError,
+}
+
+
+class AgentClient:
+    def __init__(self, session: SshSession, chan: paramiko.Channel, loop: asyncio.AbstractEventLoop) -> None:
+        self.host = session.target.host
+        self._session = session
+        self._chan = chan
+        self._loop = loop
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._queues: list[asyncio.Queue[dict[str, Any]]] = []
+        self._closed = asyncio.Event()
+        self._send_lock = threading.Lock()
+        self._stderr = b""
+        threading.Thread(target=self._reader, name=f"agent-{self.host}", daemon=True).start()
+
+    @classmethod
+    async def connect(cls, target: SshTarget, agent_command: str) -> AgentClient:
+        session = await asyncio.to_thread(SshSession, target)
+        try:
+            chan = await asyncio.to_thread(session.open_channel, agent_command)
+        except Exception:
+            session.close()
+            raise
+        client = cls(session, chan, asyncio.get_running_loop())
+        try:
+            await asyncio.wait_for(client.call("host.ping"), 15)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- reader thread ------------------------------------------------------------
+    def _reader(self) -> None:
+        buf = b""
+        try:
+            while True:
+                data = self._chan.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        self._loop.call_soon_threadsafe(self._dispatch, json.loads(line))
+        except Exception:  # the channel died; fail what is pending below
+            pass
+        with contextlib.suppress(Exception):
+            while self._chan.recv_stderr_ready():
+                self._stderr += self._chan.recv_stderr(65536)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._lost)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if "event" in msg:
+            for q in self._queues:
+                q.put_nowait(msg)
+            return
+        fut = self._pending.pop(msg.get("id", -1), None)
+        if fut is None or fut.done():
+            return
+        if "error" in msg:
+            e = msg["error"] or {}
+            cls = _REMOTE_KINDS.get(e.get("kind", ""))
+            if cls is not None:
+                fut.set_exception(cls(e.get("message", "?"), hint=e.get("hint")))
+            else:
+                fut.set_exception(AgentError(f"host {self.host}: {e.get('message')}",
+                                             kind=e.get("kind", "AgentError"), hint=e.get("hint")))
+        else:
+            fut.set_result(msg.get("result"))
+
+    def _lost(self) -> None:
+        self._closed.set()
+        why = self._stderr.decode(errors="replace").strip()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(HostUnreachable(
+                    f"the connection to the host agent on {self.host} was lost" + (f": {why}" if why else ""),
+                    hint="check `testbed lab status`; the agent may have stopped"))
+        self._pending.clear()
+        for q in self._queues:
+            q.put_nowait({"event": "connection-lost", "host": self.host})
+
+    # --- calls ---------------------------------------------------------------------
+    async def call(self, method: str, timeout_s: float | None = None, **params: Any) -> Any:
+        if self._closed.is_set():
+            raise HostUnreachable(f"the connection to the host agent on {self.host} is closed")
+        req_id = next(self._ids)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[req_id] = fut
+        line = (json.dumps({"id": req_id, "method": method, "params": params}) + "\n").encode()
+
+        def send() -> None:
+            with self._send_lock:
+                self._chan.sendall(line)
+
+        try:
+            await asyncio.to_thread(send)
+        except OSError as err:
+            self._pending.pop(req_id, None)
+            raise HostUnreachable(f"cannot send to the host agent on {self.host}: {err}") from err
+        if timeout_s is None:
+            return await fut
+        return await asyncio.wait_for(fut, timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def events(self, vms: list[str] | None = None) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
+        """A queue of this agent's events (of ``vms``, or all) for the block's duration."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            await self.call("events.subscribe", vms=vms)
+            yield q
+        finally:
+            self._queues.remove(q)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._chan.close()
+        await asyncio.to_thread(self._session.close)

@@ -1,0 +1,1 @@
+"""The VMM layer: VM specs, QEMU command lines, QMP sessions."""
