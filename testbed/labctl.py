@@ -1,0 +1,121 @@
+"""Lab up, down and status: the lab builder plus the host agents on top of it.
+
+``lab.builder`` makes namespaces, wiring, sshd and the observer; this module
+then starts every host's agent over SSH, the way a vCenter adds an ESXi host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import TestbedError
+from testbed.hosts.base import Host
+from testbed.hosts.netns import NetnsHost
+from testbed.lab import builder
+from testbed.lab import topology as topo
+from testbed.lab.state import StateFile, record_alive
+from testbed.net import fabric
+from testbed.paths import GUEST_IMAGE_DIR, lab_dir, testbed_home
+from testbed.qemu import accel
+
+
+def hosts_of(state: builder.LabState) -> dict[str, Host]:
+    return {h.name: NetnsHost(state, h.name) for *_, h in state.topology.hosts()}
+
+
+def host(state: builder.LabState, name: str) -> Host:
+    state.topology.host(name)   # NotFound with the list of hosts
+    return hosts_of(state)[name]
+
+
+async def up(t: topo.Topology) -> dict[str, float]:
+    """Build lab ``t`` and start its host agents. Returns timings in seconds."""
+    t0 = time.monotonic()
+    probe = asyncio.create_task(asyncio.to_thread(
+        accel.probe, GUEST_IMAGE_DIR / "vmlinuz", testbed_home() / "accel-probe.json"))
+    try:
+        state = await asyncio.to_thread(builder.build, t)
+    except BaseException:
+        await asyncio.gather(probe, return_exceptions=True)
+        raise
+    t_net = time.monotonic()
+    try:
+        state.accel, state.accel_reason = await probe
+        sf = StateFile(lab_dir(t.name))
+        with sf.locked():
+            saved = sf.load()
+            saved.accel, saved.accel_reason = state.accel, state.accel_reason
+            sf.save(saved)
+        hs = list(hosts_of(state).values())
+        pids = await asyncio.gather(*(h.start_agent() for h in hs))
+        for h, pid in zip(hs, pids, strict=False):
+            builder.record_process(t.name, f"hostd {h.name}", pid, fabric.ns_name(t.name, h.name))
+        builder.mark_up(t.name)
+    except BaseException:
+        await asyncio.to_thread(builder.teardown, t.name)
+        raise
+    t1 = time.monotonic()
+    return {"network_s": t_net - t0, "agents_s": t1 - t_net, "total_s": t1 - t0}
+
+
+def down(name: str) -> tuple[list[str], float]:
+    t0 = time.monotonic()
+    forced = builder.teardown(name)
+    return forced, time.monotonic() - t0
+
+
+async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
+    """The lab as JSON: sites, vCenters, hosts (name, site, addresses, state)."""
+    state = builder.load_state(name)
+    t = state.topology
+    procs = {p.role: p for p in state.processes}
+    hosts: list[dict[str, Any]] = []
+    for si, site, hi, h in t.hosts():
+        a = topo.host_addresses(si, hi)
+        sshd, hostd = procs.get(f"sshd {h.name}"), procs.get(f"hostd {h.name}")
+        if sshd is None or not record_alive(sshd):
+            st = "sshd-down"
+        elif hostd is None or not record_alive(hostd):
+            st = "agent-down" if state.status == "up" else state.status
+        else:
+            st = "connected"
+        hosts.append({"name": h.name, "site": site.name, "vcenter": site.vcenter.name, "kind": h.kind,
+                      "mgmt_address": a.mgmt, "vmotion_address": a.vmotion, "state": st,
+                      "netns": fabric.ns_name(t.name, h.name),
+                      "datastores": [d.name for d in topo.datastores_of(h)], "license": h.license})
+    if check_agents:
+        hs = hosts_of(state)
+
+        async def ping(entry: dict[str, Any]) -> None:
+            try:
+                client = await asyncio.wait_for(hs[entry["name"]].agent(), 15)
+                async with client:
+                    await client.call("host.ping")
+            except (TimeoutError, TestbedError) as err:
+                entry["state"] = "unreachable"
+                entry["error"] = str(err)
+        await asyncio.gather(*(ping(e) for e in hosts))
+    vcenters = [{"name": s.vcenter.name, "site": s.name, "sso_domain": s.vcenter.sso_domain,
+                 "address": topo.vcenter_address(si), "netns": fabric.ns_name(t.name, s.vcenter.name)}
+                for si, s in enumerate(t.sites)]
+    return {
+        "name": t.name, "status": state.status, "accel": state.accel, "accel_reason": state.accel_reason,
+        "sites": [{"name": s.name, "vcenter": s.vcenter.name, "hosts": [h.name for h in s.hosts],
+                   "management_network": f"198.18.{si}.0/24", "vmotion_network": f"198.18.{16 + si}.0/24"}
+                  for si, s in enumerate(t.sites)],
+        "vcenters": vcenters,
+        "hosts": hosts,
+        "vm_network": {"cidr": str(topo.VM_NETWORK), "port_groups": [p.model_dump() for p in t.port_groups],
+                       "observer": f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}"},
+        "link": {"bandwidth_bps": state.link_bandwidth_bps, "mtu": t.link.mtu},
+        "namespaces": state.namespaces,
+        "processes": [{"role": p.role, "pid": p.pid, "alive": record_alive(p)} for p in state.processes],
+        "dir": str(lab_dir(name)),
+    }
+
+
+def observer_socket(name: str) -> Path:
+    return builder.LabPaths(name).observer_socket

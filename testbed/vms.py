@@ -1,0 +1,293 @@
+"""VM lifecycle on a lab: create, start, stop, delete, list, console, heartbeat.
+
+The lab keeps a registry of its VMs (``<labdir>/vms.json``): where each one
+lives, its spec, its address on the VM network, and the hosts it has lived
+on. The host agents hold the truth about what runs; the registry says where
+to ask. (The vCenter services take this role over once they exist.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from testbed import labctl
+from testbed.errors import Conflict, InputError, NotFound, TestbedError
+from testbed.guest.workload import Workload, agent_cmdline, parse_workload
+from testbed.hosts.agent import AgentClient
+from testbed.lab import builder
+from testbed.lab import observer as obs
+from testbed.lab import topology as topo
+from testbed.lab.state import StateFile
+from testbed.paths import GUEST_IMAGE_DIR, lab_dir
+from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec
+
+
+class Residence(BaseModel):
+    host: str
+    since_s: float
+
+
+class VmRecord(BaseModel):
+    name: str
+    host: str
+    spec: VmSpec
+    ip: str | None = None                 # CIDR on the VM network
+    workload: str = "idle"
+    builtin_guest: bool = True
+    created_s: float
+    history: list[Residence] = Field(default_factory=list)
+
+
+class Registry:
+    def __init__(self, lab: str) -> None:
+        self.path = lab_dir(lab) / "vms.json"
+        self.sf = StateFile(lab_dir(lab))
+
+    def load(self) -> dict[str, VmRecord]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {k: VmRecord.model_validate(v) for k, v in raw.items()}
+
+    def save(self, vms: dict[str, VmRecord]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v.model_dump(mode="json") for k, v in vms.items()}, indent=1))
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, VmRecord]]:
+        with self.sf.locked():
+            vms = self.load()
+            yield vms
+            self.save(vms)
+
+
+def _mac_for(lab: str, name: str) -> str:
+    h = hashlib.sha256(f"{lab}/{name}".encode()).digest()
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
+
+
+def resolve_machine(facts: dict[str, Any], machine: str) -> str:
+    """'q35' -> the host's concrete versioned type (pc-q35-10.0): migrations need it fixed."""
+    return str(facts.get("machine_aliases", {}).get(machine, machine))
+
+
+class VmManager:
+    def __init__(self, lab: str) -> None:
+        self.lab = lab
+        self.state = builder.load_state(lab)
+        self.registry = Registry(lab)
+
+    @contextlib.asynccontextmanager
+    async def agent(self, host: str) -> AsyncIterator[AgentClient]:
+        client = await labctl.host(self.state, host).agent()
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    def get(self, name: str) -> VmRecord:
+        vms = self.registry.load()
+        if name not in vms:
+            raise NotFound(f"VM {name!r} does not exist in lab {self.lab}",
+                           hint="`testbed vm list` shows the VMs" + (f": {', '.join(vms)}" if vms else ""))
+        return vms[name]
+
+    async def create(self, name: str, host: str, memory_bytes: int, disk_bytes: int | None, *,
+                     workload: str = "idle", datastore: str | None = None, port_group: str | None = None,
+                     kernel: str | None = None, initrd: str | None = None, append: str | None = None,
+                     image: str | None = None, vcpus: int = 1, start: bool = True) -> VmRecord:
+        t = self.state.topology
+        _, _, _, hspec = t.host(host)
+        ds = datastore or topo.datastores_of(hspec)[0].name
+        pg = t.port_group(port_group or t.port_groups[0].name)
+        wl: Workload = parse_workload(workload)
+        builtin = kernel is None and image is None
+        if image is not None and kernel is not None:
+            raise InputError("give either --image or --kernel/--initrd, not both")
+        if not builtin and wl != Workload():
+            raise InputError(f"VM {name}: a workload needs the built-in guest (its agent runs it)",
+                             hint="drop --workload, or drop --kernel/--image")
+        # Reserve the name and an address before touching any host.
+        with self.registry.edit() as vms:
+            if name in vms:
+                raise Conflict(f"VM {name!r} already exists in lab {self.lab} (on host {vms[name].host})",
+                               hint="choose another name or `testbed vm delete` the old one")
+            used = {v.ip for v in vms.values()}
+            ip = next(topo.vm_address(i) for i in range(65000) if topo.vm_address(i) not in used)
+            disks: list[DiskSpec] = []
+            if disk_bytes:
+                disks.append(DiskSpec(datastore=ds, file=f"{name}-disk0.qcow2", size_bytes=disk_bytes))
+            if builtin:
+                k, i = GUEST_IMAGE_DIR / "vmlinuz", GUEST_IMAGE_DIR / "initrd.img"
+                if not k.exists() or not i.exists():
+                    raise NotFound(f"the built-in guest image is not built ({GUEST_IMAGE_DIR})",
+                                   hint="run `make image`")
+                boot = BootSpec(kernel=str(k), initrd=str(i),
+                                append=agent_cmdline(name, ip, f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}",
+                                                     wl, memory_bytes, append or ""))
+            elif kernel is not None:
+                boot = BootSpec(kernel=str(Path(kernel).resolve()),
+                                initrd=str(Path(initrd).resolve()) if initrd else None, append=append or "")
+            else:
+                if disk_bytes:
+                    raise InputError("with --image the image is the VM's disk; drop --disk")
+                disks.append(DiskSpec(datastore=ds, file=f"{name}-disk0.qcow2", size_bytes=1))
+                boot = BootSpec(from_disk=True)
+            record = VmRecord(
+                name=name, host=host, ip=ip, workload=wl.describe(), builtin_guest=builtin,
+                created_s=time.time(), history=[Residence(host=host, since_s=time.time())],
+                spec=VmSpec(name=name, memory_bytes=memory_bytes, vcpus=vcpus, boot=boot, disks=tuple(disks),
+                            nics=(NicSpec(port_group=pg.name, mac=_mac_for(self.lab, name)),)),
+            )
+            vms[name] = record
+        try:
+            async with self.agent(host) as agent:
+                facts = await agent.call("host.facts")
+                machine = resolve_machine(facts, record.spec.machine)
+                if image is not None:
+                    info = await agent.call("disk.import", datastore=ds, file=disks[0].file,
+                                            source=str(Path(image).resolve()))
+                    disks[0] = disks[0].model_copy(update={"size_bytes": info["size_bytes"]})
+                elif disks:
+                    await agent.call("disk.create", datastore=ds, file=disks[0].file, size_bytes=disk_bytes)
+                record.spec = record.spec.model_copy(update={"machine": machine, "disks": tuple(disks)})
+                with self.registry.edit() as vms:
+                    vms[name] = record
+                if start:
+                    await agent.call("vm.start", spec=record.spec.model_dump())
+        except BaseException:
+            await self._undo_create(record)
+            raise
+        return record
+
+    async def _undo_create(self, record: VmRecord) -> None:
+        with contextlib.suppress(TestbedError, asyncio.TimeoutError):
+            async with self.agent(record.host) as agent:
+                with contextlib.suppress(TestbedError):
+                    await agent.call("vm.stop", name=record.name)
+                with contextlib.suppress(TestbedError):
+                    await agent.call("vm.remove", name=record.name)
+                for d in record.spec.disks:
+                    with contextlib.suppress(TestbedError):
+                        await agent.call("disk.delete", datastore=d.datastore, file=d.file)
+        with self.registry.edit() as vms:
+            vms.pop(record.name, None)
+
+    async def start(self, name: str) -> dict[str, Any]:
+        r = self.get(name)
+        async with self.agent(r.host) as agent:
+            result: dict[str, Any] = await agent.call("vm.start", spec=r.spec.model_dump())
+            return result
+
+    async def stop(self, name: str) -> dict[str, Any]:
+        r = self.get(name)
+        async with self.agent(r.host) as agent:
+            result: dict[str, Any] = await agent.call("vm.stop", name=name)
+            return result
+
+    async def delete(self, name: str) -> None:
+        r = self.get(name)
+        async with self.agent(r.host) as agent:
+            with contextlib.suppress(NotFound):
+                await agent.call("vm.stop", name=name)
+            with contextlib.suppress(NotFound):
+                await agent.call("vm.remove", name=name)
+            for d in r.spec.disks:
+                with contextlib.suppress(NotFound):
+                    await agent.call("disk.delete", datastore=d.datastore, file=d.file)
+        with self.registry.edit() as vms:
+            vms.pop(name, None)
+
+    async def list(self) -> list[dict[str, Any]]:
+        vms = self.registry.load()
+        by_host: dict[str, list[VmRecord]] = {}
+        for r in vms.values():
+            by_host.setdefault(r.host, []).append(r)
+        live: dict[str, dict[str, Any]] = {}
+        errors: dict[str, str] = {}
+
+        async def ask(host: str) -> None:
+            try:
+                async with self.agent(host) as agent:
+                    for d in await agent.call("vm.list"):
+                        live[d["name"]] = d
+            except TestbedError as err:
+                errors[host] = str(err)
+
+        await asyncio.gather(*(ask(h) for h in by_host))
+        hb = await self.heartbeats()
+        out = []
+        for r in sorted(vms.values(), key=lambda v: v.name):
+            d = live.get(r.name)
+            if r.host in errors:
+                power = "unknown"
+            elif d is None or d["state"] == "exited":
+                power = "stopped"
+            else:
+                power = d.get("status", d["state"])
+            h = hb.get(r.name) or {}
+            out.append({
+                "name": r.name, "host": r.host, "site": self.state.topology.host(r.host)[1].name,
+                "power": power, "ip": r.ip, "memory_bytes": r.spec.memory_bytes,
+                "disks": [d_.model_dump() for d_ in r.spec.disks], "workload": r.workload,
+                "builtin_guest": r.builtin_guest, "pid": d.get("pid") if d else None,
+                "heartbeat_age_s": h.get("age_s"), "heartbeats": h.get("count", 0),
+                "error": errors.get(r.host),
+            })
+        return out
+
+    async def heartbeats(self) -> dict[str, dict[str, Any]]:
+        try:
+            answer = await obs.query(labctl.observer_socket(self.lab), {"op": "vms"}, timeout_s=5)
+        except (TimeoutError, OSError, RuntimeError):
+            return {}
+        now = answer["now_s"]
+        return {n: {"count": v["count"], "age_s": round(now - v["last_s"], 3) if v["last_s"] else None}
+                for n, v in answer["vms"].items()}
+
+    async def heartbeat_stats(self, name: str, since_s: float | None = None,
+                              gap_threshold_ms: float = 20) -> dict[str, Any]:
+        self.get(name)
+        return await obs.query(labctl.observer_socket(self.lab),
+                               {"op": "stats", "vm": name, "since_s": since_s,
+                                "gap_threshold_ms": gap_threshold_ms})
+
+    async def console_log(self, name: str) -> str:
+        """The whole console of the VM's life, across every host it lived on."""
+        r = self.get(name)
+        parts = []
+        seen: set[str] = set()
+        for res in r.history:
+            if res.host in seen:
+                continue
+            seen.add(res.host)
+            try:
+                async with self.agent(res.host) as agent:
+                    parts.append((await agent.call("vm.console_log", name=name))["text"])
+            except NotFound:
+                continue
+        return "".join(parts)
+
+    async def wait_heartbeat(self, name: str, timeout_s: float = 30.0, since_s: float | None = None) -> float:
+        """Seconds until the first heartbeat of ``name`` arrives after ``since_s``."""
+        t0 = time.monotonic() if since_s is None else since_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = await self.heartbeat_stats(name, since_s=t0)
+            if st["count"]:
+                return float(st["first_s"] - t0)
+            await asyncio.sleep(0.05)
+        raise TestbedError(f"no heartbeat from VM {name} within {timeout_s:.0f} s",
+                           hint=f"see `testbed vm console-log {name}`")
