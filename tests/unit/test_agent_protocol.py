@@ -1,0 +1,90 @@
+"""The host agent's JSON-lines protocol, against a real agent on a UNIX socket (no root, no VM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.hostd.config import DatastoreConfig, HostConfig
+from testbed.hostd.server import serve
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.n = reader, writer, 0
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.n += 1
+        self.writer.write((json.dumps({"id": self.n, "method": method, "params": params}) + "\n").encode())
+        await self.writer.drain()
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.reader.readline(), 20))
+            if msg.get("id") == self.n:
+                return dict(msg)
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[RawClient]:
+    """A host agent serving from tmp_path with a 64 MiB datastore (function scope)."""
+    cfg = HostConfig(name="esx-t1", dir=str(tmp_path / "host"),
+                     datastores=(DatastoreConfig(name="ds1", path=str(tmp_path / "ds1"), capacity_bytes=64 << 20),),
+                     port_groups={"VM Network": "pg0"})
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, ready.set))
+    await asyncio.wait_for(ready.wait(), 10)
+    reader, writer = await asyncio.open_unix_connection(str(cfg.socket))
+    yield RawClient(reader, writer)
+    writer.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_ping_and_unknown_method(agent: RawClient) -> None:
+    ok = await agent.call("host.ping")
+    assert ok["result"]["host"] == "esx-t1"
+    bad = await agent.call("host.reboot")
+    assert bad["error"]["kind"] == "InputError"
+    assert "no method 'host.reboot'" in bad["error"]["message"]
+
+
+async def test_bad_parameters_are_an_input_error(agent: RawClient) -> None:
+    r = await agent.call("disk.create", datastore="ds1")
+    assert r["error"]["kind"] == "InputError"
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (run `make setup`)")
+async def test_disks_are_accounted_against_capacity(agent: RawClient) -> None:
+    r = await agent.call("disk.create", datastore="ds1", file="a.qcow2", size_bytes=48 << 20)
+    assert r["result"]["size_bytes"] == 48 << 20
+    full = await agent.call("disk.create", datastore="ds1", file="b.qcow2", size_bytes=32 << 20)
+    assert full["error"]["kind"] == "InputError"
+    assert "ds1" in full["error"]["message"] and "16.0 MiB free" in full["error"]["message"]
+    dup = await agent.call("disk.create", datastore="ds1", file="a.qcow2", size_bytes=1 << 20)
+    assert dup["error"]["kind"] == "Conflict"
+    ds = (await agent.call("datastore.list"))["result"][0]
+    assert ds["provisioned_bytes"] == 48 << 20 and ds["disks"] == ["a.qcow2"]
+    assert (await agent.call("disk.delete", datastore="ds1", file="a.qcow2"))["result"] is None
+    missing = await agent.call("disk.delete", datastore="ds1", file="a.qcow2")
+    assert missing["error"]["kind"] == "NotFound"
+
+
+async def test_unknown_vm_and_datastore_are_not_found(agent: RawClient) -> None:
+    r = await agent.call("vm.status", name="ghost")
+    assert r["error"]["kind"] == "NotFound" and "esx-t1" in r["error"]["message"]
+    r = await agent.call("disk.create", datastore="nope", file="x", size_bytes=1 << 20)
+    assert r["error"]["kind"] == "NotFound" and "ds1" in r["error"]["hint"]
+
+
+async def test_requests_may_overlap(agent: RawClient) -> None:
+    w = agent.writer
+    for i in (101, 102, 103):
+        w.write((json.dumps({"id": i, "method": "host.ping", "params": {}}) + "\n").encode())
+    await w.drain()
+    ids = {json.loads(await agent.reader.readline())["id"] for _ in range(3)}
+    assert ids == {101, 102, 103}

@@ -1,0 +1,50 @@
+"""Sizes, rates and workload specs as users type them."""
+
+import pytest
+
+from testbed.errors import InputError
+from testbed.guest.workload import Workload, agent_cmdline, parse_workload
+from testbed.units import parse_rate_bytes, parse_size
+
+
+@pytest.mark.parametrize("text,value", [("512M", 512 * 2**20), ("1G", 2**30), ("2GiB", 2 * 2**30),
+                                        ("4096", 4096), ("1.5K", 1536)])
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text,value", [("20MB/s", 20_000_000), ("20MiB/s", 20 * 2**20),
+                                        ("100Mbit", 12_500_000), ("1Gbit", 125_000_000), ("500", 500)])
+def test_rates(text: str, value: int) -> None:
+    assert parse_rate_bytes(text) == value
+
+
+def test_bad_size_says_how_to_write_it() -> None:
+    with pytest.raises(InputError, match="512M"):
+        parse_size("lots")
+
+
+def test_workload_specs() -> None:
+    assert parse_workload("idle") == Workload()
+    w = parse_workload("memory:20MB/s@256M,disk:5MB/s")
+    assert (w.mem_rate_bps, w.mem_wss_bytes, w.disk_rate_bps) == (20_000_000, 256 * 2**20, 5_000_000)
+    assert parse_workload(w.describe()) == w
+
+
+@pytest.mark.parametrize("bad", ["cpu:100", "memory", "memory:fast", "disk:"])
+def test_bad_workload(bad: str) -> None:
+    with pytest.raises(InputError, match="workload"):
+        parse_workload(bad)
+
+
+def test_agent_cmdline_carries_the_workload() -> None:
+    line = agent_cmdline("web01", "198.19.1.1/16", "198.19.0.2:7000",
+                         parse_workload("memory:20MB/s@64M,disk:1MB/s"), 512 * 2**20)
+    for part in ("console=ttyS0", "tb.vm=web01", "tb.ip=198.19.1.1/16", "tb.observer=198.19.0.2:7000",
+                 "tb.mem_rate=20000000", f"tb.mem_wss={64 * 2**20}", "tb.disk_rate=1000000"):
+        assert part in line.split()
+
+
+def test_working_set_must_fit_in_memory() -> None:
+    with pytest.raises(InputError, match="does not fit"):
+        agent_cmdline("v", None, None, parse_workload("memory:1MB/s@500M"), 512 * 2**20)
