@@ -9,6 +9,7 @@ from testbed.errors import InputError
 from testbed.units import parse_rate_bytes, parse_size
 
 DEFAULT_WSS = 64 * 1024**2
+IDLE_WSS = 16 * 1024**2       # idle guests: filled once, verified about once a second, never dirtied
 KERNEL_BASE_ARGS = "console=ttyS0 loglevel=4 random.trust_cpu=on"
 
 
@@ -66,6 +67,8 @@ def agent_cmdline(vm: str, ip_cidr: str | None, observer: str | None, workload: 
         args.append(f"tb.observer={observer}")
     if workload.mem_rate_bps:
         args += [f"tb.mem_rate={workload.mem_rate_bps}", f"tb.mem_wss={workload.mem_wss_bytes}"]
+    else:
+        args += [f"tb.mem_wss={IDLE_WSS}"]
     if workload.disk_rate_bps:
         args.append(f"tb.disk_rate={workload.disk_rate_bps}")
     if extra:

@@ -434,6 +434,12 @@ static void *mem_thread(void *arg)
                 v = 0;
         }
         ADD(st_mem_verified, 8);
+        if (rate == 0 && v % 256 == 0) {
+            /* verify-only: about one pass over the working set per second */
+            uint64_t pause_ns = 256ull * 1000000000ull / npages;
+            struct timespec ts = {(time_t)(pause_ns / 1000000000ull), (long)(pause_ns % 1000000000ull)};
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }
@@ -775,7 +781,9 @@ int main(int argc, char **argv)
         con("TBAGENT error: cannot start heartbeat thread");
         return 1;
     }
-    if (cfg.mem_rate && start_thread(&th_mem, mem_thread, 0))
+    /* Always on: with mem_rate=0 the working set is filled once and only verified
+     * (one pass a second), so even an idle guest's memory is checked across a move. */
+    if (cfg.mem_wss && start_thread(&th_mem, mem_thread, 0))
         con("TBAGENT error: cannot start memory thread");
     if (cfg.disk_rate && start_thread(&th_disk, disk_thread, 0))
         con("TBAGENT error: cannot start disk thread");
