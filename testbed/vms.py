@@ -28,6 +28,8 @@ from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile
+from testbed.migration.engine import Migration, MigrationRequest, Place
+from testbed.migration.report import MigrationReport
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
 from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec
 
@@ -267,18 +269,40 @@ class VmManager:
     async def console_log(self, name: str) -> str:
         """The whole console of the VM's life, across every host it lived on."""
         r = self.get(name)
-        parts = []
-        seen: set[str] = set()
-        for res in r.history:
-            if res.host in seen:
-                continue
-            seen.add(res.host)
-            try:
-                async with self.agent(res.host) as agent:
-                    parts.append((await agent.call("vm.console_log", name=name))["text"])
-            except NotFound:
-                continue
-        return "".join(parts)
+        async with self.agent(r.host) as agent:
+            text: str = (await agent.call("vm.console_log", name=name))["text"]
+        return text
+
+    async def migrate(self, name: str, to_host: str, *, to_datastore: str | None = None, streams: int = 1,
+                      converge: str = "auto", bandwidth_bps: int | None = None, downtime_limit_ms: int = 300,
+                      on_progress: Any = None, fault: Any = None, hold_switchover: bool = False,
+                      completion_timeout_s: float = 600.0) -> MigrationReport:
+        """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success."""
+        r = self.get(name)
+        t = self.state.topology
+        _, ssite, _, _ = t.host(r.host)
+        _, dsite, _, dspec = t.host(to_host)
+        if streams < 1 or streams > 16:
+            raise InputError(f"--streams {streams}: use 1 to 16 channels")
+        ds = to_datastore or topo.datastores_of(dspec)[0].name
+        req = MigrationRequest(
+            spec=r.spec, observer_socket=labctl.observer_socket(self.lab), builtin_guest=r.builtin_guest,
+            workload=parse_workload(r.workload), streams=streams,
+            converge="off" if converge == "off" else "auto", bandwidth_bps=bandwidth_bps,
+            link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
+            hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
+            source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
+                         r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),
+            destination=Place(labctl.host(self.state, to_host), dsite.vcenter.name, ds))
+        report = await Migration(req, on_progress=on_progress, fault=fault).run()
+        if report.result == "succeeded":
+            with self.registry.edit() as vms:
+                rec = vms[name]
+                rec.host = to_host
+                rec.spec = rec.spec.model_copy(update={"disks": tuple(
+                    d.model_copy(update={"datastore": ds}) for d in rec.spec.disks)})
+                rec.history.append(Residence(host=to_host, since_s=time.time()))
+        return report
 
     async def wait_heartbeat(self, name: str, timeout_s: float = 30.0, since_s: float | None = None) -> float:
         """Seconds until the first heartbeat of ``name`` arrives after ``since_s``."""

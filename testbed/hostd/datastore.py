@@ -55,7 +55,7 @@ class Datastores:
     async def _provisioned(self, ds: DatastoreConfig) -> int:
         total = 0
         for entry in sorted(Path(ds.path).iterdir()):
-            if entry.is_file():
+            if entry.is_file() and not entry.name.startswith("."):
                 total += await self._virtual_size(entry)
         return total
 
@@ -71,7 +71,7 @@ class Datastores:
         return {"name": ds.name, "path": ds.path, "capacity_bytes": ds.capacity_bytes,
                 "provisioned_bytes": provisioned, "free_bytes": free,
                 "filesystem_free_bytes": fs_free,
-                "disks": sorted(p.name for p in Path(ds.path).iterdir() if p.is_file())}
+                "disks": sorted(p.name for p in Path(ds.path).iterdir() if p.is_file() and not p.name.startswith("."))}
 
     async def list(self) -> list[dict[str, Any]]:
         return [await self.describe(d) for d in self.cfg.datastores]

@@ -23,6 +23,7 @@ from testbed.errors import Conflict, InputError, NotFound, QemuError
 from testbed.hostd import protocol
 from testbed.hostd.config import HostConfig
 from testbed.hostd.datastore import Datastores
+from testbed.hostd.migration import DestinationRole, SourceRole
 from testbed.hostd.vm import VmProcess
 from testbed.qemu.cmdline import VmPaths
 from testbed.qemu.spec import VmSpec
@@ -47,6 +48,8 @@ class HostAgent:
         self.cfg = cfg
         self.datastores = Datastores(cfg)
         self.vms: dict[str, VmProcess] = {}
+        self.sources: dict[str, SourceRole] = {}
+        self.destinations: dict[str, DestinationRole] = {}
         self.connections: set[Connection] = set()
         self._facts_cache: dict[str, Any] | None = None
         cfg.vms_dir.mkdir(parents=True, exist_ok=True)
@@ -189,17 +192,21 @@ class HostAgent:
                        arguments: dict[str, Any] | None = None) -> Any:
         return await self._vm(name).execute(command, arguments)
 
-    async def m_vm_console_log(self, conn: Connection, name: str, offset: int = 0) -> dict[str, Any]:
-        path = self.cfg.vms_dir / name / "serial.log"
-        if name not in self.vms and not path.exists():
+    async def m_vm_console_log(self, conn: Connection, name: str) -> dict[str, Any]:
+        """The VM's console: what it printed on earlier hosts (imported at migration), then here."""
+        vm_dir = self.cfg.vms_dir / name
+        if name not in self.vms and not vm_dir.exists():
             raise NotFound(f"VM {name!r} has no console log on host {self.cfg.name}")
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        return {"offset": offset, "text": data.decode(errors="replace"), "next_offset": offset + len(data)}
+        parts = []
+        for f in ("serial-history.log", "serial.log"):
+            with contextlib.suppress(FileNotFoundError):
+                parts.append((vm_dir / f).read_bytes())
+        return {"text": b"".join(parts).decode(errors="replace")}
+
+    async def m_vm_import_console_history(self, conn: Connection, name: str, text: str) -> None:
+        """Keep the console of the VM's life before it came here (written at migration commit)."""
+        self._vm(name)
+        (self.cfg.vms_dir / name / "serial-history.log").write_text(text)
 
     async def m_vm_corrupt_memory(self, conn: Connection, name: str, gpa: int, length: int = 1) -> dict[str, Any]:
         """Fault injection: invert ``length`` bytes of guest RAM at ``gpa`` (through the gdbstub)."""
@@ -219,6 +226,68 @@ class HostAgent:
             sock.unlink(missing_ok=True)
         log.warning("fault injected: VM %s gpa %#x: %s -> %s", name, gpa, old.hex(), new.hex())
         return {"gpa": gpa, "before": old.hex(), "after": new.hex()}
+
+    # --- migration ---------------------------------------------------------------------
+    async def m_migration_prepare_incoming(self, conn: Connection, spec: dict[str, Any],
+                                           streams: int = 1) -> dict[str, Any]:
+        """Destination: start QEMU paused for incoming, NBD export of its disks, migrate-incoming."""
+        if not self.cfg.vmotion_address:
+            raise InputError(f"host {self.cfg.name} has no vMotion address configured")
+        name = VmSpec.model_validate(spec).name
+        await self.m_vm_start(conn, spec, incoming=True)
+        role = DestinationRole(self.vms[name], self.cfg.vmotion_address)
+        self.destinations[name] = role
+        try:
+            return await role.prepare(streams)
+        except BaseException:
+            await self.vms[name].kill()
+            raise
+
+    async def m_migration_mirror(self, conn: Connection, name: str, nbd_host: str, nbd_port: int) -> list[str]:
+        """Source: mirror every disk to the destination's NBD export (write-blocking)."""
+        vm = self._vm(name)
+        if name in self.sources:
+            raise Conflict(f"VM {name} on host {self.cfg.name} is already migrating")
+        role = self.sources[name] = SourceRole(vm)
+        return await role.mirror(nbd_host, nbd_port)
+
+    async def m_migration_start(self, conn: Connection, name: str, uri: str, streams: int = 1,
+                                auto_converge: bool = True, max_bandwidth_bps: int | None = None,
+                                downtime_limit_ms: int = 300, hold_switchover: bool = False) -> None:
+        role = self._source(name)
+        await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover)
+
+    async def m_migration_release_switchover(self, conn: Connection, name: str) -> None:
+        self._source(name).release_switchover()
+
+    async def m_migration_cancel(self, conn: Connection, name: str) -> dict[str, Any]:
+        """Source rollback: cancel migration and mirrors, resume the guest here."""
+        role = self.sources.pop(name, None)
+        if role is None:
+            vm = self._vm(name)
+            if vm.alive and (await vm.execute("query-status"))["status"] != "running":
+                await vm.execute("cont")
+                return {"undone": ["guest resumed on the source"]}
+            return {"undone": []}
+        return await role.cancel()
+
+    async def m_migration_finish(self, conn: Connection, name: str) -> None:
+        """Forget the migration roles of ``name`` on this host (after commit or rollback)."""
+        role = self.sources.pop(name, None)
+        if role is not None:
+            role.detach()
+        self.destinations.pop(name, None)
+
+    def _source(self, name: str) -> SourceRole:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise NotFound(f"VM {name} is not migrating from host {self.cfg.name}") from None
+
+    async def m_disk_digest(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:
+        """Per-MiB SHA-256 of a disk's contents, and the guest agent's block ring if present."""
+        from testbed.hostd.diskcheck import digest
+        return await digest(self.datastores.path(datastore, file), self.cfg.name)
 
     # --- events ----------------------------------------------------------------------
     async def m_events_subscribe(self, conn: Connection, vms: list[str] | None = None) -> None:

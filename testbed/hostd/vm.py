@@ -63,6 +63,9 @@ class VmProcess:
         self.argv: list[str] = []
         self._exited = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Local reactions to this VM's own QMP events (the migration roles use them),
+        # run before the event is relayed to clients.
+        self.event_hooks: list[Callable[[dict[str, Any]], None]] = []
 
     # --- lifecycle -------------------------------------------------------
     async def start(self, incoming: bool = False) -> None:
@@ -111,8 +114,14 @@ class VmProcess:
 
     async def _pump_events(self, listener: Any) -> None:
         async for event in listener:
-            self.emit("qmp", {"event": event["event"], "data": dict(event.get("data", {})),
-                              "timestamp": dict(event["timestamp"]), "monotonic_s": time.monotonic()})
+            ev = {"event": event["event"], "data": dict(event.get("data", {})),
+                  "timestamp": dict(event["timestamp"]), "monotonic_s": time.monotonic()}
+            for hook in list(self.event_hooks):
+                try:
+                    hook(ev)
+                except Exception:  # a broken hook must not stop the event stream
+                    log.exception("event hook failed on VM %s", self.spec.name)
+            self.emit("qmp", ev)
 
     def _launch_error(self, what: str) -> QemuError:
         tail = ""

@@ -1,0 +1,248 @@
+"""The host agent's side of a live migration: it reacts to its own QEMU's events.
+
+The engine decides; the agents act where timing matters, with no control-plane
+round trip on the switchover path:
+
+- ``SourceRole``: mirrors the disks to the destination's NBD export
+  (``blockdev-mirror``, ``copy-mode: write-blocking``), starts ``migrate``,
+  samples ``query-migrate`` for telemetry, and at ``pre-switchover`` cancels the
+  (READY) mirrors, which completes a consistent copy, then ``migrate-continue``.
+- ``DestinationRole``: QEMU started paused for incoming (``-S -incoming defer``),
+  NBD server on the vMotion address with the disks exported writable,
+  ``migrate-incoming``; on ``completed`` it stops the NBD server, resumes the
+  guest (``cont``) and announces it on the network.
+
+Both report what they did as events (``migration-*``) with CLOCK_MONOTONIC
+timestamps, the clock every process of the lab shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from testbed.errors import QemuError
+from testbed.hostd.vm import VmProcess
+
+log = logging.getLogger("testbed.hostd.migration")
+
+SAMPLE_PERIOD_S = 0.1
+
+
+def caps(**flags: bool) -> list[dict[str, Any]]:
+    return [{"capability": k.replace("_", "-"), "state": v} for k, v in flags.items()]
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` right now (the agent's own namespace)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+class DestinationRole:
+    def __init__(self, vm: VmProcess, address: str) -> None:
+        self.vm = vm
+        self.address = address
+        self.nbd_port = 0
+        self.migration_port = 0
+        self.resumed = asyncio.Event()
+        self.timeline: dict[str, float] = {}
+        self._reaction: asyncio.Task[None] | None = None
+
+    async def prepare(self, streams: int) -> dict[str, Any]:
+        vm = self.vm
+        await vm.execute("migrate-set-capabilities", {"capabilities": caps(
+            events=True, multifd=streams > 1, late_block_activate=True)})
+        if streams > 1:
+            await vm.execute("migrate-set-parameters", {"multifd-channels": streams})
+        self.nbd_port = free_port(self.address)
+        await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+            "host": self.address, "port": str(self.nbd_port)}}})
+        for i, _ in enumerate(vm.spec.disks):
+            await vm.execute("block-export-add", {"type": "nbd", "id": f"export-disk{i}",
+                                                  "node-name": f"disk{i}", "name": f"disk{i}",
+                                                  "writable": True})
+        vm.event_hooks.append(self._on_event)
+        self.migration_port = free_port(self.address)
+        await vm.execute("migrate-incoming", {"uri": f"tcp:{self.address}:{self.migration_port}"})
+        return {"nbd": {"host": self.address, "port": self.nbd_port,
+                        "exports": [f"disk{i}" for i in range(len(vm.spec.disks))]},
+                "uri": f"tcp:{self.address}:{self.migration_port}"}
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        if ev["event"] != "MIGRATION":
+            return
+        status = ev["data"].get("status")
+        if status == "completed" and self._reaction is None:
+            self.timeline["completed_s"] = ev["monotonic_s"]
+            self._reaction = asyncio.create_task(self._resume())
+        elif status == "failed":
+            self.timeline["failed_s"] = ev["monotonic_s"]
+            self.vm.emit("migration-failed", {"role": "destination", "at_s": ev["monotonic_s"]})
+
+    async def _resume(self) -> None:
+        vm = self.vm
+        try:
+            if vm.spec.disks:
+                await vm.execute("nbd-server-stop")
+            self.timeline["nbd_stopped_s"] = time.monotonic()
+            await vm.execute("cont")
+            self.timeline["resumed_s"] = time.monotonic()
+            self.resumed.set()
+            vm.emit("migration-resumed", dict(self.timeline))
+            with contextlib.suppress(QemuError):
+                await vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
+        except QemuError as err:
+            log.error("VM %s: resuming after migration failed: %s", vm.spec.name, err)
+            vm.emit("migration-failed", {"role": "destination", "error": str(err), "at_s": time.monotonic()})
+        finally:
+            with contextlib.suppress(ValueError):
+                vm.event_hooks.remove(self._on_event)
+
+
+class SourceRole:
+    def __init__(self, vm: VmProcess) -> None:
+        self.vm = vm
+        self.jobs: list[str] = []
+        self.timeline: dict[str, float] = {}
+        self.hold_switchover = False
+        self._continue = asyncio.Event()
+        self._job_done: dict[str, asyncio.Event] = {}
+        self._sampler: asyncio.Task[None] | None = None
+        self._switch: asyncio.Task[None] | None = None
+        self.samples = 0
+        vm.event_hooks.append(self._on_event)
+
+    # --- phase 1: disks ---------------------------------------------------------
+    async def mirror(self, nbd_host: str, nbd_port: int) -> list[str]:
+        vm = self.vm
+        for i, _ in enumerate(vm.spec.disks):
+            node, job = f"nbd-disk{i}", f"mirror-disk{i}"
+            await vm.execute("blockdev-add", {"driver": "nbd", "node-name": node, "export": f"disk{i}",
+                                              "server": {"type": "inet", "host": nbd_host, "port": str(nbd_port)}})
+            self._job_done[job] = asyncio.Event()
+            await vm.execute("blockdev-mirror", {"job-id": job, "device": f"disk{i}", "target": node,
+                                                 "sync": "full", "copy-mode": "write-blocking"})
+            self.jobs.append(job)
+        self.timeline["mirror_started_s"] = time.monotonic()
+        return self.jobs
+
+    # --- phase 2: memory ---------------------------------------------------------
+    async def migrate(self, uri: str, streams: int, auto_converge: bool, max_bandwidth_bps: int | None,
+                      downtime_limit_ms: int, hold_switchover: bool = False) -> None:
+        vm = self.vm
+        self.hold_switchover = hold_switchover
+        await vm.execute("migrate-set-capabilities", {"capabilities": caps(
+            events=True, multifd=streams > 1, auto_converge=auto_converge, pause_before_switchover=True)})
+        params: dict[str, Any] = {"downtime-limit": downtime_limit_ms,
+                                  # the link, not QEMU's 128 MiB/s default, is the limit unless asked
+                                  "max-bandwidth": max_bandwidth_bps or 100 * 1024**3}
+        if streams > 1:
+            params["multifd-channels"] = streams
+        await vm.execute("migrate-set-parameters", params)
+        self.timeline["migrate_s"] = time.monotonic()
+        await vm.execute("migrate", {"uri": uri})
+        self._sampler = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        """Telemetry: ``query-migrate`` every 100 ms, relayed as events."""
+        while True:
+            t = time.monotonic()
+            try:
+                info = await self.vm.execute("query-migrate")
+            except QemuError:
+                return
+            self.samples += 1
+            ram = info.get("ram", {})
+            self.vm.emit("migration-progress", {
+                "t_s": t, "status": info.get("status"),
+                "transferred_bytes": ram.get("transferred", 0), "remaining_bytes": ram.get("remaining", 0),
+                "total_bytes": ram.get("total", 0), "dirty_rate_pps": ram.get("dirty-pages-rate", 0),
+                "dirty_sync_count": ram.get("dirty-sync-count", 0), "mbps": ram.get("mbps", 0.0),
+                "throttle_pct": info.get("cpu-throttle-percentage", 0),
+                "expected_downtime_ms": info.get("expected-downtime"), "downtime_ms": info.get("downtime"),
+                "total_time_ms": info.get("total-time"), "setup_time_ms": info.get("setup-time"),
+                "multifd_bytes": ram.get("multifd-bytes", 0), "precopy_bytes": ram.get("precopy-bytes", 0),
+                "downtime_bytes": ram.get("downtime-bytes", 0),
+            })
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                return
+            await asyncio.sleep(max(0.0, SAMPLE_PERIOD_S - (time.monotonic() - t)))
+
+    # --- phase 3: switchover ---------------------------------------------------------
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        name, data = ev["event"], ev["data"]
+        if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and data.get("device") in self._job_done:
+            self._job_done[data["device"]].set()
+        elif name == "MIGRATION":
+            status = data.get("status")
+            if status == "pre-switchover" and self._switch is None:
+                self.timeline["paused_s"] = ev["monotonic_s"]
+                self._switch = asyncio.create_task(self._switchover())
+            elif status in ("completed", "failed", "cancelled"):
+                self.timeline[f"{status}_s"] = ev["monotonic_s"]
+
+    async def _switchover(self) -> None:
+        vm = self.vm
+        try:
+            if self.hold_switchover:   # fault injection and experiments: wait for the engine's word
+                vm.emit("migration-switchover-held", dict(self.timeline))
+                await self._continue.wait()
+            for job in self.jobs:
+                await vm.execute("block-job-cancel", {"device": job})
+            for job in self.jobs:
+                await asyncio.wait_for(self._job_done[job].wait(), 30)
+            self.timeline["mirror_done_s"] = time.monotonic()
+            await vm.execute("migrate-continue", {"state": "pre-switchover"})
+            self.timeline["continued_s"] = time.monotonic()
+            vm.emit("migration-switchover", dict(self.timeline))
+        except (TimeoutError, QemuError) as err:
+            log.error("VM %s: switchover failed: %s", vm.spec.name, err)
+            vm.emit("migration-failed", {"role": "source", "error": f"switchover failed: {err}",
+                                         "at_s": time.monotonic()})
+            with contextlib.suppress(QemuError):
+                await vm.execute("migrate_cancel")
+
+    def release_switchover(self) -> None:
+        self._continue.set()
+
+    # --- rollback ------------------------------------------------------------------------
+    async def cancel(self) -> dict[str, Any]:
+        """Undo everything on the source: the VM keeps (or goes back to) running here."""
+        vm = self.vm
+        done: list[str] = []
+        if self._sampler:
+            self._sampler.cancel()
+        with contextlib.suppress(QemuError):
+            status = (await vm.execute("query-migrate")).get("status")
+            if status not in (None, "completed", "failed", "cancelled"):
+                await vm.execute("migrate_cancel")
+                done.append("migration cancelled")
+        for i, job in enumerate(self.jobs):
+            with contextlib.suppress(QemuError):
+                jobs = {j["device"] for j in await vm.execute("query-block-jobs")}
+                if job in jobs:
+                    await vm.execute("block-job-cancel", {"device": job, "force": True})
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._job_done[job].wait(), 10)
+                    done.append(f"mirror {job} cancelled")
+            with contextlib.suppress(QemuError):
+                await vm.execute("blockdev-del", {"node-name": f"nbd-disk{i}"})
+        if vm.alive:
+            status = (await vm.execute("query-status"))["status"]
+            if status != "running":
+                await vm.execute("cont")
+                done.append(f"guest resumed on the source (was {status})")
+        self.detach()
+        return {"undone": done}
+
+    def detach(self) -> None:
+        if self._sampler:
+            self._sampler.cancel()
+        with contextlib.suppress(ValueError):
+            self.vm.event_hooks.remove(self._on_event)

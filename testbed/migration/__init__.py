@@ -1,0 +1,1 @@
+"""The vMotion engine: phases (``phases``), the report (``report``), the driver (``engine``)."""

@@ -1,0 +1,604 @@
+"""The XvMotion engine: drive source and destination QEMU through their host agents.
+
+Phase 1 (DISK_SYNC): an empty disk of the same size on the destination datastore,
+the destination QEMU paused for incoming with its disks exported over NBD on
+the vMotion address, and ``blockdev-mirror`` (write-blocking) from the source
+until every job is READY. Phase 2 (MEMORY_PRECOPY): ``migrate`` with multifd
+streams and auto-converge; every pre-copy round recorded. Phase 3 (SWITCHOVER):
+the agents switch over on their own (see ``testbed.hostd.migration``); the
+engine watches. Then VERIFY (the guest's own checks, disk digests), COMMIT
+(source QEMU and disk removed only now), or ROLLBACK: the destination is
+removed first, then the source resumes: never two running copies, never none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from testbed.errors import TestbedError
+from testbed.guest.heartbeat import FLAG_MEM_VIOLATION
+from testbed.guest.workload import IDLE_WSS, Workload
+from testbed.hosts.agent import AgentClient
+from testbed.hosts.base import Host
+from testbed.lab import observer as obs
+from testbed.migration.phases import Phase, PhaseMachine
+from testbed.migration.report import (
+    Bytes,
+    Downtime,
+    Endpoint,
+    Integrity,
+    MigrationReport,
+    PhaseSpan,
+    Round,
+    Stalls,
+    Switchover,
+)
+from testbed.qemu.spec import VmSpec
+
+PAGE = 4096
+
+
+class MigrationError(TestbedError):
+    """The migration failed in a phase; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Place:
+    host: Host
+    vcenter: str
+    datastore: str
+
+
+@dataclass
+class Progress:
+    """What the live display shows."""
+
+    phase: Phase
+    disk_pct: float | None = None
+    round: int = 0
+    dirty_rate_bps: float = 0.0
+    send_rate_bps: float = 0.0
+    throttle_pct: int = 0
+    remaining_bytes: int = 0
+    transferred_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    spec: VmSpec
+    source: Place
+    destination: Place
+    observer_socket: Path
+    builtin_guest: bool = True
+    workload: Workload = field(default_factory=Workload)
+    streams: int = 1
+    converge: Literal["auto", "off"] = "auto"
+    bandwidth_bps: int | None = None
+    link_bandwidth_bps: int | None = None
+    downtime_limit_ms: int = 300
+    stall_timeout_s: float = 20.0          # no migration progress for this long: fail
+    completion_timeout_s: float = 600.0    # pre-copy that never converges: fail, roll back
+    hold_switchover: bool = False          # the source waits for the engine at pre-switchover
+
+
+FaultHook = Callable[[Phase, "Migration"], Awaitable[None]]
+
+
+class Migration:
+    """One migration, start to end. ``run()`` returns the report; it never raises for a failed move."""
+
+    def __init__(self, req: MigrationRequest, *, on_progress: Callable[[Progress], None] | None = None,
+                 fault: FaultHook | None = None) -> None:
+        self.req = req
+        self.name = req.spec.name
+        self.machine = PhaseMachine()
+        self.on_progress = on_progress or (lambda p: None)
+        self.fault = fault
+        self.src: AgentClient | None = None
+        self.dst: AgentClient | None = None
+        self.dest_spec = req.spec.model_copy(update={"disks": tuple(
+            d.model_copy(update={"datastore": req.destination.datastore}) for d in req.spec.disks)})
+        self.created_disks: list[tuple[str, str]] = []
+        self.dest_started = False
+        self.source_touched = False
+        self.rounds: list[Round] = []
+        self.samples: list[dict[str, Any]] = []
+        self.switch = Switchover()
+        self.mono: dict[str, float] = {}
+        self.bytes = Bytes()
+        self.downtime = Downtime(reported=None, observed=None)
+        self.stalls = Stalls()
+        self.integrity = Integrity()
+        self.rollback_log: list[str] = []
+        self.error: str | None = None
+        self.progress = Progress(Phase.CREATED)
+
+    # --- helpers ------------------------------------------------------------------------
+    def _enter(self, phase: Phase, at: float | None = None) -> None:
+        self.machine.enter(phase, at)
+        self.progress.phase = phase
+        self.on_progress(self.progress)
+
+    async def _hook(self, phase: Phase) -> None:
+        if self.fault is not None:
+            await self.fault(phase, self)
+
+    def where(self, place: Place) -> str:
+        return f"host {place.host.name} ({place.vcenter})"
+
+    # --- the run --------------------------------------------------------------------------
+    async def run(self) -> MigrationReport:
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        req = self.req
+        conns = await asyncio.gather(req.source.host.agent(), req.destination.host.agent(), return_exceptions=True)
+        if any(isinstance(c, BaseException) for c in conns):
+            err = next(c for c in conns if isinstance(c, BaseException))
+            for c in conns:
+                if isinstance(c, AgentClient):
+                    await c.close()
+            self.machine.enter(Phase.PRECHECK)
+            self.machine.enter(Phase.ROLLBACK)
+            self.machine.enter(Phase.ROLLED_BACK)
+            self.error = f"precheck: cannot reach a host agent: {err}"
+            if not isinstance(err, Exception):
+                raise err
+            return self._report(started)
+        src, dst = conns
+        assert isinstance(src, AgentClient) and isinstance(dst, AgentClient)
+        self.src, self.dst = src, dst
+        try:
+            async with src.events([self.name]) as sq, dst.events([self.name]) as dq:
+                self.sq, self.dq = sq, dq
+                await self._phases()
+        except asyncio.CancelledError:
+            await self._rollback("the migration was interrupted")
+            raise
+        except Exception as err:  # every failure becomes a rollback and a report, with its cause
+            if self.machine.phase is Phase.FAILED:
+                self.error = str(err)
+            else:
+                await self._rollback(f"{self.machine.phase.value}: {err}")
+        finally:
+            await asyncio.gather(src.close(), dst.close(), return_exceptions=True)
+        return self._report(started)
+
+    async def _phases(self) -> None:
+        self._enter(Phase.PRECHECK)
+        await self._hook(Phase.PRECHECK)
+        await self._precheck()
+        self._enter(Phase.DISK_SYNC)
+        await self._disk_sync()
+        self._enter(Phase.MEMORY_PRECOPY)
+        await self._precopy()
+        await self._switchover()
+        self._enter(Phase.VERIFY)
+        ok = await self._verify()
+        if not ok:
+            self._enter(Phase.FAILED)
+            raise MigrationError("integrity check failed after the move: " + "; ".join(self.integrity.details)
+                                 + ". The destination keeps running; the source VM and disk were kept "
+                                 "(paused) for inspection; nothing was committed.")
+        self._enter(Phase.COMMIT)
+        await self._commit()
+        self._enter(Phase.DONE)
+
+    # --- PRECHECK ---------------------------------------------------------------------------
+    async def _precheck(self) -> None:
+        assert self.src and self.dst
+        req, spec = self.req, self.req.spec
+        problems: list[str] = []
+        if req.source.host.name == req.destination.host.name:
+            problems.append(f"source and destination are the same host ({req.source.host.name})")
+        st = await self.src.call("vm.status", name=self.name)
+        if st.get("status") != "running":
+            problems.append(f"VM {self.name} is not running on {self.where(req.source)} (it is {st.get('status')})")
+        facts = await self.dst.call("host.facts")
+        if self.name in facts["vms"]:
+            problems.append(f"{self.where(req.destination)} already has a VM named {self.name}")
+        if spec.machine not in facts["machine_types"]:
+            problems.append(f"machine type {spec.machine} is not supported by QEMU {facts['qemu_version']} on "
+                            f"{self.where(req.destination)}")
+        pgs = {p["name"] for p in facts["port_groups"]}
+        for nic in spec.nics:
+            if nic.port_group not in pgs:
+                problems.append(f"port group {nic.port_group!r} does not exist on {self.where(req.destination)}")
+        ds = {d["name"]: d for d in facts["datastores"]}
+        need = sum(d.size_bytes for d in spec.disks)
+        target = ds.get(req.destination.datastore)
+        if target is None:
+            problems.append(f"datastore {req.destination.datastore} does not exist on "
+                            f"{self.where(req.destination)} (it has: {', '.join(ds)})")
+        elif need > target["free_bytes"]:
+            problems.append(f"datastore {req.destination.datastore} on {self.where(req.destination)} has "
+                            f"{target['free_bytes'] / 2**30:.1f} GiB free; the VM's disks need {need / 2**30:.1f} GiB")
+        if problems:
+            raise MigrationError("; ".join(problems))
+
+    # --- DISK_SYNC --------------------------------------------------------------------------
+    async def _disk_sync(self) -> None:
+        assert self.src and self.dst
+        req = self.req
+        await self._hook(Phase.DISK_SYNC)
+        for d in self.dest_spec.disks:
+            await self.dst.call("disk.create", datastore=d.datastore, file=d.file, size_bytes=d.size_bytes,
+                                format=d.format)
+            self.created_disks.append((d.datastore, d.file))
+        self.dest_started = True
+        incoming = await self.dst.call("migration.prepare_incoming", spec=self.dest_spec.model_dump(),
+                                       streams=req.streams)
+        self.uri = incoming["uri"]
+        if not req.spec.disks:
+            return
+        self.source_touched = True
+        jobs = await self.src.call("migration.mirror", name=self.name, nbd_host=incoming["nbd"]["host"],
+                                   nbd_port=incoming["nbd"]["port"])
+        ready: set[str] = set()
+        lengths: dict[str, int] = {}
+
+        async def poll() -> None:
+            assert self.src
+            while True:
+                info = await self.src.call("vm.qmp", name=self.name, command="query-block-jobs")
+                tot = sum(j["len"] for j in info if j["device"] in jobs) or 1
+                off = sum(j["offset"] for j in info if j["device"] in jobs)
+                for j in info:
+                    lengths[j["device"]] = j["len"]
+                self.progress.disk_pct = 100.0 * off / tot
+                self.on_progress(self.progress)
+                await asyncio.sleep(0.25)
+
+        poller = asyncio.create_task(poll())
+        try:
+            while ready != set(jobs):
+                ev = await self._next_event(timeout_s=req.stall_timeout_s * 10, what="the disk mirror")
+                if ev["event"] == "qmp" and ev["data"]["event"] == "BLOCK_JOB_READY":
+                    ready.add(ev["data"]["data"]["device"])
+                    lengths[ev["data"]["data"]["device"]] = ev["data"]["data"]["len"]
+                elif ev["event"] == "qmp" and ev["data"]["event"] in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED",
+                                                                      "BLOCK_JOB_COMPLETED"):
+                    d = ev["data"]["data"]
+                    raise MigrationError(f"disk mirror {d.get('device')} ended before it was ready "
+                                         f"({ev['data']['event']}: {d.get('error') or d.get('operation') or ''})")
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        self.bytes.disk = sum(lengths.values())
+        self.progress.disk_pct = 100.0
+        self.on_progress(self.progress)
+
+    async def _next_event(self, timeout_s: float, what: str) -> dict[str, Any]:
+        """The next event from either agent; a destination or source QEMU that died is an error."""
+        get_s = asyncio.ensure_future(self.sq.get())
+        get_d = asyncio.ensure_future(self.dq.get())
+        done, pending = await asyncio.wait({get_s, get_d}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for p in pending:
+            p.cancel()
+        for p in pending:   # an event fetched while cancelling must not be lost
+            with contextlib.suppress(asyncio.CancelledError):
+                late = await p
+                (self.sq if p is get_s else self.dq).put_nowait(late)
+        if not done:
+            raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s")
+        task = done.pop()
+        ev: dict[str, Any] = task.result()
+        if len(done):   # both arrived: keep the other for the next call
+            other = done.pop()
+            (self.sq if other is get_s else self.dq).put_nowait(other.result())
+        side = "source" if task is get_s else "destination"
+        place = self.req.source if side == "source" else self.req.destination
+        if ev["event"] == "vm-exited":
+            raise MigrationError(f"the {side} QEMU on {self.where(place)} exited "
+                                 f"(code {ev['data'].get('returncode')})")
+        if ev["event"] == "connection-lost":
+            raise MigrationError(f"lost the connection to the host agent on {self.where(place)}")
+        if ev["event"] == "migration-failed":
+            raise MigrationError(f"the {side} reports: {ev['data'].get('error') or 'migration failed'}")
+        if ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
+                ev["data"]["data"].get("status") == "failed":
+            raise MigrationError(f"QEMU on the {side} ({self.where(place)}) reports the migration failed")
+        ev["side"] = side
+        return ev
+
+    # --- MEMORY_PRECOPY ------------------------------------------------------------------------
+    async def _precopy(self) -> None:
+        assert self.src
+        req = self.req
+        await self._hook(Phase.MEMORY_PRECOPY)
+        self.mono["migrate_s"] = time.monotonic()
+        self.source_touched = True
+        await self.src.call("migration.start", name=self.name, uri=self.uri, streams=req.streams,
+                            auto_converge=req.converge == "auto", max_bandwidth_bps=req.bandwidth_bps,
+                            downtime_limit_ms=req.downtime_limit_ms, hold_switchover=req.hold_switchover)
+        last_bytes, last_move = -1, time.monotonic()
+        round_start: dict[str, Any] | None = None
+        deadline = time.monotonic() + req.completion_timeout_s
+        while True:
+            ev = await self._next_event(timeout_s=req.stall_timeout_s, what="the memory pre-copy")
+            if ev["event"] == "migration-progress":
+                s = ev["data"]
+                self.samples.append(s)
+                if round_start is None:
+                    round_start = s
+                elif s["dirty_sync_count"] > round_start["dirty_sync_count"]:
+                    self._close_round(round_start, s)
+                    round_start = s
+                self._update_progress(s)
+                if s["transferred_bytes"] != last_bytes:
+                    last_bytes, last_move = s["transferred_bytes"], time.monotonic()
+                elif time.monotonic() - last_move > req.stall_timeout_s:
+                    raise MigrationError(f"the vMotion network stalled: no memory sent for "
+                                         f"{req.stall_timeout_s:.0f} s (is the link between "
+                                         f"{req.source.host.name} and {req.destination.host.name} up?)")
+                if time.monotonic() > deadline:
+                    raise MigrationError(
+                        f"pre-copy did not converge within {req.completion_timeout_s:.0f} s: the guest dirties "
+                        f"{s['dirty_rate_pps'] * PAGE / 1e6:.1f} MB/s, the link sends "
+                        f"{s['mbps'] / 8:.1f} MB/s at {s['throttle_pct']}% throttle")
+            elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
+                    ev["data"]["data"].get("status") == "pre-switchover" and ev["side"] == "source":
+                if round_start is not None and self.samples and self.samples[-1] is not round_start:
+                    self._close_round(round_start, self.samples[-1])
+                self.mono["paused_s"] = ev["data"]["monotonic_s"]
+                self._enter(Phase.SWITCHOVER, at=ev["data"]["monotonic_s"])
+                return
+            elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
+                    ev["data"]["data"].get("status") == "cancelled":
+                raise MigrationError("the migration was cancelled on the source")
+
+    def _close_round(self, a: dict[str, Any], b: dict[str, Any]) -> None:
+        dt = max(b["t_s"] - a["t_s"], 1e-6)
+        sent = b["transferred_bytes"] - a["transferred_bytes"]
+        t0 = self.machine.t0
+        self.rounds.append(Round(n=len(self.rounds) + 1, start_s=round(a["t_s"] - t0, 3),
+                                 end_s=round(b["t_s"] - t0, 3),
+                                 dirty_rate_pps=int(b["dirty_rate_pps"]), transferred_bytes=sent,
+                                 remaining_bytes=int(a["remaining_bytes"]), throttle_pct=int(b["throttle_pct"]),
+                                 throughput_bps=round(sent / dt, 1)))
+
+    def _update_progress(self, s: dict[str, Any]) -> None:
+        p = self.progress
+        p.round = len(self.rounds) + 1
+        p.dirty_rate_bps = s["dirty_rate_pps"] * PAGE
+        p.send_rate_bps = s["mbps"] * 1e6 / 8
+        p.throttle_pct = s["throttle_pct"]
+        p.remaining_bytes = s["remaining_bytes"]
+        p.transferred_bytes = s["transferred_bytes"]
+        self.on_progress(p)
+
+    # --- SWITCHOVER ------------------------------------------------------------------------------
+    async def _switchover(self) -> None:
+        assert self.src and self.dst
+        await self._hook(Phase.SWITCHOVER)
+        if self.req.hold_switchover:
+            await self.src.call("migration.release_switchover", name=self.name)
+        while "resumed_s" not in self.mono:
+            ev = await self._next_event(timeout_s=60, what="the switchover")
+            if ev["event"] == "migration-switchover":
+                self.mono.update({k: v for k, v in ev["data"].items() if k in ("mirror_done_s", "continued_s")})
+            elif ev["event"] == "migration-resumed":
+                self.mono.update({k: v for k, v in ev["data"].items() if k in ("completed_s", "resumed_s")})
+        final = await self.src.call("vm.qmp", name=self.name, command="query-migrate")
+        ram = final.get("ram", {})
+        self.downtime.reported = final.get("downtime")
+        self.bytes.memory = int(ram.get("transferred", 0))
+        t0 = self.machine.t0
+        self.switch = Switchover(**{k: round(self.mono[m] - t0, 4) for k, m in (
+            ("source_paused_s", "paused_s"), ("mirror_done_s", "mirror_done_s"), ("continued_s", "continued_s"),
+            ("completed_s", "completed_s"), ("destination_resumed_s", "resumed_s")) if m in self.mono})
+
+    # --- VERIFY ------------------------------------------------------------------------------------
+    async def _verify(self) -> bool:
+        assert self.src and self.dst
+        await self._hook(Phase.VERIFY)
+        integ = self.integrity
+        paused, resumed = self.mono["paused_s"], self.mono["resumed_s"]
+        st = await self.dst.call("vm.status", name=self.name)
+        if st.get("status") != "running":
+            integ.details.append(f"destination QEMU is {st.get('status')}, not running")
+        disk_task = asyncio.create_task(self._verify_disks())
+        if self.req.builtin_guest:
+            await self._verify_guest(paused, resumed)
+        else:
+            integ.guest_running = st.get("status") == "running"
+            integ.memory = "unverified"
+            integ.details.append("memory unverified: the guest has no testbed agent")
+        await disk_task
+        return integ.memory != "failed" and integ.disk != "failed" and integ.guest_running
+
+    async def _verify_guest(self, paused: float, resumed: float) -> None:
+        integ = self.integrity
+        sock = self.req.observer_socket
+        before = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": paused - 2.0, "until_s": paused})
+        if not before["count"]:
+            integ.details.append("no heartbeat in the 2 s before the switchover: the guest was already silent")
+            integ.memory = "failed"
+            return
+        hb0 = before["last"]
+        # downtime observed and stalls, from the heartbeat gaps
+        around = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": self.mono["migrate_s"] - 0.5,
+                                        "until_s": None, "gap_threshold_ms": self.stalls.threshold_ms})
+        wss_pages = (self.req.workload.mem_wss_bytes if self.req.workload.mem_rate_bps else IDLE_WSS) // PAGE
+        deadline = time.monotonic() + 60
+        verified_at_resume: int | None = None
+        while True:
+            after = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": resumed})
+            last = after["last"] if after["count"] else None
+            if last is not None and last["seq"] <= hb0["seq"]:
+                integ.details.append(f"the guest restarted after the move (heartbeat seq {last['seq']} "
+                                     f"<= {hb0['seq']} before it)")
+                integ.memory = "failed"
+                break
+            if last is not None:
+                integ.guest_running = True
+                if verified_at_resume is None:
+                    verified_at_resume = last["mem_pages_verified"]
+                if last["mem_errors"] > hb0["mem_errors"] or last["flags"] & FLAG_MEM_VIOLATION:
+                    integ.memory = "failed"
+                    integ.details.append(f"the guest agent found {last['mem_errors']} bad memory pages after the move")
+                    break
+                if last["disk_errors"] > hb0["disk_errors"]:
+                    integ.disk = "failed"
+                    integ.details.append(f"the guest agent found {last['disk_errors']} bad disk blocks after the move")
+                if last["mem_pages_verified"] - verified_at_resume >= wss_pages:
+                    integ.memory = "verified"
+                    integ.details.append(f"memory: the guest verified all {wss_pages} working-set pages after "
+                                         f"the move, 0 errors")
+                    break
+            if time.monotonic() > deadline:
+                if last is None:
+                    integ.details.append("no heartbeat from the guest within 60 s after it resumed")
+                    integ.memory = "failed"
+                else:
+                    integ.details.append("memory unverified: the guest did not finish a verification pass in 60 s")
+                break
+            await asyncio.sleep(0.2)
+        # the gap that spans the switchover is what a user of the VM felt
+        final = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": self.mono["migrate_s"] - 0.5,
+                                       "until_s": resumed + 5.0, "gap_threshold_ms": 1.5})
+        spanning = [g for g in final["gaps"] if g["start_s"] <= resumed and g["end_s"] >= paused]
+        if spanning:
+            g = max(spanning, key=lambda g: g["gap_ms"])
+            self.downtime.observed = round(g["gap_ms"], 2)
+            self.switch.heartbeat_gap_start_s = round(g["start_s"] - self.machine.t0, 4)
+            self.switch.heartbeat_gap_end_s = round(g["end_s"] - self.machine.t0, 4)
+        pre = [g for g in around["gaps"] if g["end_s"] <= paused]
+        self.stalls.max = round(max((g["gap_ms"] for g in pre), default=0.0), 2)
+        self.stalls.total = round(sum(g["gap_ms"] for g in pre), 2)
+        self.hb_before = hb0
+
+    async def _verify_disks(self) -> None:
+        assert self.src and self.dst
+        integ = self.integrity
+        spec = self.req.spec
+        if not spec.disks:
+            integ.disk = "unverified"
+            integ.details.append("disk unverified: the VM has no disks")
+            return
+        verdicts = []
+        for s_disk, d_disk in zip(spec.disks, self.dest_spec.disks, strict=True):
+            a, b = await asyncio.gather(
+                self.src.call("disk.digest", datastore=s_disk.datastore, file=s_disk.file, timeout_s=300),
+                self.dst.call("disk.digest", datastore=d_disk.datastore, file=d_disk.file, timeout_s=300))
+            verdicts.append(self._judge_disk(s_disk.file, a, b))
+        integ.disk = "failed" if "failed" in verdicts else ("unverified" if "unverified" in verdicts else "verified")
+
+    def _judge_disk(self, file: str, src: dict[str, Any], dst: dict[str, Any]) -> str:
+        """Source (frozen at the switchover) vs destination (live).
+
+        Verified when identical, or when they differ only by ring blocks the guest wrote after the move.
+        """
+        details = self.integrity.details
+        if src["size_bytes"] != dst["size_bytes"]:
+            details.append(f"disk {file}: sizes differ ({src['size_bytes']} vs {dst['size_bytes']})")
+            return "failed"
+        diff = [i for i, (x, y) in enumerate(zip(src["chunks"], dst["chunks"], strict=True)) if x != y]
+        if not diff:
+            details.append(f"disk {file}: source and destination identical ({len(src['chunks'])} MiB compared)")
+            return "verified"
+        sr, dr = src.get("ring"), dst.get("ring")
+        if not (self.req.builtin_guest and self.req.workload.disk_rate_bps and sr and dr):
+            details.append(f"disk {file}: {len(diff)} MiB differ and the guest wrote after the move; "
+                           "cannot tell them apart without the agent's block ring")
+            return "unverified"
+        ring_end_chunk = (dr["nblocks"] * 4096 - 1) // src["chunk_bytes"]
+        outside = [i for i in diff if i > ring_end_chunk]
+        problems = []
+        if outside:
+            problems.append(f"{len(outside)} MiB differ outside the guest's block ring (first at {outside[0]} MiB)")
+        for side, r in (("source", sr), ("destination", dr)):
+            if r["bad_blocks"] or r["holes"]:
+                problems.append(f"{side} ring has {r['bad_blocks']} bad blocks and {r['holes']} missing "
+                                f"sequence numbers (first: {r['bad'][:1]})")
+        if dr["max_seq"] < sr["max_seq"]:
+            problems.append(f"destination ring ends at seq {dr['max_seq']}, before the source's {sr['max_seq']}")
+        hb0 = getattr(self, "hb_before", None)
+        if hb0 and sr["max_seq"] < hb0["disk_seq"]:
+            problems.append(f"the source image lacks writes the guest had completed (seq {sr['max_seq']} < "
+                            f"{hb0['disk_seq']})")
+        if problems:
+            details.append(f"disk {file}: " + "; ".join(problems))
+            return "failed"
+        details.append(f"disk {file}: {len(diff)} MiB differ, all inside the guest's block ring and explained by "
+                       f"{dr['max_seq'] - sr['max_seq']} blocks written after the move; both rings valid")
+        return "verified"
+
+    # --- COMMIT ---------------------------------------------------------------------------------------
+    async def _commit(self) -> None:
+        assert self.src and self.dst
+        with contextlib.suppress(TestbedError):
+            console = (await self.src.call("vm.console_log", name=self.name))["text"]
+            await self.dst.call("vm.import_console_history", name=self.name, text=console)
+        await self.src.call("migration.finish", name=self.name)
+        await self.dst.call("migration.finish", name=self.name)
+        await self.src.call("vm.stop", name=self.name)
+        await self.src.call("vm.remove", name=self.name)
+        for d in self.req.spec.disks:
+            await self.src.call("disk.delete", datastore=d.datastore, file=d.file)
+
+    # --- ROLLBACK ------------------------------------------------------------------------------------------
+    async def _rollback(self, why: str) -> None:
+        self.error = why
+        if self.machine.phase in (Phase.COMMIT, Phase.DONE, Phase.FAILED, Phase.ROLLED_BACK, Phase.ROLLBACK):
+            return
+        if self.machine.phase is Phase.CREATED:
+            self.machine.enter(Phase.PRECHECK)
+        log = self.rollback_log
+        assert self.src and self.dst
+        if self.dest_started:
+            with contextlib.suppress(TestbedError):
+                if (await self.dst.call("vm.status", name=self.name)).get("status") == "running":
+                    # The guest already runs on the destination: resuming the source would make two.
+                    log.append("the destination already runs the VM: not rolled back; the source VM and disk "
+                               "are kept, paused, for inspection")
+                    self._enter(Phase.FAILED)
+                    return
+        self._enter(Phase.ROLLBACK)
+        if self.dest_started:
+            try:   # the destination goes first: never two running copies
+                await self.dst.call("vm.kill", name=self.name)
+                log.append(f"destination QEMU on {self.req.destination.host.name} stopped")
+            except TestbedError as err:
+                log.append(f"destination QEMU: {err.message.splitlines()[0]}")
+            with contextlib.suppress(TestbedError):
+                await self.dst.call("vm.remove", name=self.name)
+            with contextlib.suppress(TestbedError):
+                await self.dst.call("migration.finish", name=self.name)
+        for ds, f in self.created_disks:
+            try:
+                await self.dst.call("disk.delete", datastore=ds, file=f)
+                log.append(f"destination disk {f} deleted")
+            except TestbedError as err:
+                log.append(f"destination disk {f}: {err.message}")
+        try:
+            undone = await self.src.call("migration.cancel", name=self.name)
+            log += undone["undone"]
+        except TestbedError as err:
+            log.append(f"source: {err.message}")
+        self._enter(Phase.ROLLED_BACK)
+
+    # --- the report --------------------------------------------------------------------------------------------
+    def _report(self, started: str) -> MigrationReport:
+        m, req = self.machine, self.req
+        result = {Phase.DONE: "succeeded", Phase.ROLLED_BACK: "rolled_back"}.get(m.phase, "failed")
+        end = m.timeline[-1].end_s if m.timeline else 0.0
+        return MigrationReport(
+            vm=self.name,
+            source=Endpoint(vcenter=req.source.vcenter, host=req.source.host.name, datastore=req.source.datastore),
+            destination=Endpoint(vcenter=req.destination.vcenter, host=req.destination.host.name,
+                                 datastore=req.destination.datastore),
+            result=result,  # type: ignore[arg-type]
+            phases=[PhaseSpan(name=r.phase.value, start_s=round(r.start_s, 4), end_s=round(r.end_s or r.start_s, 4))
+                    for r in m.timeline],
+            rounds=self.rounds, downtime_ms=self.downtime, stalls_ms=self.stalls, bytes=self.bytes,
+            integrity=self.integrity, streams=req.streams, converge=req.converge, bandwidth_bps=req.bandwidth_bps,
+            link_bandwidth_bps=req.link_bandwidth_bps, total_s=round(end or 0.0, 3),
+            failed_phase=(m.failed_in.value if m.failed_in
+                          else m.timeline[-2].phase.value if m.phase is Phase.FAILED else None),
+            error=self.error, rollback=self.rollback_log, switchover=self.switch, started_at=started)

@@ -1,0 +1,95 @@
+"""The migration report: what ``--json FILE`` writes, one per migration.
+
+Times are seconds since the migration started; sizes are bytes; rates are per
+second. ``integrity`` values are ``verified``, ``failed`` or ``unverified``
+(``unverified`` means it could not be checked: never a pass in disguise).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Verdict = Literal["verified", "failed", "unverified"]
+
+
+class Endpoint(BaseModel):
+    vcenter: str
+    host: str
+    datastore: str
+
+
+class PhaseSpan(BaseModel):
+    name: str
+    start_s: float
+    end_s: float
+
+
+class Round(BaseModel):
+    n: int
+    start_s: float
+    end_s: float
+    dirty_rate_pps: int            # pages/s dirtied, as QEMU measured it in this round
+    transferred_bytes: int         # RAM bytes sent during the round
+    remaining_bytes: int           # RAM bytes still dirty at the round's start
+    throttle_pct: int              # auto-converge CPU throttle in force
+    throughput_bps: float          # RAM bytes/s sent during the round
+
+
+class Downtime(BaseModel):
+    reported: float | None         # QEMU's downtime (ms)
+    observed: float | None         # largest heartbeat gap around the switchover (ms)
+
+
+class Stalls(BaseModel):
+    max: float | None = None       # longest heartbeat gap during pre-copy (ms)
+    total: float | None = None     # sum of pre-copy gaps above the threshold (ms)
+    threshold_ms: float = 20.0
+
+
+class Bytes(BaseModel):
+    disk: int = 0                  # bytes the mirror copied (block job progress)
+    memory: int = 0                # RAM bytes migration transferred
+
+
+class Integrity(BaseModel):
+    memory: Verdict = "unverified"
+    disk: Verdict = "unverified"
+    guest_running: bool = False
+    details: list[str] = Field(default_factory=list)
+
+
+class Switchover(BaseModel):
+    """CLOCK_MONOTONIC instants (seconds since start) of the switchover, as each agent saw them."""
+
+    source_paused_s: float | None = None
+    mirror_done_s: float | None = None
+    continued_s: float | None = None
+    completed_s: float | None = None
+    destination_resumed_s: float | None = None
+    heartbeat_gap_start_s: float | None = None    # last heartbeat before the switchover arrived
+    heartbeat_gap_end_s: float | None = None      # first heartbeat after it arrived
+
+
+class MigrationReport(BaseModel):
+    vm: str
+    source: Endpoint
+    destination: Endpoint
+    result: Literal["succeeded", "failed", "rolled_back"]
+    phases: list[PhaseSpan]
+    rounds: list[Round]
+    downtime_ms: Downtime
+    stalls_ms: Stalls
+    bytes: Bytes
+    integrity: Integrity
+    streams: int
+    converge: str
+    bandwidth_bps: int | None
+    link_bandwidth_bps: int | None
+    total_s: float
+    failed_phase: str | None = None
+    error: str | None
+    rollback: list[str] = Field(default_factory=list)
+    switchover: Switchover = Field(default_factory=Switchover)
+    started_at: str                # wall-clock ISO time
