@@ -4,6 +4,8 @@
     testbed vm create NAME --host H --memory 512M --disk 1G [--workload SPEC] ...
     testbed vm start|stop|delete NAME | vm list [--json] | vm console-log NAME
     testbed vm heartbeat NAME [--json]
+    testbed migrate VM --to-host H [--to-datastore DS] [--streams N] [--converge auto|off] ...
+    testbed link set --bandwidth RATE | link show | link cut | link restore
     testbed demo
 """
 
@@ -138,6 +140,59 @@ def _vm_heartbeat(a: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(a: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    from testbed.migration.engine import Progress
+    from testbed.ui import progress_line, summary
+    from testbed.vms import VmManager
+    m = VmManager(a.lab)
+    bandwidth = parse_rate_bytes(a.bandwidth, what="--bandwidth") if a.bandwidth else None
+
+    async def go() -> Any:
+        with Live(console=out, transient=True, refresh_per_second=8) as live:
+            def show(p: Progress) -> None:
+                live.update(progress_line(a.vm, p))
+            return await m.migrate(a.vm, a.to_host, to_datastore=a.to_datastore, streams=a.streams,
+                                   converge=a.converge, bandwidth_bps=bandwidth,
+                                   downtime_limit_ms=a.downtime_limit, on_progress=show)
+
+    report = asyncio.run(go())
+    out.print(summary(report))
+    if a.json:
+        from pathlib import Path
+        Path(a.json).write_text(report.model_dump_json(indent=1) + "\n")
+        out.print(f"report written to {a.json}")
+    return 0 if report.result == "succeeded" else 1
+
+
+def _link_set(a: argparse.Namespace) -> int:
+    from testbed import labctl
+    if not a.bandwidth:
+        return _link_print(labctl.set_link(a.lab))
+    bw = None if a.bandwidth == "off" else parse_rate_bytes(a.bandwidth, what="--bandwidth")
+    return _link_print(labctl.set_link(a.lab, change_bandwidth=True, bandwidth_bps=bw))
+
+
+def _link_print(link: dict[str, Any]) -> int:
+    bw = link["bandwidth_bps"]
+    out.print(f"site-to-site link: {'up' if link['up'] else 'CUT'}, "
+              f"{'uncapped' if bw is None else format_bytes(bw) + '/s'}, MTU {link['mtu']} ({link['shaping']})")
+    return 0
+
+
+def _link_updown(up: bool) -> Callable[[argparse.Namespace], int]:
+    def run(a: argparse.Namespace) -> int:
+        from testbed import labctl
+        return _link_print(labctl.set_link(a.lab, up=up))
+    return run
+
+
+def _link_show(a: argparse.Namespace) -> int:
+    from testbed import labctl
+    return _link_print(labctl.set_link(a.lab))
+
+
 def _demo(a: argparse.Namespace) -> int:
     from testbed.demo import run_demo
     return asyncio.run(run_demo(a.lab, out))
@@ -193,6 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--last", type=float, help="only the last N seconds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_vm_heartbeat)
+
+    s = sub.add_parser("migrate", help="live-migrate a VM with its disks to another host (XvMotion phases)")
+    s.add_argument("vm")
+    s.add_argument("--to-host", required=True)
+    s.add_argument("--to-datastore", help="datastore on the destination (default: its first)")
+    s.add_argument("--streams", type=int, default=1, help="multifd channels (XvMotion Streams), 1-16")
+    s.add_argument("--converge", choices=("auto", "off"), default="auto",
+                   help="auto: throttle the guest when it dirties faster than the link sends (auto-converge)")
+    s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
+    s.add_argument("--downtime-limit", type=int, default=300, help="QEMU's downtime limit in ms (default 300)")
+    s.add_argument("--json", help="write the migration report to this file")
+    s.set_defaults(fn=_migrate)
+
+    link = sub.add_parser("link", help="the site-to-site link").add_subparsers(dest="sub", required=True)
+    s = link.add_parser("set", help="change the link while the lab runs")
+    s.add_argument("--bandwidth", help="cap, e.g. 100MiB/s or 1Gbit; 'off' to uncap")
+    s.set_defaults(fn=_link_set)
+    link.add_parser("show", help="the link's settings").set_defaults(fn=_link_show)
+    link.add_parser("cut", help="partition the sites").set_defaults(fn=_link_updown(False))
+    link.add_parser("restore", help="undo a cut").set_defaults(fn=_link_updown(True))
 
     s = sub.add_parser("demo", help="bring a lab up, run the demo, tear it down")
     s.set_defaults(fn=_demo)

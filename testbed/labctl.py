@@ -110,11 +110,30 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
         "hosts": hosts,
         "vm_network": {"cidr": str(topo.VM_NETWORK), "port_groups": [p.model_dump() for p in t.port_groups],
                        "observer": f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}"},
-        "link": {"bandwidth_bps": state.link_bandwidth_bps, "mtu": t.link.mtu},
+        "link": {"bandwidth_bps": state.link_bandwidth_bps, "mtu": t.link.mtu, "up": state.link_up},
         "namespaces": state.namespaces,
         "processes": [{"role": p.role, "pid": p.pid, "alive": record_alive(p)} for p in state.processes],
         "dir": str(lab_dir(name)),
     }
+
+
+def set_link(name: str, *, change_bandwidth: bool = False, bandwidth_bps: int | None = None,
+             up: bool | None = None) -> dict[str, Any]:
+    """Change the site-to-site link while the lab runs: bandwidth cap (None = uncapped), cut or restore."""
+    sf = StateFile(lab_dir(name))
+    with sf.locked():
+        state = builder.load_state(name)
+        if len(state.topology.sites) < 2:
+            raise TestbedError(f"lab {name} has one site: there is no site-to-site link")
+        if change_bandwidth:
+            fabric.shape_link(state.topology, bandwidth_bps)
+            state.link_bandwidth_bps = bandwidth_bps
+        if up is not None:
+            fabric.set_link_state(state.topology, up)
+            state.link_up = up
+        sf.save(state)
+    return {"bandwidth_bps": state.link_bandwidth_bps, "up": state.link_up, "mtu": state.topology.link.mtu,
+            "shaping": "tbf on each site's WAN egress"}
 
 
 def observer_socket(name: str) -> Path:

@@ -276,7 +276,7 @@ class VmManager:
     async def migrate(self, name: str, to_host: str, *, to_datastore: str | None = None, streams: int = 1,
                       converge: str = "auto", bandwidth_bps: int | None = None, downtime_limit_ms: int = 300,
                       on_progress: Any = None, fault: Any = None, hold_switchover: bool = False,
-                      completion_timeout_s: float = 600.0) -> MigrationReport:
+                      completion_timeout_s: float = 600.0, stall_timeout_s: float = 20.0) -> MigrationReport:
         """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success."""
         r = self.get(name)
         t = self.state.topology
@@ -291,6 +291,7 @@ class VmManager:
             converge="off" if converge == "off" else "auto", bandwidth_bps=bandwidth_bps,
             link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
             hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
+            stall_timeout_s=stall_timeout_s,
             source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
                          r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),
             destination=Place(labctl.host(self.state, to_host), dsite.vcenter.name, ds))

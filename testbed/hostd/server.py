@@ -253,9 +253,11 @@ class HostAgent:
 
     async def m_migration_start(self, conn: Connection, name: str, uri: str, streams: int = 1,
                                 auto_converge: bool = True, max_bandwidth_bps: int | None = None,
-                                downtime_limit_ms: int = 300, hold_switchover: bool = False) -> None:
+                                downtime_limit_ms: int = 300, hold_switchover: bool = False,
+                                max_throttle_pct: int = 90) -> None:
         role = self._source(name)
-        await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover)
+        await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover,
+                           max_throttle_pct)
 
     async def m_migration_release_switchover(self, conn: Connection, name: str) -> None:
         self._source(name).release_switchover()

@@ -7,6 +7,8 @@ VM felt. Queries come as JSON lines on a UNIX socket:
 
     {"op": "vms"}
     {"op": "stats", "vm": "web01", "since_s": 1234.5, "until_s": null, "gap_threshold_ms": 20}
+    {"op": "samples", "vm": "web01", "since_s": 1234.5, "until_s": 1236.0}
+    {"op": "overlapping", "vm": "web01", "a_s": 1234.5, "b_s": 1234.6}
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from testbed.guest.heartbeat import Heartbeat, parse
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 MAX_SAMPLES = 8_000_000     # per VM; the oldest half is dropped beyond this
+REPLY_LIMIT = 64 * 1024 * 1024
 
 
 class Track:
     def __init__(self) -> None:
         self.t = array("d")       # receive time, monotonic seconds
         self.seq = array("Q")
+        self.guest_ns = array("Q")
         self.last: Heartbeat | None = None
         self.violations = 0
         self.sources: dict[str, int] = {}
@@ -39,12 +43,33 @@ class Track:
         if len(self.t) >= MAX_SAMPLES:
             del self.t[: MAX_SAMPLES // 2]
             del self.seq[: MAX_SAMPLES // 2]
+            del self.guest_ns[: MAX_SAMPLES // 2]
         self.t.append(t)
         self.seq.append(hb.seq)
+        self.guest_ns.append(hb.guest_ns)
         self.last = hb
         if hb.violation:
             self.violations += 1
         self.sources[src] = self.sources.get(src, 0) + 1
+
+    def samples(self, since_s: float, until_s: float, limit: int = 20000) -> list[tuple[float, int, int]]:
+        """(receive time, seq, guest clock ns) of each heartbeat in the window."""
+        import bisect
+        lo, hi = bisect.bisect_left(self.t, since_s), bisect.bisect_right(self.t, until_s)
+        return [(self.t[i], self.seq[i], self.guest_ns[i]) for i in range(lo, min(hi, lo + limit))]
+
+    def overlapping(self, a_s: float, b_s: float) -> list[dict[str, Any]]:
+        """The gaps between consecutive heartbeats that overlap the interval [a_s, b_s]."""
+        import bisect
+        lo = max(bisect.bisect_right(self.t, a_s) - 1, 0)
+        hi = bisect.bisect_left(self.t, b_s) + 1
+        out = []
+        for i in range(lo + 1, min(hi, len(self.t))):
+            if self.t[i] >= a_s and self.t[i - 1] <= b_s:
+                out.append({"start_s": self.t[i - 1], "end_s": self.t[i],
+                            "gap_ms": round((self.t[i] - self.t[i - 1]) * 1000, 3),
+                            "seq_before": self.seq[i - 1], "seq_after": self.seq[i]})
+        return out
 
     def stats(self, since_s: float | None, until_s: float | None, threshold_ms: float) -> dict[str, Any]:
         import bisect
@@ -135,6 +160,12 @@ class Observer:
             out = tr.stats(req.get("since_s"), req.get("until_s"), float(req.get("gap_threshold_ms", 20)))
             out["now_s"] = time.monotonic()
             return out
+        if op == "overlapping":
+            tr = self.tracks.get(req["vm"])
+            return {"gaps": tr.overlapping(float(req["a_s"]), float(req["b_s"])) if tr else []}
+        if op == "samples":
+            tr = self.tracks.get(req["vm"])
+            return {"samples": tr.samples(float(req["since_s"]), float(req["until_s"])) if tr else []}
         return {"error": f"unknown op {op!r}"}
 
 
@@ -148,7 +179,7 @@ async def main_async(bind: str, port: int, control: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_reader(sock.fileno(), obs.on_readable, sock)
     control.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(obs.control, path=str(control))
+    server = await asyncio.start_unix_server(obs.control, path=str(control), limit=REPLY_LIMIT)
     resync = asyncio.create_task(obs.resync())
     stop = asyncio.Event()
     import signal
@@ -172,7 +203,8 @@ def main() -> None:
 
 async def query(control: Path, req: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
     """Ask the observer one question."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(control)), timeout_s)
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(control), limit=REPLY_LIMIT),
+                                            timeout_s)
     try:
         writer.write((json.dumps(req) + "\n").encode())
         await writer.drain()

@@ -34,6 +34,7 @@ class LabState(BaseModel):
     processes: list[ProcessRecord] = Field(default_factory=list)
     system_paths: list[str] = Field(default_factory=list)  # made outside the lab dir
     link_bandwidth_bps: int | None = None
+    link_up: bool = True
     accel: str = "tcg"
     accel_reason: str = ""
     created_s: float = 0.0

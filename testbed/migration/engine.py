@@ -83,12 +83,16 @@ class MigrationRequest:
     bandwidth_bps: int | None = None
     link_bandwidth_bps: int | None = None
     downtime_limit_ms: int = 300
+    max_throttle_pct: int = 90             # auto-converge ceiling: 90% = at most ~90 ms vCPU sleeps
     stall_timeout_s: float = 20.0          # no migration progress for this long: fail
     completion_timeout_s: float = 600.0    # pre-copy that never converges: fail, roll back
     hold_switchover: bool = False          # the source waits for the engine at pre-switchover
 
 
-FaultHook = Callable[[Phase, "Migration"], Awaitable[None]]
+# Fault injection and experiments: called at named checkpoints, e.g. to kill a QEMU or cut the link there.
+# Checkpoints: "precheck", "disk-sync:mirror-started", "memory-precopy:started",
+# "switchover:held" (only with hold_switchover), "verify".
+FaultHook = Callable[[str, "Migration"], Awaitable[None]]
 
 
 class Migration:
@@ -126,9 +130,9 @@ class Migration:
         self.progress.phase = phase
         self.on_progress(self.progress)
 
-    async def _hook(self, phase: Phase) -> None:
+    async def _checkpoint(self, name: str) -> None:
         if self.fault is not None:
-            await self.fault(phase, self)
+            await self.fault(name, self)
 
     def where(self, place: Place) -> str:
         return f"host {place.host.name} ({place.vcenter})"
@@ -171,7 +175,7 @@ class Migration:
 
     async def _phases(self) -> None:
         self._enter(Phase.PRECHECK)
-        await self._hook(Phase.PRECHECK)
+        await self._checkpoint("precheck")
         await self._precheck()
         self._enter(Phase.DISK_SYNC)
         await self._disk_sync()
@@ -225,7 +229,6 @@ class Migration:
     async def _disk_sync(self) -> None:
         assert self.src and self.dst
         req = self.req
-        await self._hook(Phase.DISK_SYNC)
         for d in self.dest_spec.disks:
             await self.dst.call("disk.create", datastore=d.datastore, file=d.file, size_bytes=d.size_bytes,
                                 format=d.format)
@@ -239,6 +242,7 @@ class Migration:
         self.source_touched = True
         jobs = await self.src.call("migration.mirror", name=self.name, nbd_host=incoming["nbd"]["host"],
                                    nbd_port=incoming["nbd"]["port"])
+        await self._checkpoint("disk-sync:mirror-started")
         ready: set[str] = set()
         lengths: dict[str, int] = {}
 
@@ -264,8 +268,10 @@ class Migration:
                 elif ev["event"] == "qmp" and ev["data"]["event"] in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED",
                                                                       "BLOCK_JOB_COMPLETED"):
                     d = ev["data"]["data"]
-                    raise MigrationError(f"disk mirror {d.get('device')} ended before it was ready "
-                                         f"({ev['data']['event']}: {d.get('error') or d.get('operation') or ''})")
+                    raise MigrationError(
+                        f"disk mirror {d.get('device')} to {self.where(req.destination)} stopped before it was "
+                        f"ready ({ev['data']['event']}, {d.get('operation') or d.get('error') or 'no detail'}): the "
+                        "destination's NBD export failed or went away")
         finally:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
@@ -310,12 +316,13 @@ class Migration:
     async def _precopy(self) -> None:
         assert self.src
         req = self.req
-        await self._hook(Phase.MEMORY_PRECOPY)
         self.mono["migrate_s"] = time.monotonic()
         self.source_touched = True
         await self.src.call("migration.start", name=self.name, uri=self.uri, streams=req.streams,
                             auto_converge=req.converge == "auto", max_bandwidth_bps=req.bandwidth_bps,
-                            downtime_limit_ms=req.downtime_limit_ms, hold_switchover=req.hold_switchover)
+                            downtime_limit_ms=req.downtime_limit_ms, hold_switchover=req.hold_switchover,
+                            max_throttle_pct=req.max_throttle_pct)
+        await self._checkpoint("memory-precopy:started")
         last_bytes, last_move = -1, time.monotonic()
         round_start: dict[str, Any] | None = None
         deadline = time.monotonic() + req.completion_timeout_s
@@ -375,8 +382,8 @@ class Migration:
     # --- SWITCHOVER ------------------------------------------------------------------------------
     async def _switchover(self) -> None:
         assert self.src and self.dst
-        await self._hook(Phase.SWITCHOVER)
         if self.req.hold_switchover:
+            await self._checkpoint("switchover:held")
             await self.src.call("migration.release_switchover", name=self.name)
         while "resumed_s" not in self.mono:
             ev = await self._next_event(timeout_s=60, what="the switchover")
@@ -396,19 +403,24 @@ class Migration:
     # --- VERIFY ------------------------------------------------------------------------------------
     async def _verify(self) -> bool:
         assert self.src and self.dst
-        await self._hook(Phase.VERIFY)
+        await self._checkpoint("verify")
         integ = self.integrity
         paused, resumed = self.mono["paused_s"], self.mono["resumed_s"]
         st = await self.dst.call("vm.status", name=self.name)
         if st.get("status") != "running":
             integ.details.append(f"destination QEMU is {st.get('status')}, not running")
         disk_task = asyncio.create_task(self._verify_disks())
-        if self.req.builtin_guest:
-            await self._verify_guest(paused, resumed)
-        else:
-            integ.guest_running = st.get("status") == "running"
-            integ.memory = "unverified"
-            integ.details.append("memory unverified: the guest has no testbed agent")
+        try:
+            if self.req.builtin_guest:
+                await self._verify_guest(paused, resumed)
+            else:
+                integ.guest_running = st.get("status") == "running"
+                integ.memory = "unverified"
+                integ.details.append("memory unverified: the guest has no testbed agent")
+        except BaseException:
+            disk_task.cancel()
+            await asyncio.gather(disk_task, return_exceptions=True)
+            raise
         await disk_task
         return integ.memory != "failed" and integ.disk != "failed" and integ.guest_running
 
@@ -460,9 +472,8 @@ class Migration:
                 break
             await asyncio.sleep(0.2)
         # the gap that spans the switchover is what a user of the VM felt
-        final = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": self.mono["migrate_s"] - 0.5,
-                                       "until_s": resumed + 5.0, "gap_threshold_ms": 1.5})
-        spanning = [g for g in final["gaps"] if g["start_s"] <= resumed and g["end_s"] >= paused]
+        spanning = (await obs.query(sock, {"op": "overlapping", "vm": self.name, "a_s": paused,
+                                           "b_s": resumed}))["gaps"]
         if spanning:
             g = max(spanning, key=lambda g: g["gap_ms"])
             self.downtime.observed = round(g["gap_ms"], 2)

@@ -149,3 +149,9 @@ def shape_link(t: topo.Topology, bandwidth_bps: int | None) -> None:
         burst = max(bandwidth_bps // 100, 64 * 1024)   # 10 ms of traffic, at least 64 KiB
         run(["tc", "-n", sns, "qdisc", "replace", "dev", "wan0", "root", "tbf",
              "rate", f"{bandwidth_bps * 8}bit", "burst", str(burst), "latency", "50ms"])
+
+
+def set_link_state(t: topo.Topology, up: bool) -> None:
+    """Cut (``up=False``) or restore the site-to-site link: each site's WAN leg goes down or up."""
+    for site in t.sites:
+        run(["ip", "-n", ns_name(t.name, site.name), "link", "set", "wan0", "up" if up else "down"])

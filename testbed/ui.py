@@ -1,0 +1,66 @@
+"""How migrations look in a terminal: the live progress line and the summary table (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from testbed.migration.engine import Progress
+from testbed.migration.phases import Phase
+from testbed.migration.report import MigrationReport
+from testbed.units import format_bytes
+
+
+def progress_line(vm: str, p: Progress) -> Text:
+    parts = [f"{vm}: {p.phase.value}"]
+    if p.disk_pct is not None:
+        parts.append(f"disk {p.disk_pct:5.1f}%")
+    if p.phase in (Phase.MEMORY_PRECOPY, Phase.SWITCHOVER) or p.round:
+        parts.append(f"round {p.round}")
+        parts.append(f"dirty {p.dirty_rate_bps / 1e6:6.1f} MB/s vs send {p.send_rate_bps / 1e6:6.1f} MB/s")
+        parts.append(f"throttle {p.throttle_pct:2d}%")
+        parts.append(f"remaining {format_bytes(p.remaining_bytes)}")
+    return Text(" | ".join(parts))
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def summary(r: MigrationReport) -> Group:
+    style = {"succeeded": "bold green", "rolled_back": "bold yellow", "failed": "bold red"}[r.result]
+    head = Text.assemble((f"{r.vm}: {r.result.upper()}", style),
+                         f"  {r.source.host} ({r.source.vcenter}, {r.source.datastore}) -> "
+                         f"{r.destination.host} ({r.destination.vcenter}, {r.destination.datastore}) "
+                         f"in {r.total_s:.2f} s, {r.streams} stream(s), converge {r.converge}")
+    phases = Table("phase", "start", "end", "duration", title="phase timeline")
+    for p in r.phases:
+        phases.add_row(p.name, f"{p.start_s:.3f} s", f"{p.end_s:.3f} s", f"{(p.end_s - p.start_s) * 1000:.0f} ms")
+    facts = Table("measure", "value", title="what moved and what the guest felt")
+    facts.add_row("disk bytes (mirror)", format_bytes(r.bytes.disk))
+    facts.add_row("memory bytes (pre-copy + stop-and-copy)", format_bytes(r.bytes.memory))
+    facts.add_row("pre-copy rounds", str(len(r.rounds)))
+    facts.add_row("max throttle", f"{max((x.throttle_pct for x in r.rounds), default=0)}%")
+    facts.add_row("downtime reported by QEMU", _ms(r.downtime_ms.reported))
+    facts.add_row("downtime observed (heartbeat gap)", _ms(r.downtime_ms.observed))
+    facts.add_row(f"pre-copy stalls >= {r.stalls_ms.threshold_ms:.0f} ms: max / total",
+                  f"{_ms(r.stalls_ms.max)} / {_ms(r.stalls_ms.total)}")
+    i = r.integrity
+    facts.add_row("integrity: memory / disk / guest running", f"{i.memory} / {i.disk} / {i.guest_running}")
+    parts: list[Table | Text] = [head, phases]
+    if r.rounds:
+        rounds = Table("round", "dirty rate", "sent", "remaining at start", "throttle", "throughput",
+                       title="pre-copy rounds")
+        for x in r.rounds:
+            rounds.add_row(str(x.n), f"{x.dirty_rate_pps * 4096 / 1e6:.1f} MB/s", format_bytes(x.transferred_bytes),
+                           format_bytes(x.remaining_bytes), f"{x.throttle_pct}%", f"{x.throughput_bps / 1e6:.1f} MB/s")
+        parts.append(rounds)
+    parts.append(facts)
+    for d in i.details:
+        parts.append(Text(f"  {d}"))
+    if r.error:
+        parts.append(Text(f"error ({r.failed_phase}): {r.error}", style="red"))
+    for line in r.rollback:
+        parts.append(Text(f"  rollback: {line}", style="yellow"))
+    return Group(*parts)
