@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--converge", choices=("auto", "off"), default="auto",
                    help="auto: throttle the guest when it dirties faster than the link sends (auto-converge)")
     s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
-    s.add_argument("--downtime-limit", type=int, default=300, help="QEMU's downtime limit in ms (default 300)")
+    s.add_argument("--downtime-limit", type=int, default=100,
+                   help="QEMU's downtime limit in ms (default 100; QEMU's own default is 300)")
     s.add_argument("--json", help="write the migration report to this file")
     s.set_defaults(fn=_migrate)
 

@@ -274,7 +274,7 @@ class VmManager:
         return text
 
     async def migrate(self, name: str, to_host: str, *, to_datastore: str | None = None, streams: int = 1,
-                      converge: str = "auto", bandwidth_bps: int | None = None, downtime_limit_ms: int = 300,
+                      converge: str = "auto", bandwidth_bps: int | None = None, downtime_limit_ms: int = 100,
                       on_progress: Any = None, fault: Any = None, hold_switchover: bool = False,
                       completion_timeout_s: float = 600.0, stall_timeout_s: float = 20.0) -> MigrationReport:
         """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success."""

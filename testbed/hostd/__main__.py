@@ -16,8 +16,10 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from testbed.hostd.config import HostConfig
+if TYPE_CHECKING:
+    from testbed.hostd.config import HostConfig
 
 
 def _serve(cfg: HostConfig, daemon: bool) -> int:
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--socket", required=True)
     args = p.parse_args(argv)
     if args.cmd == "serve":
+        from testbed.hostd.config import HostConfig  # not on the `connect` path: every SSH session pays it
         return _serve(HostConfig.load(args.config), args.daemon)
     return _connect(args.socket)
 

@@ -89,6 +89,15 @@ class HostAgent:
             "vms": sorted(self.vms),
         }
 
+    async def m_host_counters(self, conn: Connection) -> dict[str, dict[str, int]]:
+        """Byte counters of the host's interfaces (vmk1 is the vMotion network)."""
+        out = {}
+        for dev in sorted(Path("/sys/class/net").iterdir()):
+            stats = dev / "statistics"
+            with contextlib.suppress(OSError):
+                out[dev.name] = {k: int((stats / k).read_text()) for k in ("tx_bytes", "rx_bytes")}
+        return out
+
     # --- datastores and disks --------------------------------------------------
     async def m_datastore_list(self, conn: Connection) -> list[dict[str, Any]]:
         return await self.datastores.list()

@@ -82,7 +82,7 @@ class MigrationRequest:
     converge: Literal["auto", "off"] = "auto"
     bandwidth_bps: int | None = None
     link_bandwidth_bps: int | None = None
-    downtime_limit_ms: int = 300
+    downtime_limit_ms: int = 100
     max_throttle_pct: int = 90             # auto-converge ceiling: 90% = at most ~90 ms vCPU sleeps
     stall_timeout_s: float = 20.0          # no migration progress for this long: fail
     completion_timeout_s: float = 600.0    # pre-copy that never converges: fail, roll back
@@ -178,10 +178,13 @@ class Migration:
         await self._checkpoint("precheck")
         await self._precheck()
         self._enter(Phase.DISK_SYNC)
+        wire0 = await self._vmk_tx()
         await self._disk_sync()
         self._enter(Phase.MEMORY_PRECOPY)
         await self._precopy()
         await self._switchover()
+        if wire0 is not None and (wire1 := await self._vmk_tx()) is not None:
+            self.bytes.wire = wire1 - wire0
         self._enter(Phase.VERIFY)
         ok = await self._verify()
         if not ok:
@@ -192,6 +195,11 @@ class Migration:
         self._enter(Phase.COMMIT)
         await self._commit()
         self._enter(Phase.DONE)
+
+    async def _vmk_tx(self) -> int | None:
+        assert self.src
+        counters = await self.src.call("host.counters")
+        return int(counters["vmk1"]["tx_bytes"]) if "vmk1" in counters else None
 
     # --- PRECHECK ---------------------------------------------------------------------------
     async def _precheck(self) -> None:

@@ -49,8 +49,9 @@ class Stalls(BaseModel):
 
 
 class Bytes(BaseModel):
-    disk: int = 0                  # bytes the mirror copied (block job progress)
+    disk: int = 0                  # bytes the mirror processed (block job progress: the whole virtual disk)
     memory: int = 0                # RAM bytes migration transferred
+    wire: int | None = None        # bytes the source sent on its vMotion interface, disk sync to completion
 
 
 class Integrity(BaseModel):
