@@ -31,7 +31,7 @@ from testbed.lab.state import StateFile
 from testbed.migration.engine import Migration, MigrationRequest, Place
 from testbed.migration.report import MigrationReport
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
-from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec
+from testbed.qemu.spec import VM_NAME_RE, BootSpec, DiskSpec, NicSpec, VmSpec
 
 
 class Residence(BaseModel):
@@ -110,6 +110,12 @@ class VmManager:
                      workload: str = "idle", datastore: str | None = None, port_group: str | None = None,
                      kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                      image: str | None = None, vcpus: int = 1, start: bool = True) -> VmRecord:
+        if not VM_NAME_RE.match(name):
+            raise InputError(f"VM name {name!r} is not allowed",
+                             hint="use 1-31 lowercase letters, digits and '-', starting with a letter")
+        if memory_bytes < 64 * 1024**2:
+            raise InputError(f"VM {name}: {memory_bytes // 1024**2} MiB of memory is too little",
+                             hint="give at least 64M (the built-in guest wants 256M or more)")
         t = self.state.topology
         _, _, _, hspec = t.host(host)
         ds = datastore or topo.datastores_of(hspec)[0].name

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from testbed.paths import GUEST_IMAGE_DIR
+from testbed.vms import VmManager
 
 
 def lab_skip_reason() -> str | None:
@@ -70,15 +72,23 @@ def lab(lab_env: Path) -> Iterator[str]:
         labctl.down(name)
 
 
-@pytest.fixture
-async def vms(lab: str) -> AsyncIterator[object]:
+@contextlib.asynccontextmanager
+async def vm_manager(lab: str) -> AsyncIterator[VmManager]:
+    """A VmManager on ``lab`` that deletes, on the way out, the VMs created inside the block."""
     from testbed.errors import TestbedError
-    from testbed.vms import VmManager
     m = VmManager(lab)
     before = set(m.registry.load())
-    yield m
-    for name in set(m.registry.load()) - before:
-        try:
-            await m.delete(name)
-        except TestbedError as err:
-            print(f"cleanup: deleting VM {name} failed: {err}")
+    try:
+        yield m
+    finally:
+        for name in set(m.registry.load()) - before:
+            try:
+                await m.delete(name)
+            except TestbedError as err:
+                print(f"cleanup: deleting VM {name} failed: {err}")
+
+
+@pytest.fixture
+async def vms(lab: str) -> AsyncIterator[VmManager]:
+    async with vm_manager(lab) as m:
+        yield m

@@ -60,9 +60,10 @@ class DestinationRole:
             events=True, multifd=streams > 1, late_block_activate=True)})
         if streams > 1:
             await vm.execute("migrate-set-parameters", {"multifd-channels": streams})
-        self.nbd_port = free_port(self.address)
-        await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
-            "host": self.address, "port": str(self.nbd_port)}}})
+        if vm.spec.disks:
+            self.nbd_port = free_port(self.address)
+            await vm.execute("nbd-server-start", {"addr": {"type": "inet", "data": {
+                "host": self.address, "port": str(self.nbd_port)}}})
         for i, _ in enumerate(vm.spec.disks):
             await vm.execute("block-export-add", {"type": "nbd", "id": f"export-disk{i}",
                                                   "node-name": f"disk{i}", "name": f"disk{i}",

@@ -264,7 +264,9 @@ class HostAgent:
                                 auto_converge: bool = True, max_bandwidth_bps: int | None = None,
                                 downtime_limit_ms: int = 300, hold_switchover: bool = False,
                                 max_throttle_pct: int = 90) -> None:
-        role = self._source(name)
+        role = self.sources.get(name)
+        if role is None:   # a VM without disks skips the mirror
+            role = self.sources[name] = SourceRole(self._vm(name))
         await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover,
                            max_throttle_pct)
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import InputError
 from testbed.units import parse_rate_bytes, parse_size
@@ -40,15 +40,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _check_name(value: str, what: str) -> str:
+def _check_name(value: str) -> str:
     if not NAME_RE.match(value):
-        raise ValueError(f"{what} {value!r} must be 1-15 characters: lowercase letters, "
+        raise ValueError(f"name {value!r} must be 1-15 characters: lowercase letters, "
                          "digits and '-', starting with a letter")
     return value
 
 
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
 class DatastoreSpec(_Frozen):
-    name: str
+    name: Name
     capacity_bytes: int = Field(default=16 * 1024**3, gt=0)
 
     @field_validator("capacity_bytes", mode="before")
@@ -56,43 +59,27 @@ class DatastoreSpec(_Frozen):
     def _size(cls, v: object) -> object:
         return parse_size(v, what="datastore capacity") if isinstance(v, str) else v
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "datastore name")
 
 
 class HostSpec(_Frozen):
-    name: str
+    name: Name
     kind: Literal["netns"] = "netns"
     datastores: tuple[DatastoreSpec, ...] = ()
     license: str = "enterprise-plus"
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "host name")
 
 
 class VCenterSpec(_Frozen):
-    name: str
+    name: Name
     sso_domain: str = "vsphere.local"
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "vCenter name")
 
 
 class SiteSpec(_Frozen):
-    name: str
+    name: Name
     vcenter: VCenterSpec
     hosts: tuple[HostSpec, ...] = Field(min_length=1, max_length=50)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_name(v, "site name")
 
 
 class PortGroupSpec(_Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from testbed.migration.engine import Migration
 from testbed.migration.report import MigrationReport
 from testbed.vms import VmManager
 
-from ..conftest import unique_lab_name
+from ..conftest import unique_lab_name, vm_manager
 
 pytestmark = pytest.mark.lab
 MiB = 1024**2
@@ -43,15 +43,9 @@ def mlab(lab_env: Path) -> object:
 
 
 @pytest.fixture
-async def mvms(mlab: str) -> object:
-    m = VmManager(mlab)
-    before = set(m.registry.load())
-    yield m
-    for name in set(m.registry.load()) - before:
-        try:
-            await m.delete(name)
-        except Exception as err:  # report, keep cleaning
-            print(f"cleanup of {name}: {err}")
+async def mvms(mlab: str) -> AsyncIterator[VmManager]:
+    async with vm_manager(mlab) as m:
+        yield m
 
 
 async def boot(m: VmManager, name: str, host: str, workload: str, memory: int = 512 * MiB,
@@ -100,6 +94,15 @@ async def test_idle_vm_moves_across_vcenters_with_integrity(mvms: VmManager) -> 
     assert r.source.vcenter == "vc-a" and r.destination.vcenter == "vc-b"
     assert await where(mvms, "idle1") == {"esx-b1": "running"}
     assert "TBAGENT start" in await mvms.console_log("idle1"), "console history did not follow the VM"
+
+
+async def test_diskless_vm_moves_and_disk_is_reported_unverified(mvms: VmManager) -> None:
+    await boot(mvms, "nodisk1", "esx-a2", "memory:10MB/s@32M", memory=256 * MiB, disk=None)
+    r = await mvms.migrate("nodisk1", "esx-b1")
+    assert r.result == "succeeded", r.error
+    assert r.integrity.memory == "verified" and r.integrity.guest_running
+    assert r.integrity.disk == "unverified"      # nothing to compare: never claimed as verified
+    assert await where(mvms, "nodisk1") == {"esx-b1": "running"}
 
 
 async def test_disk_writing_vm_moves_with_its_blocks(mvms: VmManager) -> None:

@@ -84,6 +84,8 @@ async def test_bad_input_gets_one_clear_error_and_changes_nothing(vms: VmManager
         await vms.create("bad2", "esx-a1", 256 * MiB, 64 * 1024 * MiB)
     with pytest.raises(InputError, match="workload"):
         await vms.create("bad3", "esx-a1", 256 * MiB, None, workload="memory:lots")
+    with pytest.raises(InputError, match="not allowed"):
+        await vms.create("Bad_Name", "esx-a1", 256 * MiB, None)
     await vms.create("taken1", "esx-a1", 256 * MiB, None, start=False)
     with pytest.raises(Conflict, match="already exists"):
         await vms.create("taken1", "esx-b1", 256 * MiB, None)
