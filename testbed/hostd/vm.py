@@ -138,6 +138,9 @@ class VmProcess:
         self.returncode = await self.proc.wait()
         self.state = ProcState.EXITED
         self._exited.set()
+        for task in self._tasks:   # the event pump would wait forever on a closed monitor
+            if task is not asyncio.current_task():
+                task.cancel()
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
         await self._remove_taps()
