@@ -105,6 +105,21 @@ async def test_diskless_vm_moves_and_disk_is_reported_unverified(mvms: VmManager
     assert await where(mvms, "nodisk1") == {"esx-b1": "running"}
 
 
+async def test_users_own_guest_moves_and_what_cannot_be_checked_is_unverified(mvms: VmManager) -> None:
+    """A guest brought by the user (own kernel command line, no testbed agent configured): migrated,
+    disk compared, running checked, memory reported unverified, never verified."""
+    from testbed.paths import GUEST_IMAGE_DIR
+    await mvms.create("own1", "esx-a2", 256 * MiB, 128 * MiB, kernel=str(GUEST_IMAGE_DIR / "vmlinuz"),
+                      initrd=str(GUEST_IMAGE_DIR / "initrd.img"), append="console=ttyS0")
+    await asyncio.sleep(3)
+    r = await mvms.migrate("own1", "esx-b1")
+    assert r.result == "succeeded", r.error
+    assert r.integrity.memory == "unverified" and r.integrity.guest_running
+    assert r.integrity.disk == "verified"       # the guest does not write: the images are identical
+    assert r.downtime_ms.observed is None       # no heartbeat: nothing observed, nothing invented
+    assert await where(mvms, "own1") == {"esx-b1": "running"}
+
+
 async def test_disk_writing_vm_moves_with_its_blocks(mvms: VmManager) -> None:
     await boot(mvms, "disk1", "esx-a2", "disk:5MB/s")
     r = await mvms.migrate("disk1", "esx-b1", streams=2)
