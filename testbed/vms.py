@@ -133,7 +133,7 @@ class VmManager:
                 raise Conflict(f"VM {name!r} already exists in lab {self.lab} (on host {vms[name].host})",
                                hint="choose another name or `testbed vm delete` the old one")
             used = {v.ip for v in vms.values()}
-            ip = next(topo.vm_address(i) for i in range(65000) if topo.vm_address(i) not in used)
+            ip = next(a for a in map(topo.vm_address, range(65000)) if a not in used)
             disks: list[DiskSpec] = []
             if disk_bytes:
                 disks.append(DiskSpec(datastore=ds, file=f"{name}-disk0.qcow2", size_bytes=disk_bytes))

@@ -117,7 +117,6 @@ class SourceRole:
         self._job_done: dict[str, asyncio.Event] = {}
         self._sampler: asyncio.Task[None] | None = None
         self._switch: asyncio.Task[None] | None = None
-        self.samples = 0
         vm.event_hooks.append(self._on_event)
 
     # --- phase 1: disks ---------------------------------------------------------
@@ -161,7 +160,6 @@ class SourceRole:
                 info = await self.vm.execute("query-migrate")
             except QemuError:
                 return
-            self.samples += 1
             ram = info.get("ram", {})
             self.vm.emit("migration-progress", {
                 "t_s": t, "status": info.get("status"),

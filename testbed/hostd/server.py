@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -407,7 +406,3 @@ async def serve(cfg: HostConfig, ready: Any = None) -> None:
     # Like ESXi's hostd, a restarting agent leaves its VMs running.
     log.info("host agent %s stopping; %d VM(s) keep running", cfg.name, len(agent.vms))
     cfg.socket.unlink(missing_ok=True)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1)

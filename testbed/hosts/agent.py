@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +22,7 @@ import paramiko
 
 from testbed import errors
 from testbed.errors import AgentError, HostUnreachable
+from testbed.hostd import protocol
 from testbed.hosts.ssh import SshSession, SshTarget
 
 _REMOTE_KINDS: dict[str, type[errors.TestbedError]] = {
@@ -79,7 +79,7 @@ class AgentClient:
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     if line.strip():
-                        self._loop.call_soon_threadsafe(self._dispatch, json.loads(line))
+                        self._loop.call_soon_threadsafe(self._dispatch, protocol.decode(line))
         except Exception:  # the channel died; fail what is pending below
             pass
         with contextlib.suppress(Exception):
@@ -126,7 +126,7 @@ class AgentClient:
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._pending[req_id] = fut
-        line = (json.dumps({"id": req_id, "method": method, "params": params}) + "\n").encode()
+        line = protocol.encode({"id": req_id, "method": method, "params": params})
 
         def send() -> None:
             with self._send_lock:

@@ -8,7 +8,6 @@ halfway) removes exactly what was made, and nothing else.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,22 +40,23 @@ class LabState(BaseModel):
     up_s: float | None = None
 
 
-def proc_starttime(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if there is no such process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def proc_starttime(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def record_alive(p: ProcessRecord) -> bool:
     """The recorded process still runs (same PID and start time, and not a zombie)."""
-    try:
-        stat = Path(f"/proc/{p.pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and int(fields[19]) == p.starttime
+    fields = _stat(p.pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == p.starttime
 
 
 class StateFile:
@@ -86,10 +86,3 @@ class StateFile:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def load_json(path: Path, default: object) -> object:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return default
