@@ -49,7 +49,7 @@ async def run_demo(lab: str, out: Console) -> int:
         with Live(console=out, transient=True, refresh_per_second=8) as live:
             def show(p: Progress) -> None:
                 live.update(progress_line("demo-vm", p))
-            report = await vms.migrate("demo-vm", "esx-b1", streams=2, downtime_limit_ms=100, on_progress=show)
+            report = await vms.migrate("demo-vm", "esx-b1", streams=1, downtime_limit_ms=100, on_progress=show)
         out.print(summary(report))
         rows = {r["name"]: r for r in await vms.list()}
         out.print(f"demo-vm now runs on {rows['demo-vm']['host']} ({rows['demo-vm']['site']}), "
