@@ -113,7 +113,7 @@ class Migration:
         self.dest_started = False
         self.source_touched = False
         self.rounds: list[Round] = []
-        self.samples: list[dict[str, Any]] = []
+        self.hb_before: dict[str, Any] | None = None   # last heartbeat before the switchover
         self.switch = Switchover()
         self.mono: dict[str, float] = {}
         self.bytes = Bytes()
@@ -333,12 +333,12 @@ class Migration:
         await self._checkpoint("memory-precopy:started")
         last_bytes, last_move = -1, time.monotonic()
         round_start: dict[str, Any] | None = None
+        last: dict[str, Any] | None = None
         deadline = time.monotonic() + req.completion_timeout_s
         while True:
             ev = await self._next_event(timeout_s=req.stall_timeout_s, what="the memory pre-copy")
             if ev["event"] == "migration-progress":
-                s = ev["data"]
-                self.samples.append(s)
+                s = last = ev["data"]
                 if round_start is None:
                     round_start = s
                 elif s["dirty_sync_count"] > round_start["dirty_sync_count"]:
@@ -358,8 +358,8 @@ class Migration:
                         f"{s['mbps'] / 8:.1f} MB/s at {s['throttle_pct']}% throttle")
             elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
                     ev["data"]["data"].get("status") == "pre-switchover" and ev["side"] == "source":
-                if round_start is not None and self.samples and self.samples[-1] is not round_start:
-                    self._close_round(round_start, self.samples[-1])
+                if round_start is not None and last is not None and last is not round_start:
+                    self._close_round(round_start, last)
                 self.mono["paused_s"] = ev["data"]["monotonic_s"]
                 self._enter(Phase.SWITCHOVER, at=ev["data"]["monotonic_s"])
                 return
@@ -417,6 +417,11 @@ class Migration:
         st = await self.dst.call("vm.status", name=self.name)
         if st.get("status") != "running":
             integ.details.append(f"destination QEMU is {st.get('status')}, not running")
+        if self.req.builtin_guest:
+            # The last heartbeat before the pause: both checks below compare against it.
+            before = await obs.query(self.req.observer_socket, {"op": "stats", "vm": self.name,
+                                                                 "since_s": paused - 2.0, "until_s": paused})
+            self.hb_before = before["last"] if before["count"] else None
         disk_task = asyncio.create_task(self._verify_disks())
         try:
             if self.req.builtin_guest:
@@ -435,12 +440,11 @@ class Migration:
     async def _verify_guest(self, paused: float, resumed: float) -> None:
         integ = self.integrity
         sock = self.req.observer_socket
-        before = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": paused - 2.0, "until_s": paused})
-        if not before["count"]:
+        hb0 = self.hb_before
+        if hb0 is None:
             integ.details.append("no heartbeat in the 2 s before the switchover: the guest was already silent")
             integ.memory = "failed"
             return
-        hb0 = before["last"]
         # downtime observed and stalls, from the heartbeat gaps
         around = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": self.mono["migrate_s"] - 0.5,
                                         "until_s": None, "gap_threshold_ms": self.stalls.threshold_ms})
@@ -490,7 +494,6 @@ class Migration:
         pre = [g for g in around["gaps"] if g["end_s"] <= paused]
         self.stalls.max = round(max((g["gap_ms"] for g in pre), default=0.0), 2)
         self.stalls.total = round(sum(g["gap_ms"] for g in pre), 2)
-        self.hb_before = hb0
 
     async def _verify_disks(self) -> None:
         assert self.src and self.dst
@@ -537,7 +540,7 @@ class Migration:
                                 f"sequence numbers (first: {r['bad'][:1]})")
         if dr["max_seq"] < sr["max_seq"]:
             problems.append(f"destination ring ends at seq {dr['max_seq']}, before the source's {sr['max_seq']}")
-        hb0 = getattr(self, "hb_before", None)
+        hb0 = self.hb_before
         if hb0 and sr["max_seq"] < hb0["disk_seq"]:
             problems.append(f"the source image lacks writes the guest had completed (seq {sr['max_seq']} < "
                             f"{hb0['disk_seq']})")
