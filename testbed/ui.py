@@ -20,6 +20,10 @@ def progress_line(vm: str, p: Progress) -> Text:
         parts.append(f"round {p.round}")
         parts.append(f"dirty {p.dirty_rate_bps / 1e6:6.1f} MB/s vs send {p.send_rate_bps / 1e6:6.1f} MB/s")
         parts.append(f"throttle {p.throttle_pct:2d}%")
+        if p.stun_pct:
+            parts.append(f"stun {p.stun_pct:4.1f}%")
+        if p.postcopy:
+            parts.append("POST-COPY")
         parts.append(f"remaining {format_bytes(p.remaining_bytes)}")
     return Text(" | ".join(parts))
 
@@ -42,6 +46,13 @@ def summary(r: MigrationReport) -> Group:
     facts.add_row("memory bytes (pre-copy + stop-and-copy)", format_bytes(r.bytes.memory))
     facts.add_row("pre-copy rounds", str(len(r.rounds)))
     facts.add_row("max throttle", f"{max((x.throttle_pct for x in r.rounds), default=0)}%")
+    if any(x.stun_pct for x in r.rounds) or any(d.action == "stun" for d in r.decisions):
+        stun = max((d.value or 0 for d in r.decisions if d.action == "stun"), default=0)
+        facts.add_row("max SDPS stun", f"{stun:g}%")
+    if r.postcopy is not None:
+        facts.add_row("post-copy", f"requested at {r.postcopy.requested_s} s, destination running at "
+                      f"{r.postcopy.destination_running_s} s, complete at {r.postcopy.completed_s} s, "
+                      f"{r.postcopy.pauses} channel failures, {r.postcopy.recoveries} recoveries")
     facts.add_row("downtime reported by QEMU", _ms(r.downtime_ms.reported))
     facts.add_row("downtime observed (heartbeat gap)", _ms(r.downtime_ms.observed))
     facts.add_row(f"pre-copy stalls >= {r.stalls_ms.threshold_ms:.0f} ms: max / total",
@@ -57,6 +68,9 @@ def summary(r: MigrationReport) -> Group:
                            format_bytes(x.remaining_bytes), f"{x.throttle_pct}%", f"{x.throughput_bps / 1e6:.1f} MB/s")
         parts.append(rounds)
     parts.append(facts)
+    for dec in r.decisions:
+        parts.append(Text(f"  round {dec.round} (+{dec.t_s:.1f} s): {dec.action}"
+                          f"{'' if dec.value is None else f' {dec.value:g}'}: {dec.detail}"))
     for d in i.details:
         parts.append(Text(f"  {d}"))
     if r.error:

@@ -12,6 +12,15 @@ round trip on the switchover path:
   ``migrate-incoming``; on ``completed`` it stops the NBD server, resumes the
   guest (``cont``) and announces it on the network.
 
+Post-copy (``postcopy-ram``): the engine asks the source for
+``migrate-start-postcopy``; the source's ``pre-switchover`` reaction is the
+same (mirrors completed first), and the destination resumes at
+``postcopy-active`` instead of ``completed`` (with ``-S`` it would stay paused),
+then pulls the remaining pages on demand. A broken channel during post-copy
+pauses both sides (``postcopy-paused``); ``migrate-pause``/``migrate-recover``/
+``migrate resume=true`` reconnect them (``pause``, ``recover``, ``resume``).
+SDPS (``testbed.hostd.sdps``) runs inside the source's sampler.
+
 Both report what they did as events (``migration-*``) with CLOCK_MONOTONIC
 timestamps, the clock every process of the lab shares.
 """
@@ -23,9 +32,12 @@ import contextlib
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from testbed.errors import QemuError
+from testbed.hostd.mirror_throttle import MirrorThrottle
+from testbed.hostd.sdps import SdpsLoop, SdpsSettings
 from testbed.hostd.vm import VmProcess
 
 log = logging.getLogger("testbed.hostd.migration")
@@ -54,10 +66,10 @@ class DestinationRole:
         self.timeline: dict[str, float] = {}
         self._reaction: asyncio.Task[None] | None = None
 
-    async def prepare(self, streams: int) -> dict[str, Any]:
+    async def prepare(self, streams: int, postcopy: bool = False) -> dict[str, Any]:
         vm = self.vm
         await vm.execute("migrate-set-capabilities", {"capabilities": caps(
-            events=True, multifd=streams > 1, late_block_activate=True)})
+            events=True, multifd=streams > 1, late_block_activate=True, postcopy_ram=postcopy)})
         if streams > 1:
             await vm.execute("migrate-set-parameters", {"multifd-channels": streams})
         if vm.spec.disks:
@@ -82,17 +94,36 @@ class DestinationRole:
         if status == "completed" and self._reaction is None:
             self.timeline["completed_s"] = ev["monotonic_s"]
             self._reaction = asyncio.create_task(self._resume())
+        elif status == "postcopy-active" and self._reaction is None:
+            # the guest's device state follows; with -S QEMU would leave it paused: resume it ourselves
+            self.timeline["postcopy_s"] = ev["monotonic_s"]
+            self._reaction = asyncio.create_task(self._resume(postcopy=True))
+        elif status == "completed":     # the end of a post-copy: every page is here
+            self.timeline["completed_s"] = ev["monotonic_s"]
+            self.vm.emit("migration-completed", {"role": "destination", "at_s": ev["monotonic_s"]})
+        elif status in ("postcopy-paused", "postcopy-recover"):
+            self.vm.emit("migration-postcopy-" + status.split("-")[1],
+                         {"role": "destination", "at_s": ev["monotonic_s"]})
         elif status == "failed":
             self.timeline["failed_s"] = ev["monotonic_s"]
             self.vm.emit("migration-failed", {"role": "destination", "at_s": ev["monotonic_s"]})
 
-    async def _resume(self) -> None:
+    async def _resume(self, postcopy: bool = False) -> None:
         vm = self.vm
         try:
             if vm.spec.disks:
                 await vm.execute("nbd-server-stop")
             self.timeline["nbd_stopped_s"] = time.monotonic()
+            # In post-copy this may come before the device state is loaded: QEMU then only
+            # records autostart and starts the guest itself once it can run (RESUME).
             await vm.execute("cont")
+            if postcopy:
+                deadline = time.monotonic() + 60
+                while (await vm.execute("query-status"))["status"] != "running":
+                    if time.monotonic() > deadline:
+                        raise QemuError(f"VM {vm.spec.name}: post-copy started but the guest did not "
+                                        "run within 60 s")
+                    await asyncio.sleep(0.002)
             self.timeline["resumed_s"] = time.monotonic()
             self.resumed.set()
             vm.emit("migration-resumed", dict(self.timeline))
@@ -102,13 +133,30 @@ class DestinationRole:
             log.error("VM %s: resuming after migration failed: %s", vm.spec.name, err)
             vm.emit("migration-failed", {"role": "destination", "error": str(err), "at_s": time.monotonic()})
         finally:
-            with contextlib.suppress(ValueError):
-                vm.event_hooks.remove(self._on_event)
+            if not postcopy:   # post-copy still has events to react to (completed, paused)
+                with contextlib.suppress(ValueError):
+                    vm.event_hooks.remove(self._on_event)
+
+    async def recover(self) -> str:
+        """Post-copy recovery, destination side: listen for the source on a new port."""
+        self.migration_port = free_port(self.address)
+        uri = f"tcp:{self.address}:{self.migration_port}"
+        await self.vm.execute("migrate-recover", {"uri": uri})
+        return uri
+
+    async def pause(self) -> None:
+        await self.vm.execute("migrate-pause")
+
+    def detach(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.vm.event_hooks.remove(self._on_event)
 
 
 class SourceRole:
-    def __init__(self, vm: VmProcess) -> None:
+    def __init__(self, vm: VmProcess, run_dir: Path | None = None) -> None:
         self.vm = vm
+        self.run_dir = run_dir or vm.paths.dir.parent
+        self.sdps: SdpsLoop | None = None
         self.jobs: list[str] = []
         self.nbd: tuple[str, int] | None = None
         self.timeline: dict[str, float] = {}
@@ -117,10 +165,17 @@ class SourceRole:
         self._job_done: dict[str, asyncio.Event] = {}
         self._sampler: asyncio.Task[None] | None = None
         self._switch: asyncio.Task[None] | None = None
+        self.throttle: MirrorThrottle | None = None      # background-throttled mirror only
         vm.event_hooks.append(self._on_event)
 
     # --- phase 1: disks ---------------------------------------------------------
-    async def mirror(self, nbd_host: str, nbd_port: int) -> list[str]:
+    async def mirror(self, nbd_host: str, nbd_port: int, mode: str = "write-blocking",
+                     granularity: int | None = None) -> list[str]:
+        """``mode``: write-blocking (guest writes wait for the destination) or background-throttled
+        (guest writes complete locally; ``MirrorThrottle`` caps them while the mirror's backlog grows).
+        ``granularity``: the mirror's dirty-tracking unit (QEMU's default: the image's cluster size,
+        64 KiB for qcow2); write-blocking mirrors synchronously only the granularity-aligned part
+        of a guest write, so smaller writes are copied in the background unless it is 4 KiB."""
         vm = self.vm
         self.nbd = (nbd_host, nbd_port)
         for i, _ in enumerate(vm.spec.disks):
@@ -128,25 +183,38 @@ class SourceRole:
             await vm.execute("blockdev-add", {"driver": "nbd", "node-name": node, "export": f"disk{i}",
                                               "server": {"type": "inet", "host": nbd_host, "port": str(nbd_port)}})
             self._job_done[job] = asyncio.Event()
-            await vm.execute("blockdev-mirror", {"job-id": job, "device": f"disk{i}", "target": node,
-                                                 "sync": "full", "copy-mode": "write-blocking"})
+            await vm.execute("blockdev-mirror", {"job-id": job, "device": f"disk{i}", "target": node, "sync": "full",
+                                                 "copy-mode": "background" if mode == "background-throttled"
+                                                 else "write-blocking",
+                                                 **({"granularity": granularity} if granularity else {})})
             self.jobs.append(job)
+        if mode == "background-throttled" and self.jobs:
+            self.throttle = MirrorThrottle(vm, {f"mirror-disk{i}": f"disk{i}-dev" for i in range(len(self.jobs))})
+            self.throttle.start()
         self.timeline["mirror_started_s"] = time.monotonic()
         return self.jobs
 
     # --- phase 2: memory ---------------------------------------------------------
     async def migrate(self, uri: str, streams: int, auto_converge: bool, max_bandwidth_bps: int | None,
-                      downtime_limit_ms: int, hold_switchover: bool = False, max_throttle_pct: int = 90) -> None:
+                      downtime_limit_ms: int, hold_switchover: bool = False, max_throttle_pct: int = 90,
+                      postcopy: bool = False, sdps: dict[str, Any] | None = None) -> None:
         vm = self.vm
         self.hold_switchover = hold_switchover
+        if sdps is not None:
+            await self.enable_sdps(sdps)
+        # QEMU's throttle as SDPS's fallback needs auto-converge on from the start (a capability)
+        fallback = self.sdps is not None and self.sdps.method == "qemu-throttle"
         await vm.execute("migrate-set-capabilities", {"capabilities": caps(
-            events=True, multifd=streams > 1, auto_converge=auto_converge, pause_before_switchover=True)})
+            events=True, multifd=streams > 1, auto_converge=auto_converge or fallback,
+            pause_before_switchover=True, postcopy_ram=postcopy)})
         # QEMU's default ceiling of 99% sleeps the vCPU ~990 ms per 10 ms slice: a stall users feel.
         params: dict[str, Any] = {"downtime-limit": downtime_limit_ms, "max-cpu-throttle": max_throttle_pct,
                                   # the link, not QEMU's 128 MiB/s default, is the limit unless asked
                                   "max-bandwidth": max_bandwidth_bps or 100 * 1024**3}
         if streams > 1:
             params["multifd-channels"] = streams
+        if fallback and not auto_converge:   # throttle only when SdpsLoop asks for it
+            params.update({"throttle-trigger-threshold": 100, "cpu-throttle-initial": 1})
         await vm.execute("migrate-set-parameters", params)
         self.timeline["migrate_s"] = time.monotonic()
         await vm.execute("migrate", {"uri": uri})
@@ -161,6 +229,13 @@ class SourceRole:
             except QemuError:
                 return
             ram = info.get("ram", {})
+            if self.sdps is not None:
+                try:
+                    decision = await self.sdps.on_sample(info, t)
+                except QemuError:
+                    return
+                if decision is not None:
+                    self.vm.emit("migration-sdps", decision)
             self.vm.emit("migration-progress", {
                 "t_s": t, "status": info.get("status"),
                 "transferred_bytes": ram.get("transferred", 0), "remaining_bytes": ram.get("remaining", 0),
@@ -171,9 +246,13 @@ class SourceRole:
                 "total_time_ms": info.get("total-time"), "setup_time_ms": info.get("setup-time"),
                 "multifd_bytes": ram.get("multifd-bytes", 0), "precopy_bytes": ram.get("precopy-bytes", 0),
                 "downtime_bytes": ram.get("downtime-bytes", 0),
+                "stun_pct": round(self.sdps.stun * 100, 1) if self.sdps else 0.0,
+                "postcopy_requests": ram.get("postcopy-requests", 0),
             })
             if info.get("status") in ("completed", "failed", "cancelled"):
                 return
+            if self.sdps is not None and info.get("status") not in ("active", "setup"):
+                self.sdps.release()       # the source guest no longer runs here (paused or post-copy)
             await asyncio.sleep(max(0.0, SAMPLE_PERIOD_S - (time.monotonic() - t)))
 
     # --- phase 3: switchover ---------------------------------------------------------
@@ -191,10 +270,14 @@ class SourceRole:
 
     async def _switchover(self) -> None:
         vm = self.vm
+        if self.sdps is not None:
+            self.sdps.release()
         try:
             if self.hold_switchover:   # fault injection and experiments: wait for the engine's word
                 vm.emit("migration-switchover-held", dict(self.timeline))
                 await self._continue.wait()
+            if self.throttle is not None:   # the guest is paused: the mirror drains what is left
+                await self.throttle.stop()
             for job in self.jobs:
                 await vm.execute("block-job-cancel", {"device": job})
             for job in self.jobs:
@@ -213,6 +296,32 @@ class SourceRole:
     def release_switchover(self) -> None:
         self._continue.set()
 
+    # --- convergence control (the engine's per-round decisions) ------------------------------
+    async def enable_sdps(self, settings: dict[str, Any]) -> str:
+        """Stun During Page Send for this migration (before ``migrate``: its fallback needs a capability)."""
+        if self.sdps is None:
+            self.sdps = SdpsLoop(self.vm, SdpsSettings(**settings), self.run_dir)
+            await self.sdps.start()
+        return self.sdps.method
+
+    async def tune(self, downtime_limit_ms: int | None = None) -> None:
+        if downtime_limit_ms is not None:
+            await self.vm.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms})
+
+    async def start_postcopy(self) -> None:
+        self.timeline["postcopy_requested_s"] = time.monotonic()
+        await self.vm.execute("migrate-start-postcopy")
+
+    async def pause(self) -> None:
+        """Post-copy with a dead channel: stop waiting on it (QEMU goes to postcopy-paused)."""
+        await self.vm.execute("migrate-pause")
+
+    async def resume(self, uri: str) -> None:
+        """Post-copy recovery, source side: reconnect to the destination's ``migrate-recover`` listener."""
+        await self.vm.execute("migrate", {"uri": uri, "resume": True})
+        if self._sampler is None or self._sampler.done():
+            self._sampler = asyncio.create_task(self._sample())
+
     # --- rollback ------------------------------------------------------------------------
     async def cancel(self) -> dict[str, Any]:
         """Undo everything on the source: the VM keeps (or goes back to) running here."""
@@ -220,6 +329,12 @@ class SourceRole:
         done: list[str] = []
         if self._sampler:
             self._sampler.cancel()
+        if self.throttle is not None:
+            await self.throttle.stop()
+            done.append("guest disk write throttle lifted")
+        if self.sdps is not None:
+            self.sdps.release()
+            done.append("SDPS stun released")
         if self.nbd is not None:
             # A destination that died or a cut link leaves the NBD connection hanging, and QEMU's
             # main loop would block in the drain of blockdev-del until TCP gives up (minutes).
@@ -253,8 +368,22 @@ class SourceRole:
     def detach(self) -> None:
         if self._sampler:
             self._sampler.cancel()
+        if self.sdps is not None:
+            self.sdps.release()
         with contextlib.suppress(ValueError):
             self.vm.event_hooks.remove(self._on_event)
+
+
+async def reachable(host: str, timeout_s: float = 1.0) -> bool:
+    """Is ``host`` reachable over TCP from here? (a refused connection to the discard port counts: it answered)"""
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_connection(host, 9), timeout_s)
+        w.close()
+        return True
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False
 
 
 async def _kill_tcp(host: str, port: int) -> bool:

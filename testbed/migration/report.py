@@ -35,6 +35,20 @@ class Round(BaseModel):
     remaining_bytes: int           # RAM bytes still dirty at the round's start
     throttle_pct: int              # auto-converge CPU throttle in force
     throughput_bps: float          # RAM bytes/s sent during the round
+    stun_pct: float = 0.0          # SDPS: share of each slice the vCPUs were stunned at the round's end
+    downtime_limit_ms: int | None = None   # the downtime limit in force during the round
+    decisions: list[str] = Field(default_factory=list)   # what the controller did at the round's end
+
+
+class Decision(BaseModel):
+    """One action of the convergence controller (or of SDPS in the source host agent)."""
+
+    round: int                     # the round at whose end it was taken (0: at the start)
+    t_s: float                     # seconds since the migration started
+    action: str                    # throttle | stun | downtime-limit | sdps | postcopy | postcopy-pause |
+    #                                postcopy-recover | abort
+    value: float | None = None     # throttle/stun %, downtime limit ms
+    detail: str = ""
 
 
 class Downtime(BaseModel):
@@ -46,6 +60,15 @@ class Stalls(BaseModel):
     max: float | None = None       # longest heartbeat gap during pre-copy (ms)
     total: float | None = None     # sum of pre-copy gaps above the threshold (ms)
     threshold_ms: float = 20.0
+    after_resume_max: float | None = None   # longest gap after the resume (post-copy page faults), ms
+
+
+class Postcopy(BaseModel):
+    requested_s: float | None = None      # migrate-start-postcopy sent
+    destination_running_s: float | None = None
+    completed_s: float | None = None      # every page on the destination
+    pauses: int = 0                       # channel failures during post-copy (postcopy-paused)
+    recoveries: int = 0                   # ... reconnected with migrate-recover / resume
 
 
 class Bytes(BaseModel):
@@ -94,3 +117,7 @@ class MigrationReport(BaseModel):
     rollback: list[str] = Field(default_factory=list)
     switchover: Switchover = Field(default_factory=Switchover)
     started_at: str                # wall-clock ISO time
+    allow_postcopy: bool = False
+    completion_timeout_s: float | None = None
+    decisions: list[Decision] = Field(default_factory=list)
+    postcopy: Postcopy | None = None      # set when the move switched to post-copy
