@@ -55,3 +55,32 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s)?\s*$", re.IGNORECASE)
+_DUR_SCALE = {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000}
+
+
+def parse_duration_us(text: str | int | float, *, what: str = "duration") -> int:
+    """Parse a duration into microseconds: ``100ms``, ``250us``, ``0.5s``; a bare number is milliseconds."""
+    if isinstance(text, int | float):
+        return int(round(text * 1000))
+    m = _DURATION.match(text)
+    if not m:
+        raise InputError(f"{what}: cannot read {text!r} as a duration",
+                         hint="write it like 100ms, 250us or 0.5s (a bare number is milliseconds)")
+    return int(round(float(m.group(1)) * _DUR_SCALE[(m.group(2) or "ms").lower()]))
+
+
+def parse_ppm(text: str | int | float, *, what: str = "loss") -> int:
+    """Parse a probability into parts per million: ``0.1%`` = 1000 ppm; a bare number is percent."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$", text)
+        if not m:
+            raise InputError(f"{what}: cannot read {text!r} as a percentage", hint="write it like 0.1% or 1%")
+        value = float(m.group(1))
+    if not 0 <= value <= 100:
+        raise InputError(f"{what}: {text!r} is not between 0% and 100%")
+    return int(round(value * 10_000))

@@ -34,6 +34,12 @@ class LabState(BaseModel):
     system_paths: list[str] = Field(default_factory=list)  # made outside the lab dir
     link_bandwidth_bps: int | None = None
     link_up: bool = True
+    link_delay_us: int = 0            # one-way, each direction
+    link_jitter_us: int = 0
+    link_loss_ppm: int = 0
+    link_mechanism: str = "bridge"    # netem | delay-line | bridge (see testbed.net.wan)
+    link_generation: int = 0          # settings generation the delay line last confirmed
+    tcp_buffers: str | None = None    # lab-wide override of every host's tcp_buffers (None: the topology's)
     accel: str = "tcg"
     accel_reason: str = ""
     created_s: float = 0.0

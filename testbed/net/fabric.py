@@ -12,11 +12,13 @@ link's bandwidth cap in that direction. Port groups are stretched across sites
 at L2 by VXLAN (``vx<i>``, VNI 1000+i, between the sites' transit addresses), so
 VM traffic between sites crosses the same shaped link as everything else.
 Host ``h`` plugs in at ports ``p<h>m``, ``p<h>v``, ``p<h>u<i>``; the vCenter at
-``vc0``; the observer at ``obs0``.
+``vc0``; the observer at ``obs<i>`` (one leg per port group, site 0).
 
 Inside a host namespace: ``vmk0`` (management), ``vmk1`` (vMotion), bridges
 ``pg<i>`` with uplinks ``up<i>``, VM taps ``t<n>-<vm>`` as their ports.
-Inside ``L-wan``: bridge ``br-wan`` with one port ``s-<site>`` per site.
+Inside ``L-wan``: bridge ``br-wan`` with one port ``s-<site>`` per site; on a kernel
+without netem, while the link has delay, jitter or loss, the delay line ``tb-wan``
+takes the two ports off the bridge and forwards between them (``net.wan``).
 
 This kernel has no 802.1Q VLANs (neither VLAN devices nor bridge VLAN
 filtering), so port groups are separate bridges rather than VLAN ids.
@@ -25,9 +27,11 @@ filtering), so port groups are separate bridges rather than VLAN ids.
 from __future__ import annotations
 
 from testbed.lab import topology as topo
+from testbed.net import wan
 from testbed.net.cmd import ip_batch, run
 
 VXLAN_PORT = 4789
+OBSERVER_MAC = "02:00:c6:13:00:02"     # locally administered; 198.19.0.2
 VXLAN_OVERHEAD = 50
 
 
@@ -61,8 +65,8 @@ def link_commands(t: topo.Topology, wan_ns: str | None) -> list[str]:
             cmds += [veth(hns, "vmk0", sns, f"p{hi}m"), veth(hns, "vmk1", sns, f"p{hi}v", mtu)]
             cmds += [veth(hns, f"up{i}", sns, f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))]
         cmds.append(veth(ns_name(lab, site.vcenter.name), "eth0", sns, "vc0"))
-        if si == 0:
-            cmds.append(veth(ns_name(lab, "obs"), "eth0", sns, "obs0", mtu))
+        if si == 0:   # the observer has a leg on every port group (a monitoring network reaching all zones)
+            cmds += [veth(ns_name(lab, "obs"), f"eth{i}", sns, f"obs{i}", mtu) for i in range(len(t.port_groups))]
         if wan_ns is not None:
             cmds.append(veth(sns, "wan0", wan_ns, f"s-{site.name}"[:15], wan_mtu(t)))
     return cmds
@@ -86,7 +90,7 @@ def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
         _configure_host(t, si, hi, host.name)
     cmds += ["link set vc0 master br-mgmt", "link set vc0 up"]
     if si == 0:
-        cmds += [f"link set obs0 master {pg_bridge(0)}", "link set obs0 up"]
+        cmds += [c for i in range(npg) for c in (f"link set obs{i} master {pg_bridge(i)}", f"link set obs{i} up")]
     if with_wan:
         cmds += [f"addr add {r['transit']} dev wan0", "link set wan0 up"]
         local = r["transit"].split("/")[0]
@@ -109,8 +113,17 @@ def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
     ip_batch(["link set lo up", f"addr add {topo.vcenter_address(si)} dev eth0", "link set eth0 up",
               f"route add default via {r['mgmt'].split('/')[0]}"], netns=vns)
     if si == 0:
-        ip_batch(["link set lo up", f"addr add {topo.OBSERVER_IP}/{topo.VM_NETWORK.prefixlen} dev eth0",
-                  "link set eth0 up"], netns=ns_name(lab, "obs"))
+        # The observer's address lives on eth0 (the first port group); the other legs answer ARP for it
+        # (arp_ignore 0) and take heartbeats in (no reverse-path filter), so a VM in any port group is
+        # observed, while pings from the observer leave by one leg only: that port group's reachability.
+        # All legs share one MAC: a guest that moves to another port group keeps its ARP entry for the
+        # observer, and its heartbeats are taken in by the leg of its new segment at once.
+        ons = ns_name(lab, "obs")
+        ip_batch(["link set lo up", f"addr add {topo.OBSERVER_IP}/{topo.VM_NETWORK.prefixlen} dev eth0"]
+                 + [c for i in range(npg) for c in (f"link set eth{i} address {OBSERVER_MAC}",
+                                                     f"link set eth{i} up")], netns=ons)
+        sysctl(ons, "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+               *(f"net.ipv4.conf.eth{i}.rp_filter=0" for i in range(npg)))
 
 
 def _configure_host(t: topo.Topology, si: int, hi: int, host: str) -> None:
@@ -129,7 +142,7 @@ def _configure_host(t: topo.Topology, si: int, hi: int, host: str) -> None:
 def configure_wan(t: topo.Topology, wan_ns: str) -> None:
     cmds = ["link set lo up", "link add br-wan type bridge", "link set br-wan up"]
     for site in t.sites:
-        port = f"s-{site.name}"[:15]
+        port = wan.leg(site.name)
         cmds += [f"link set {port} master br-wan", f"link set {port} up"]
     ip_batch(cmds, netns=wan_ns)
 
@@ -152,6 +165,11 @@ def shape_link(t: topo.Topology, bandwidth_bps: int | None) -> None:
 
 
 def set_link_state(t: topo.Topology, up: bool) -> None:
-    """Cut (``up=False``) or restore the site-to-site link: each site's WAN leg goes down or up."""
-    for site in t.sites:
-        run(["ip", "-n", ns_name(t.name, site.name), "link", "set", "wan0", "up" if up else "down"])
+    """Cut (``up=False``) or restore the site-to-site link: the WAN's leg to each site goes down or up.
+
+    The cut is inside the WAN namespace, like a fibre cut: each site's ``wan0`` only loses its
+    carrier, so its routes to the other sites stay (taking ``wan0`` itself down would delete
+    them, and a restore would leave the sites unreachable); traffic is dropped silently.
+    """
+    ip_batch([f"link set {wan.leg(site.name)} {'up' if up else 'down'}" for site in t.sites],
+             netns=ns_name(t.name, "wan"))
