@@ -7,7 +7,7 @@ IMAGE := images/guest/build/manifest.json
 IMAGE_INPUTS := images/guest/build.sh images/guest/init $(wildcard images/guest/agent/*)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system venv image demo test test-slow bench lint clean
+.PHONY: all setup system venv image demo test test-slow scenarios experiments bench-convergence bench-wan lint clean
 
 all: setup image
 
@@ -42,9 +42,27 @@ test: setup image
 test-slow: setup image
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
 
+## every shipped scenario, its report in reports/NAME/ (report.html, report.json)
+scenarios: setup image
+	@set -e; for f in scenarios/*.yaml; do n=$$(basename $$f .yaml); \
+	  $(VENV)/bin/testbed scenario run $$f --report reports/$$n; done
+
+## the long-distance experiments (docs/long-distance.md): tables, JSON and SVG charts
+experiments: setup image
+	for e in downtime-vs-rtt streams disk-mirror; do $(VENV)/bin/testbed experiment $$e \
+	  --json docs/long-distance/$$e.json --chart docs/long-distance/$$e.svg; done
+
+## the convergence controllers side by side (about 20 min; table in docs/benchmarks.md)
+bench-convergence: setup image
+	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 2 --allow-postcopy --json convergence.json
+
+## the delay line's own benchmark (RTT accuracy, throughput)
+bench-wan: setup
+	$(VENV)/bin/python benchmarks/wan_delayline.py
+
 lint: venv
 	$(VENV)/bin/ruff check testbed tests
 	$(VENV)/bin/mypy testbed
 
 clean:
-	rm -rf images/guest/build $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf images/guest/build $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

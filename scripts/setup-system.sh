@@ -12,7 +12,7 @@ STAMP="$STAMP_DIR/system-setup.v1"
 
 PKGS_MAIN=(busybox-static cpio iproute2 iputils-ping openssh-server openssh-client
            python3-venv python3-dev gcc make libc6-dev pkg-config xz-utils kmod
-           bridge-utils ca-certificates)
+           bridge-utils ca-certificates openssl)
 PKGS_BPO=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu
           libvirt-clients libvirt-dev)
 

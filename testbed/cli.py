@@ -1,11 +1,18 @@
 """``testbed``: the command line. ``asyncio.run`` happens here and only here.
 
     testbed lab up [--topology FILE] | lab down | lab status [--json] [--check]
-    testbed vm create NAME --host H --memory 512M --disk 1G [--workload SPEC] ...
+    testbed vm create NAME --host H --memory 512M --disk 1G [--workload SPEC] ...   (through the vCenters)
     testbed vm start|stop|delete NAME | vm list [--json] | vm console-log NAME
     testbed vm heartbeat NAME [--json]
-    testbed migrate VM --to-host H [--to-datastore DS] [--streams N] [--converge auto|off] ...
-    testbed link set --bandwidth RATE | link show | link cut | link restore
+    testbed relocate VM --dest-vcenter URL --dest-user U --dest-password P --dest-thumbprint T --dest-host H ...
+    testbed vcenter list|show|start|stop|restart|reconcile|add-host|remove-host|host-license|trust ...
+    testbed task list | task show ID | task watch ID
+    testbed migrate VM --to-host H [--to-datastore DS] [--streams N]   (relocate, within or across vCenters)
+        [--converge auto-converge|sdps|postcopy|adaptive|off] [--allow-postcopy] [--completion-timeout S] ...
+    testbed link set [--rtt 100ms] [--jitter 1ms] [--loss 0.1%] [--bandwidth 1Gbit] [--tcp-buffers auto|kernel|SIZE]
+    testbed link show [--json] | link cut | link restore
+    testbed experiment downtime-vs-rtt|streams|disk-mirror [--json FILE] [--chart FILE] [--rtts 0,50]
+    testbed scenario list | scenario validate FILE | scenario run FILE [--report DIR] [--repeat N]
     testbed demo
 """
 
@@ -15,14 +22,14 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from testbed import __version__
-from testbed.errors import TestbedError
+from testbed.errors import InputError, TestbedError
 from testbed.paths import default_lab_name
 from testbed.units import format_bytes, parse_rate_bytes, parse_size
 
@@ -31,8 +38,8 @@ err = Console(stderr=True)
 
 
 def _lab_up(a: argparse.Namespace) -> int:
-    from testbed import labctl
     from testbed.lab.topology import default_topology, load_topology
+    from testbed.vcenter import deploy
     t = load_topology(a.topology) if a.topology else default_topology(a.lab)
     if a.topology and a.lab_given and t.name != a.lab:
         t = t.model_copy(update={"name": a.lab})
@@ -40,11 +47,14 @@ def _lab_up(a: argparse.Namespace) -> int:
         t = t.model_copy(update={"link": t.link.model_copy(
             update={"bandwidth_bps": parse_rate_bytes(a.link_bandwidth, what="--link-bandwidth")})})
     with out.status(f"building lab {t.name} ..."):
-        times = asyncio.run(labctl.up(t))
+        times = asyncio.run(deploy.up(t))
     n_hosts = len(t.hosts())
     out.print(f"lab [bold]{t.name}[/] is up: {len(t.sites)} sites, {n_hosts} hosts "
               f"in {times['total_s']:.1f} s (network {times['network_s']:.1f} s, "
-              f"host agents {times['agents_s']:.1f} s)")
+              f"vCenters {times['vcenters_s']:.1f} s, hosts added {times['add_hosts_s']:.1f} s)")
+    for v in deploy.status(t.name):
+        out.print(f"  {v['name']}: {v['url']} ({v['address']}), SSO domain {v['sso_domain']}, "
+                  f"thumbprint {v['thumbprint']}", highlight=False)
     return 0
 
 
@@ -68,64 +78,50 @@ def _lab_status(a: argparse.Namespace) -> int:
     for h in st["hosts"]:
         table.add_row(h["name"], h["site"], h["vcenter"], h["mgmt_address"], h["vmotion_address"], h["state"])
     out.print(table)
+    from testbed.vcenter import deploy
+    vcs = Table("vCenter", "URL", "SSO domain", "service", "thumbprint")
+    for v in deploy.status(a.lab):
+        vcs.add_row(v["name"], f"{v['url']} ({v['address']})", v["sso_domain"],
+                    f"running (pid {v['pid']})" if v["running"] else "[red]down[/]", v["thumbprint"])
+    out.print(vcs)
     bw = st["link"]["bandwidth_bps"]
-    out.print(f"site link: {'uncapped' if bw is None else format_bytes(bw) + '/s'}, MTU {st['link']['mtu']}; "
+    lk = st["link"]
+    out.print(f"site link: {'uncapped' if bw is None else format_bytes(bw) + '/s'}, MTU {lk['mtu']}, "
+              f"RTT +{lk.get('rtt_ms', 0):g} ms, loss {lk.get('loss_pct', 0):g}% ({lk.get('mechanism', 'bridge')}), "
+              f"host TCP buffers {lk.get('tcp_buffers', {}).get('setting', 'kernel')}; "
               f"VM network {st['vm_network']['cidr']}, observer {st['vm_network']['observer']}")
     return 0
 
 
 def _vm_create(a: argparse.Namespace) -> int:
-    from testbed.vms import VmManager
-    m = VmManager(a.lab)
-    rec = asyncio.run(m.create(
-        a.name, a.host, parse_size(a.memory, what="--memory"),
-        parse_size(a.disk, what="--disk") if a.disk else None,
-        workload=a.workload, datastore=a.datastore, port_group=a.port_group, kernel=a.kernel,
-        initrd=a.initrd, append=a.append, image=a.image, vcpus=a.vcpus, start=not a.no_start))
-    out.print(f"VM [bold]{rec.name}[/] created on {rec.host} ({rec.ip}, workload {rec.workload})"
-              + ("" if a.no_start else ", powered on"))
-    return 0
+    from testbed.cli_vcenter import vm_create
+    return vm_create(a)
 
 
 def _vm_simple(action: str) -> Callable[[argparse.Namespace], int]:
-    def run(a: argparse.Namespace) -> int:
-        from testbed.vms import VmManager
-        m = VmManager(a.lab)
-        fn: Callable[[str], Coroutine[Any, Any, Any]] = getattr(m, action)
-        asyncio.run(fn(a.name))
-        out.print(f"VM [bold]{a.name}[/]: {action} done")
-        return 0
-    return run
+    from testbed.cli_vcenter import vm_action
+    fn: Callable[[argparse.Namespace], int] = vm_action(action)
+    return fn
 
 
 def _vm_list(a: argparse.Namespace) -> int:
-    from testbed.vms import VmManager
-    rows = asyncio.run(VmManager(a.lab).list())
-    if a.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    table = Table("VM", "host", "site", "power", "address", "memory", "disk", "workload", "heartbeat")
-    for r in rows:
-        age = r["heartbeat_age_s"]
-        hb = "never" if age is None else (f"live ({age * 1000:.0f} ms ago)" if age < 1 else f"{age:.1f} s ago")
-        table.add_row(r["name"], r["host"], r["site"], r["power"], r["ip"] or "-", format_bytes(r["memory_bytes"]),
-                      ", ".join(format_bytes(d["size_bytes"]) for d in r["disks"]) or "-", r["workload"], hb)
-    out.print(table)
-    return 0
+    from testbed.cli_vcenter import vm_list
+    return vm_list(a)
 
 
 def _vm_console(a: argparse.Namespace) -> int:
-    from testbed.vms import VmManager
-    sys.stdout.write(asyncio.run(VmManager(a.lab).console_log(a.name)))
-    return 0
+    from testbed.cli_vcenter import vm_console
+    return vm_console(a)
 
 
 def _vm_heartbeat(a: argparse.Namespace) -> int:
     import time
 
-    from testbed.vms import VmManager
+    from testbed import labctl
+    from testbed.lab import observer as obs
     since = time.monotonic() - a.last if a.last else None
-    st = asyncio.run(VmManager(a.lab).heartbeat_stats(a.name, since_s=since))
+    st = asyncio.run(obs.query(labctl.observer_socket(a.lab), {"op": "stats", "vm": a.name, "since_s": since,
+                                                               "gap_threshold_ms": 20}))
     if a.json:
         print(json.dumps(st, indent=1))
         return 0
@@ -141,43 +137,52 @@ def _vm_heartbeat(a: argparse.Namespace) -> int:
 
 
 def _migrate(a: argparse.Namespace) -> int:
-    from rich.live import Live
-
-    from testbed.migration.engine import Progress
-    from testbed.ui import progress_line, summary
-    from testbed.vms import VmManager
-    m = VmManager(a.lab)
-    bandwidth = parse_rate_bytes(a.bandwidth, what="--bandwidth") if a.bandwidth else None
-
-    async def go() -> Any:
-        with Live(console=out, transient=True, refresh_per_second=8) as live:
-            def show(p: Progress) -> None:
-                live.update(progress_line(a.vm, p))
-            return await m.migrate(a.vm, a.to_host, to_datastore=a.to_datastore, streams=a.streams,
-                                   converge=a.converge, bandwidth_bps=bandwidth,
-                                   downtime_limit_ms=a.downtime_limit, on_progress=show)
-
-    report = asyncio.run(go())
-    out.print(summary(report))
-    if a.json:
-        from pathlib import Path
-        Path(a.json).write_text(report.model_dump_json(indent=1) + "\n")
-        out.print(f"report written to {a.json}")
-    return 0 if report.result == "succeeded" else 1
+    from testbed.cli_vcenter import migrate
+    return migrate(a)
 
 
 def _link_set(a: argparse.Namespace) -> int:
     from testbed import labctl
-    if not a.bandwidth:
-        return _link_print(labctl.set_link(a.lab))
-    bw = None if a.bandwidth == "off" else parse_rate_bytes(a.bandwidth, what="--bandwidth")
-    return _link_print(labctl.set_link(a.lab, change_bandwidth=True, bandwidth_bps=bw))
+    from testbed.units import parse_duration_us, parse_ppm
+    if a.rtt and a.delay:
+        raise InputError("give --rtt or --delay (one-way), not both")
+    kw: dict[str, Any] = {}
+    if a.bandwidth:
+        kw.update(change_bandwidth=True,
+                  bandwidth_bps=None if a.bandwidth == "off" else parse_rate_bytes(a.bandwidth, what="--bandwidth"))
+    if a.rtt:
+        kw["delay_us"] = parse_duration_us(a.rtt, what="--rtt") // 2
+    if a.delay:
+        kw["delay_us"] = parse_duration_us(a.delay, what="--delay")
+    if a.jitter:
+        kw["jitter_us"] = parse_duration_us(a.jitter, what="--jitter")
+    if a.loss:
+        kw["loss_ppm"] = parse_ppm(a.loss, what="--loss")
+    if a.tcp_buffers:
+        if a.tcp_buffers not in ("auto", "kernel", "topology"):
+            parse_size(a.tcp_buffers, what="--tcp-buffers")
+        kw["tcp_buffers"] = a.tcp_buffers
+    return _link_print(labctl.set_link(a.lab, **kw))
 
 
-def _link_print(link: dict[str, Any]) -> int:
+def _link_print(link: dict[str, Any], as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps(link, indent=1))
+        return 0
     bw = link["bandwidth_bps"]
-    out.print(f"site-to-site link: {'up' if link['up'] else 'CUT'}, "
-              f"{'uncapped' if bw is None else format_bytes(bw) + '/s'}, MTU {link['mtu']} ({link['shaping']})")
+    jitter = f" +-{link['jitter_us'] / 1000:g} ms" if link["jitter_us"] else ""
+    out.print(f"site-to-site link: {'up' if link['up'] else 'CUT'}, RTT {link['rtt_ms']:g} ms{jitter}, "
+              f"loss {link['loss_pct']:g}%, {'uncapped' if bw is None else format_bytes(bw) + '/s'}, "
+              f"MTU {link['mtu']}")
+    out.print(f"mechanism: [bold]{link['mechanism']}[/]: {link['shaping']}")
+    tcp = link["tcp_buffers"]
+    ceilings = ", ".join(f"{h} {'kernel' if c is None else format_bytes(c)}" for h, c in tcp["ceiling_bytes"].items())
+    out.print(f"host TCP buffers ({tcp['setting']}): {ceilings}")
+    for d, st in (link.get("delay_line") or {}).items():
+        if isinstance(st, dict):
+            out.print(f"delay line {d}: {st['out']} frames ({format_bytes(st['bytes_out'])}) forwarded, "
+                      f"{st['lost']} lost (loss setting), {st['overflow']} dropped (queue full), "
+                      f"{st['queued_bytes']} bytes queued")
     return 0
 
 
@@ -190,7 +195,44 @@ def _link_updown(up: bool) -> Callable[[argparse.Namespace], int]:
 
 def _link_show(a: argparse.Namespace) -> int:
     from testbed import labctl
-    return _link_print(labctl.set_link(a.lab))
+    return _link_print(labctl.set_link(a.lab, counters=True), as_json=a.json)
+
+
+def _experiment(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from testbed.experiments import registry
+    from testbed.experiments.chart import svg
+    experiments = registry()
+    if a.name not in experiments:
+        raise InputError(f"no experiment named {a.name!r}",
+                         hint="experiments: " + "; ".join(f"{k} ({d})" for k, (_, d) in experiments.items()))
+    fn, _ = experiments[a.name]
+    kw: dict[str, Any] = {}
+    if a.rtts:
+        kw["rtts"] = [float(x) for x in a.rtts.split(",")]
+    if a.streams:
+        kw["streams_list"] = [int(x) for x in a.streams.split(",")]
+    if a.bandwidth:
+        kw["bandwidth_bps"] = parse_rate_bytes(a.bandwidth, what="--bandwidth")
+    outcome = asyncio.run(fn(lambda msg: err.print(f"[dim]{msg}[/]", highlight=False), **kw))
+    table = Table(*(h for _, h in outcome.columns), title=outcome.title)
+    for row in outcome.rows:
+        table.add_row(*("-" if row.get(k) is None else str(row.get(k)) for k, _ in outcome.columns))
+    out.print(table)
+    ctx = outcome.context
+    out.print(f"{ctx.get('date')}, {ctx.get('cpus')} x {ctx.get('cpu')}, kernel {ctx.get('kernel')}, "
+              f"{ctx.get('qemu')}; load {ctx.get('load_at_start')} -> {ctx.get('load_at_end')}")
+    for note in outcome.notes:
+        out.print(note)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"name": outcome.name, "context": ctx, "rows": outcome.rows,
+                                            "notes": outcome.notes}, indent=1) + "\n")
+        out.print(f"results written to {a.json}")
+    if a.chart:
+        Path(a.chart).write_text(svg(outcome.panels, f"{outcome.title}: {ctx.get('date')}"))
+        out.print(f"chart written to {a.chart}")
+    return 0 if all(r.get("result") in (None, "succeeded") for r in outcome.rows) else 1
 
 
 def _demo(a: argparse.Namespace) -> int:
@@ -232,13 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--append", help="kernel command line for --kernel (added to the built-in guest's)")
     s.add_argument("--image", help="your own bootable qcow2 image, copied to the datastore as the VM's disk")
     s.add_argument("--no-start", action="store_true", help="create without powering on")
+    s.add_argument("--vcenter", help="the vCenter to create it in (default: the host's)")
+    s.add_argument("--encrypted", action="store_true", help="LUKS-encrypt the VM's disk")
     s.set_defaults(fn=_vm_create)
     for action, helptext in (("start", "power on"), ("stop", "power off"), ("delete", "stop and delete with disks")):
         s = vm.add_parser(action, help=helptext)
         s.add_argument("name")
         s.set_defaults(fn=_vm_simple(action))
-    s = vm.add_parser("list", help="VMs, where they run, their heartbeat")
+    s = vm.add_parser("list", help="VMs of the lab's vCenters, where they run, their heartbeat")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--vcenter", help="only this vCenter's VMs")
     s.set_defaults(fn=_vm_list)
     s = vm.add_parser("console-log", help="the VM's whole serial console so far")
     s.add_argument("name")
@@ -254,8 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to-host", required=True)
     s.add_argument("--to-datastore", help="datastore on the destination (default: its first)")
     s.add_argument("--streams", type=int, default=1, help="multifd channels (XvMotion Streams), 1-16")
-    s.add_argument("--converge", choices=("auto", "off"), default="auto",
-                   help="auto: throttle the guest when it dirties faster than the link sends (auto-converge)")
+    s.add_argument("--converge", choices=("auto-converge", "auto", "sdps", "postcopy", "adaptive", "off"),
+                   default="adaptive",
+                   help="how pre-copy is made to end: auto-converge (alias auto: QEMU's throttle), sdps (stun the "
+                        "vCPUs in ms slices from the source host agent), postcopy (switch once pre-copy stalls), "
+                        "adaptive (default: SDPS, downtime steps, then post-copy if allowed), off "
+                        "(see docs/migration.md)")
+    s.add_argument("--allow-postcopy", action=argparse.BooleanOptionalAction, default=False,
+                   help="adaptive: allow post-copy as the last resort (default: no)")
+    s.add_argument("--completion-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort (or fall back to post-copy) after this long in pre-copy (default: 240 s per GiB "
+                        "of RAM, at least 60 s)")
     s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
     s.add_argument("--downtime-limit", type=int, default=100,
                    help="QEMU's downtime limit in ms (default 100; QEMU's own default is 300)")
@@ -265,13 +319,36 @@ def build_parser() -> argparse.ArgumentParser:
     link = sub.add_parser("link", help="the site-to-site link").add_subparsers(dest="sub", required=True)
     s = link.add_parser("set", help="change the link while the lab runs")
     s.add_argument("--bandwidth", help="cap, e.g. 100MiB/s or 1Gbit; 'off' to uncap")
+    s.add_argument("--rtt", help="round-trip delay added by the link, e.g. 100ms (half each way)")
+    s.add_argument("--delay", help="one-way delay, each direction, e.g. 50ms")
+    s.add_argument("--jitter", help="+- this much on each direction's delay, e.g. 1ms (never reorders)")
+    s.add_argument("--loss", help="random loss per direction, e.g. 0.1%%")
+    s.add_argument("--tcp-buffers", help="every host's TCP buffer ceiling: auto (2x bandwidth-delay product), "
+                                         "kernel, a size such as 64M, or 'topology' (each host's own setting)")
     s.set_defaults(fn=_link_set)
-    link.add_parser("show", help="the link's settings").set_defaults(fn=_link_show)
+    s = link.add_parser("show", help="the link's settings, mechanism and delay-line counters")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_link_show)
     link.add_parser("cut", help="partition the sites").set_defaults(fn=_link_updown(False))
     link.add_parser("restore", help="undo a cut").set_defaults(fn=_link_updown(True))
 
+    from testbed.cli_scenarios import register as register_scenarios
+    from testbed.cli_vcenter import register
+    register(sub)
+    register_scenarios(sub)
+
     s = sub.add_parser("demo", help="bring a lab up, run the demo, tear it down")
     s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("experiment", help="run an experiment on a private lab: table plus chart "
+                                          "(downtime-vs-rtt, streams, disk-mirror)")
+    s.add_argument("name", help="downtime-vs-rtt | streams | disk-mirror")
+    s.add_argument("--json", help="write the rows and the machine context to this file")
+    s.add_argument("--chart", help="write an SVG chart to this file")
+    s.add_argument("--rtts", help="RTTs in ms, comma-separated (default: the experiment's)")
+    s.add_argument("--streams", help="multifd channel counts, comma-separated (streams experiment)")
+    s.add_argument("--bandwidth", help="the link's bandwidth cap (default 1Gbit)")
+    s.set_defaults(fn=_experiment)
     return p
 
 

@@ -1,60 +1,97 @@
 """``testbed demo``: the whole XvMotion story on the embedded lab, then everything torn down.
 
-A VM with a busy workload (memory and disk) runs on a host of site A (vCenter
-vc-a); it moves, live, with its local disk, to a host of site B (vCenter vc-b)
-over a site link capped at 100 MiB/s, and the summary shows the phases, the
-bytes, the rounds, the downtime QEMU reports and the one the VM's users felt,
-and the integrity checks.
+Two vCenters, each with its own SSO domain and hosts, come up; a VM with a busy
+workload (memory and disk) is created through vc-a's API on a host of site A;
+vc-a relocates it, live, with its local disk, to a host of site B managed by
+vc-b over a site link capped at 100 MiB/s: trust with vc-b's pinned
+certificate thumbprint, the named prechecks on both sides, admission at vc-b,
+the three XvMotion phases, and the commit in both inventories. The summary
+shows the phases, the bytes, the rounds, the downtime QEMU reports and the
+one the VM's users felt, and the integrity checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from rich.console import Console
 from rich.live import Live
 
 from testbed import labctl
+from testbed.cli_vcenter import print_prechecks, progress_text
+from testbed.lab import builder
+from testbed.lab import observer as obs
 from testbed.lab.topology import LinkSpec, default_topology
-from testbed.migration.engine import Progress
-from testbed.ui import progress_line, summary
-from testbed.vms import VmManager
+from testbed.migration.report import MigrationReport
+from testbed.ui import summary
+from testbed.vcenter import certs, deploy
 
 MiB = 1024**2
 LINK_BPS = 100 * MiB
+
+
+async def _wait_heartbeat(lab: str, vm: str, since: float, timeout_s: float = 90) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = await obs.query(builder.LabPaths(lab).observer_socket, {"op": "stats", "vm": vm, "since_s": since})
+        if st["count"]:
+            return float(st["first_s"] - since)
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"no heartbeat from {vm} within {timeout_s:.0f} s")
 
 
 async def run_demo(lab: str, out: Console) -> int:
     t = default_topology(lab)
     t = t.model_copy(update={"link": LinkSpec(bandwidth_bps=LINK_BPS)})
     out.rule("[bold]Testbed demo[/]: Cross-vCenter vMotion of a busy VM with its local disk")
-    times = await labctl.up(t)
-    out.print(f"lab [bold]{lab}[/] up in {times['total_s']:.1f} s: "
-              + "; ".join(f"{s.name} ({s.vcenter.name}, SSO {s.vcenter.sso_domain}): "
-                          + ", ".join(h.name for h in s.hosts) for s in t.sites)
-              + f"; site link capped at {LINK_BPS // MiB} MiB/s")
+    with out.status("building the lab, starting two vCenters, adding their hosts ..."):
+        times = await deploy.up(t)
+    out.print(f"lab [bold]{lab}[/] up in {times['total_s']:.1f} s; site link capped at {LINK_BPS // MiB} MiB/s")
+    for v in deploy.status(lab):
+        site = next(s for s in t.sites if s.vcenter.name == v["name"])
+        out.print(f"  {v['name']} {v['url']} (SSO {v['sso_domain']}): hosts "
+                  + ", ".join(h.name for h in site.hosts), highlight=False)
     try:
-        vms = VmManager(lab)
+        a = deploy.client(lab, "vc-a")
+        b_cfg = deploy.config_of(lab, "vc-b")
         t0 = time.monotonic()
-        rec = await vms.create("demo-vm", "esx-a1", 512 * MiB, 1024 * MiB,
-                               workload="memory:20MB/s@128M,disk:2MB/s")
-        out.print(f"VM [bold]demo-vm[/] powered on on esx-a1 ({rec.ip}), 512 MiB, 1 GiB local disk, "
-                  f"workload {rec.workload}")
-        first = await vms.wait_heartbeat("demo-vm", timeout_s=60, since_s=t0)
-        out.print(f"its heartbeat reaches the observer {first:.2f} s after power-on; "
-                  "letting the workload run for 3 s")
-        import asyncio
+        vm = await asyncio.to_thread(a.post, "/api/vcenter/vm", {
+            "name": "demo-vm", "placement": {"host": "esx-a1"}, "memory": "512M", "disk": "1G",
+            "workload": "memory:20MB/s@128M,disk:2MB/s"})
+        out.print(f"vc-a created VM [bold]demo-vm[/] on esx-a1 ({vm['ip']}), 512 MiB, 1 GiB local disk, "
+                  f"workload {vm['workload']}")
+        first = await _wait_heartbeat(lab, "demo-vm", t0)
+        out.print(f"its heartbeat reaches the observer {first:.2f} s after power-on; letting the workload run 3 s")
         await asyncio.sleep(3)
-        out.print("[bold]migrating demo-vm: esx-a1 (vc-a) -> esx-b1 (vc-b)[/]")
-        with Live(console=out, transient=True, refresh_per_second=8) as live:
-            def show(p: Progress) -> None:
-                live.update(progress_line("demo-vm", p))
-            report = await vms.migrate("demo-vm", "esx-b1", streams=1, downtime_limit_ms=100, on_progress=show)
-        out.print(summary(report))
-        rows = {r["name"]: r for r in await vms.list()}
-        out.print(f"demo-vm now runs on {rows['demo-vm']['host']} ({rows['demo-vm']['site']}), "
-                  f"same address {rows['demo-vm']['ip']}")
-        return 0 if report.result == "succeeded" else 1
+        thumb = certs.thumbprint_file(b_cfg.cert)
+        out.print(f"[bold]relocating demo-vm: esx-a1 (vc-a) -> esx-b1 (vc-b)[/], pinning {b_cfg.url}'s "
+                  f"certificate {thumb[:23]}...", highlight=False)
+        r = await asyncio.to_thread(a.post, "/api/vcenter/vm/demo-vm", {"spec": {
+            "placement": {"host": "esx-b1"},
+            "destination_vcenter": {"url": b_cfg.url, "user_name": f"administrator@{b_cfg.sso_domain}",
+                                    "password": deploy.admin_password(b_cfg), "thumbprint": thumb},
+            "options": {"streams": 1, "downtime_limit_ms": 100}}}, params={"action": "relocate"})
+        with Live(console=out, transient=True, refresh_per_second=4) as live:
+            task = await asyncio.to_thread(a.wait_task, r["task"], 900,
+                                           lambda tk: live.update(progress_text("demo-vm", tk)))
+        print_prechecks(task["prechecks"])
+        if task.get("result"):
+            out.print(summary(MigrationReport.model_validate(task["result"])))
+        ok = task["status"] == "SUCCEEDED"
+        if not ok:
+            out.print(f"[bold red]relocate failed:[/] {task['error']['message']}", highlight=False)
+            return 1
+        b = deploy.client(lab, "vc-b")
+        where = await asyncio.to_thread(b.get, "/api/vcenter/vm/demo-vm")
+        in_a = [v["name"] for v in await asyncio.to_thread(a.get, "/api/vcenter/vm")]
+        out.print(f"vc-b's inventory: demo-vm on {where['host']}, {where['power_state']}, same address "
+                  f"{where['ip']}; history " + " -> ".join(f"{h['host']} ({h['vcenter']})" for h in where["history"])
+                  + f"; vc-a's inventory: {', '.join(in_a) or 'no VMs'}")
+        out.print(f"task {task['id']}: {task['end_time'] - task['start_time']:.1f} s from trust to commit")
+        a.close()
+        b.close()
+        return 0
     finally:
         forced, secs = labctl.down(lab)
         out.print(f"lab {lab} torn down in {secs:.1f} s" + (f" ({len(forced)} processes forced)" if forced else ""))

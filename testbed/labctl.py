@@ -1,7 +1,10 @@
-"""Lab up, down and status: the lab builder plus the host agents on top of it.
+"""Lab up, down and status: the lab builder plus each host's own configuration.
 
-``lab.builder`` makes namespaces, wiring, sshd and the observer; this module
-then starts every host's agent over SSH, the way a vCenter adds an ESXi host.
+``lab.builder`` makes namespaces, wiring, sshd and the observer; ``up`` then
+provisions every host (writes its agent's configuration where its sshd
+points ``$TESTBED_HOSTD_CONFIG``), like installing ESXi on it. The host
+agents are started by the vCenters when they add the hosts
+(``testbed.vcenter.deploy``), or by ``start_agents`` for a lab without them.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
-from testbed.hosts.base import Host
+from testbed.hosts.base import Host, start_agent
 from testbed.hosts.netns import NetnsHost
-from testbed.lab import builder
+from testbed.hosts.ssh import connect_with_retry
+from testbed.lab import builder, wanctl
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile, record_alive
 from testbed.net import fabric
@@ -31,8 +35,29 @@ def host(state: builder.LabState, name: str) -> Host:
     return hosts_of(state)[name]
 
 
-async def up(t: topo.Topology) -> dict[str, float]:
-    """Build lab ``t`` and start its host agents. Returns timings in seconds."""
+def provision_hosts(state: builder.LabState) -> None:
+    for h in hosts_of(state).values():
+        assert isinstance(h, NetnsHost)
+        path = h.paths.host_dir(h.name) / "hostd.json"
+        path.write_text(h.agent_config().model_dump_json(indent=1))
+
+
+async def start_agents(state: builder.LabState) -> None:
+    """Start every host's agent with the lab operator's key (a lab without vCenters)."""
+    def one(h: Host) -> int:
+        s = connect_with_retry(h.ssh_target())
+        try:
+            return start_agent(s)
+        finally:
+            s.close()
+    hs = list(hosts_of(state).values())
+    pids = await asyncio.gather(*(asyncio.to_thread(one, h) for h in hs))
+    for h, pid in zip(hs, pids, strict=True):
+        builder.record_process(state.name, f"hostd {h.name}", pid, fabric.ns_name(state.name, h.name))
+
+
+async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, float]:
+    """Build lab ``t`` and provision its hosts (and start their agents if asked). Timings in seconds."""
     t0 = time.monotonic()
     probe = asyncio.create_task(asyncio.to_thread(
         accel.probe, GUEST_IMAGE_DIR / "vmlinuz", testbed_home() / "accel-probe.json"))
@@ -49,10 +74,9 @@ async def up(t: topo.Topology) -> dict[str, float]:
             saved = sf.load()
             saved.accel, saved.accel_reason = state.accel, state.accel_reason
             sf.save(saved)
-        hs = list(hosts_of(state).values())
-        pids = await asyncio.gather(*(h.start_agent() for h in hs))
-        for h, pid in zip(hs, pids, strict=False):
-            builder.record_process(t.name, f"hostd {h.name}", pid, fabric.ns_name(t.name, h.name))
+        provision_hosts(state)
+        if start_agents_now:
+            await start_agents(state)
         builder.mark_up(t.name)
     except BaseException:
         await asyncio.to_thread(builder.teardown, t.name)
@@ -110,7 +134,7 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
         "hosts": hosts,
         "vm_network": {"cidr": str(topo.VM_NETWORK), "port_groups": [p.model_dump() for p in t.port_groups],
                        "observer": f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}"},
-        "link": {"bandwidth_bps": state.link_bandwidth_bps, "mtu": t.link.mtu, "up": state.link_up},
+        "link": link_info(state),
         "namespaces": state.namespaces,
         "processes": [{"role": p.role, "pid": p.pid, "alive": record_alive(p)} for p in state.processes],
         "dir": str(lab_dir(name)),
@@ -118,22 +142,58 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
 
 
 def set_link(name: str, *, change_bandwidth: bool = False, bandwidth_bps: int | None = None,
-             up: bool | None = None) -> dict[str, Any]:
-    """Change the site-to-site link while the lab runs: bandwidth cap (None = uncapped), cut or restore."""
+             up: bool | None = None, delay_us: int | None = None, jitter_us: int | None = None,
+             loss_ppm: int | None = None, tcp_buffers: str | None = None,
+             counters: bool = False) -> dict[str, Any]:
+    """Change the site-to-site link while the lab runs (None: unchanged): bandwidth cap (None = uncapped
+    with ``change_bandwidth``), one-way delay, jitter, loss, hosts' TCP buffers, cut or restore."""
     sf = StateFile(lab_dir(name))
     with sf.locked():
         state = builder.load_state(name)
         if len(state.topology.sites) < 2:
             raise TestbedError(f"lab {name} has one site: there is no site-to-site link")
+        shaped = change_bandwidth or delay_us is not None or jitter_us is not None or loss_ppm is not None
         if change_bandwidth:
-            fabric.shape_link(state.topology, bandwidth_bps)
             state.link_bandwidth_bps = bandwidth_bps
+        if delay_us is not None:
+            state.link_delay_us = delay_us
+        if jitter_us is not None:
+            state.link_jitter_us = jitter_us
+        if loss_ppm is not None:
+            state.link_loss_ppm = loss_ppm
+        if shaped:
+            wanctl.apply(state, lab_dir(name), bandwidth_changed=change_bandwidth, save=lambda: sf.save(state))
+        if tcp_buffers is not None:
+            state.tcp_buffers = None if tcp_buffers == "topology" else tcp_buffers
+        if shaped or tcp_buffers is not None:
+            wanctl.tune_hosts(state)
         if up is not None:
             fabric.set_link_state(state.topology, up)
             state.link_up = up
         sf.save(state)
-    return {"bandwidth_bps": state.link_bandwidth_bps, "up": state.link_up, "mtu": state.topology.link.mtu,
-            "shaping": "tbf on each site's WAN egress"}
+    return link_info(state, with_counters=counters)
+
+
+def link_info(state: builder.LabState, with_counters: bool = False) -> dict[str, Any]:
+    """The link's settings as ``link show`` and ``lab status`` report them."""
+    mech = state.link_mechanism
+    shaping = {"netem": "netem (and tbf) on each site's WAN egress",
+               "delay-line": ("tb-wan delay line between the site legs in the WAN namespace (no sch_netem here)"
+                              if wanctl.delay_line(state) else
+                              "bridged: no delay, jitter or loss set (tb-wan starts when one is; no sch_netem here)")
+                             + "; tbf on each site's WAN egress for the bandwidth",
+               "bridge": "tbf on each site's WAN egress (no delay: no netem, more than two sites)"}.get(mech, mech)
+    info: dict[str, Any] = {
+        "bandwidth_bps": state.link_bandwidth_bps, "up": state.link_up, "mtu": state.topology.link.mtu,
+        "mechanism": mech, "shaping": shaping, "delay_us": state.link_delay_us,
+        "rtt_ms": 2 * state.link_delay_us / 1000, "jitter_us": state.link_jitter_us,
+        "loss_pct": state.link_loss_ppm / 10_000,
+        "tcp_buffers": {"setting": state.tcp_buffers or "per host (topology)",
+                        "ceiling_bytes": wanctl.host_buffers(state)},
+    }
+    if with_counters:
+        info["delay_line"] = wanctl.counters(state, lab_dir(state.name))
+    return info
 
 
 def observer_socket(name: str) -> Path:

@@ -28,6 +28,7 @@ from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile
+from testbed.migration.convergence import ConvergenceSettings, normalize
 from testbed.migration.engine import Migration, MigrationRequest, Place
 from testbed.migration.report import MigrationReport
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
@@ -85,6 +86,78 @@ def resolve_machine(facts: dict[str, Any], machine: str) -> str:
     return str(facts.get("machine_aliases", {}).get(machine, machine))
 
 
+def check_vm_request(name: str, memory_bytes: int) -> None:
+    if not VM_NAME_RE.match(name):
+        raise InputError(f"VM name {name!r} is not allowed",
+                         hint="use 1-31 lowercase letters, digits and '-', starting with a letter")
+    if memory_bytes < 64 * 1024**2:
+        raise InputError(f"VM {name}: {memory_bytes // 1024**2} MiB of memory is too little",
+                         hint="give at least 64M (the built-in guest wants 256M or more)")
+
+
+def build_vm_spec(name: str, *, ip: str, mac: str, memory_bytes: int, disk_bytes: int | None, workload: str,
+                  datastore: str, port_group: str, kernel: str | None = None, initrd: str | None = None,
+                  append: str | None = None, image: str | None = None,
+                  vcpus: int = 1, encrypted: bool = False) -> tuple[VmSpec, Workload, bool]:
+    """The spec of a new VM: the built-in guest (kernel, initrd, agent command line) or the user's own.
+
+    Returns the spec, its workload and whether it runs the built-in guest.
+    """
+    wl: Workload = parse_workload(workload)
+    builtin = kernel is None and image is None
+    if image is not None and kernel is not None:
+        raise InputError("give either --image or --kernel/--initrd, not both")
+    if not builtin and wl != Workload():
+        raise InputError(f"VM {name}: a workload needs the built-in guest (its agent runs it)",
+                         hint="drop --workload, or drop --kernel/--image")
+    disks: list[DiskSpec] = []
+    if disk_bytes:
+        disks.append(DiskSpec(datastore=datastore, file=f"{name}-disk0.qcow2", size_bytes=disk_bytes,
+                              encrypted=encrypted))
+    elif encrypted:
+        raise InputError(f"VM {name}: an encrypted VM needs a disk (--disk)")
+    if builtin:
+        k, i = GUEST_IMAGE_DIR / "vmlinuz", GUEST_IMAGE_DIR / "initrd.img"
+        if not k.exists() or not i.exists():
+            raise NotFound(f"the built-in guest image is not built ({GUEST_IMAGE_DIR})", hint="run `make image`")
+        boot = BootSpec(kernel=str(k), initrd=str(i),
+                        append=agent_cmdline(name, ip, f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}",
+                                             wl, memory_bytes, append or ""))
+    elif kernel is not None:
+        boot = BootSpec(kernel=str(Path(kernel).resolve()),
+                        initrd=str(Path(initrd).resolve()) if initrd else None, append=append or "")
+    else:
+        if disk_bytes:
+            raise InputError("with --image the image is the VM's disk; drop --disk")
+        disks.append(DiskSpec(datastore=datastore, file=f"{name}-disk0.qcow2", size_bytes=1))
+        boot = BootSpec(from_disk=True)
+    spec = VmSpec(name=name, memory_bytes=memory_bytes, vcpus=vcpus, boot=boot, disks=tuple(disks),
+                  nics=(NicSpec(port_group=port_group, mac=mac),))
+    return spec, wl, builtin
+
+
+async def realize_on_host(agent: AgentClient, spec: VmSpec, *, image: str | None = None,
+                          start: bool = True) -> VmSpec:
+    """Make ``spec`` real on the agent's host: its machine type fixed, its disks created (or imported).
+
+    Returns the spec as it now is; starts the VM if asked. The caller undoes on failure.
+    """
+    facts = await agent.call("host.facts")
+    disks = list(spec.disks)
+    if image is not None:
+        info = await agent.call("disk.import", datastore=disks[0].datastore, file=disks[0].file,
+                                source=str(Path(image).resolve()))
+        disks[0] = disks[0].model_copy(update={"size_bytes": info["size_bytes"]})
+    else:
+        for d in disks:
+            await agent.call("disk.create", datastore=d.datastore, file=d.file, size_bytes=d.size_bytes,
+                             encrypted=d.encrypted)
+    spec = spec.model_copy(update={"machine": resolve_machine(facts, spec.machine), "disks": tuple(disks)})
+    if start:
+        await agent.call("vm.start", spec=spec.model_dump())
+    return spec
+
+
 class VmManager:
     def __init__(self, lab: str) -> None:
         self.lab = lab
@@ -110,23 +183,11 @@ class VmManager:
                      workload: str = "idle", datastore: str | None = None, port_group: str | None = None,
                      kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                      image: str | None = None, vcpus: int = 1, start: bool = True) -> VmRecord:
-        if not VM_NAME_RE.match(name):
-            raise InputError(f"VM name {name!r} is not allowed",
-                             hint="use 1-31 lowercase letters, digits and '-', starting with a letter")
-        if memory_bytes < 64 * 1024**2:
-            raise InputError(f"VM {name}: {memory_bytes // 1024**2} MiB of memory is too little",
-                             hint="give at least 64M (the built-in guest wants 256M or more)")
+        check_vm_request(name, memory_bytes)
         t = self.state.topology
         _, _, _, hspec = t.host(host)
         ds = datastore or topo.datastores_of(hspec)[0].name
         pg = t.port_group(port_group or t.port_groups[0].name)
-        wl: Workload = parse_workload(workload)
-        builtin = kernel is None and image is None
-        if image is not None and kernel is not None:
-            raise InputError("give either --image or --kernel/--initrd, not both")
-        if not builtin and wl != Workload():
-            raise InputError(f"VM {name}: a workload needs the built-in guest (its agent runs it)",
-                             hint="drop --workload, or drop --kernel/--image")
         # Reserve the name and an address before touching any host.
         with self.registry.edit() as vms:
             if name in vms:
@@ -134,43 +195,17 @@ class VmManager:
                                hint="choose another name or `testbed vm delete` the old one")
             used = {v.ip for v in vms.values()}
             ip = next(a for a in map(topo.vm_address, range(65000)) if a not in used)
-            disks: list[DiskSpec] = []
-            if disk_bytes:
-                disks.append(DiskSpec(datastore=ds, file=f"{name}-disk0.qcow2", size_bytes=disk_bytes))
-            if builtin:
-                k, i = GUEST_IMAGE_DIR / "vmlinuz", GUEST_IMAGE_DIR / "initrd.img"
-                if not k.exists() or not i.exists():
-                    raise NotFound(f"the built-in guest image is not built ({GUEST_IMAGE_DIR})",
-                                   hint="run `make image`")
-                boot = BootSpec(kernel=str(k), initrd=str(i),
-                                append=agent_cmdline(name, ip, f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}",
-                                                     wl, memory_bytes, append or ""))
-            elif kernel is not None:
-                boot = BootSpec(kernel=str(Path(kernel).resolve()),
-                                initrd=str(Path(initrd).resolve()) if initrd else None, append=append or "")
-            else:
-                if disk_bytes:
-                    raise InputError("with --image the image is the VM's disk; drop --disk")
-                disks.append(DiskSpec(datastore=ds, file=f"{name}-disk0.qcow2", size_bytes=1))
-                boot = BootSpec(from_disk=True)
+            spec, wl, builtin = build_vm_spec(
+                name, ip=ip, mac=_mac_for(self.lab, name), memory_bytes=memory_bytes, disk_bytes=disk_bytes,
+                workload=workload, datastore=ds, port_group=pg.name, kernel=kernel, initrd=initrd,
+                append=append, image=image, vcpus=vcpus)
             record = VmRecord(
                 name=name, host=host, ip=ip, workload=wl.describe(), builtin_guest=builtin,
-                created_s=time.time(), history=[Residence(host=host, since_s=time.time())],
-                spec=VmSpec(name=name, memory_bytes=memory_bytes, vcpus=vcpus, boot=boot, disks=tuple(disks),
-                            nics=(NicSpec(port_group=pg.name, mac=_mac_for(self.lab, name)),)),
-            )
+                created_s=time.time(), history=[Residence(host=host, since_s=time.time())], spec=spec)
             vms[name] = record
         try:
             async with self.agent(host) as agent:
-                facts = await agent.call("host.facts")
-                machine = resolve_machine(facts, record.spec.machine)
-                if image is not None:
-                    info = await agent.call("disk.import", datastore=ds, file=disks[0].file,
-                                            source=str(Path(image).resolve()))
-                    disks[0] = disks[0].model_copy(update={"size_bytes": info["size_bytes"]})
-                elif disks:
-                    await agent.call("disk.create", datastore=ds, file=disks[0].file, size_bytes=disk_bytes)
-                record.spec = record.spec.model_copy(update={"machine": machine, "disks": tuple(disks)})
+                record.spec = await realize_on_host(agent, record.spec, image=image, start=False)
                 with self.registry.edit() as vms:
                     vms[name] = record
                 if start:
@@ -280,23 +315,36 @@ class VmManager:
         return text
 
     async def migrate(self, name: str, to_host: str, *, to_datastore: str | None = None, streams: int = 1,
-                      converge: str = "auto", bandwidth_bps: int | None = None, downtime_limit_ms: int = 100,
+                      converge: str = "adaptive", bandwidth_bps: int | None = None, downtime_limit_ms: int = 100,
                       on_progress: Any = None, fault: Any = None, hold_switchover: bool = False,
-                      completion_timeout_s: float = 600.0, stall_timeout_s: float = 20.0) -> MigrationReport:
-        """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success."""
+                      completion_timeout_s: float | None = None, stall_timeout_s: float = 20.0,
+                      allow_postcopy: bool = False, convergence: ConvergenceSettings | None = None,
+                      postcopy_recovery_timeout_s: float = 120.0,
+                      mirror_mode: str = "write-blocking",
+                      mirror_granularity: int | None = None) -> MigrationReport:
+        """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success.
+
+        ``converge``: auto-converge (alias auto) | sdps | postcopy | adaptive | off;
+        ``completion_timeout_s`` None: per GiB of RAM (``ConvergenceSettings``)."""
         r = self.get(name)
         t = self.state.topology
         _, ssite, _, _ = t.host(r.host)
         _, dsite, _, dspec = t.host(to_host)
         if streams < 1 or streams > 16:
             raise InputError(f"--streams {streams}: use 1 to 16 channels")
+        if mirror_mode not in ("write-blocking", "background-throttled"):
+            raise InputError(f"mirror mode {mirror_mode!r}: use write-blocking or background-throttled")
         ds = to_datastore or topo.datastores_of(dspec)[0].name
         req = MigrationRequest(
             spec=r.spec, observer_socket=labctl.observer_socket(self.lab), builtin_guest=r.builtin_guest,
             workload=parse_workload(r.workload), streams=streams,
-            converge="off" if converge == "off" else "auto", bandwidth_bps=bandwidth_bps,
+            converge=normalize(converge),  # type: ignore[arg-type]
+            bandwidth_bps=bandwidth_bps, allow_postcopy=allow_postcopy,
+            convergence=convergence or ConvergenceSettings(),
+            postcopy_recovery_timeout_s=postcopy_recovery_timeout_s,
             link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
             hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
+            mirror_mode=mirror_mode, mirror_granularity=mirror_granularity,
             stall_timeout_s=stall_timeout_s,
             source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
                          r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),

@@ -3,8 +3,8 @@
 - ``lab_env`` (session): a private $TESTBED_HOME under pytest's tmp dir, so tests never
   touch a lab the user has up; skips with the reason when root, QEMU or the guest image
   is missing.
-- ``lab`` (module): a two-site lab with a unique name, up for the module's tests,
-  taken down after them; depends on ``lab_env``.
+- ``lab`` (module): a two-site lab with a unique name and its two vCenters, up for the
+  module's tests, taken down after them; depends on ``lab_env``.
 - ``vms`` (function): a VmManager on ``lab`` that deletes the VMs the test created.
 """
 
@@ -64,8 +64,9 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def lab(lab_env: Path) -> Iterator[str]:
     from testbed import labctl
     from testbed.lab.topology import default_topology
+    from testbed.vcenter import deploy
     name = unique_lab_name()
-    asyncio.run(labctl.up(default_topology(name)))
+    asyncio.run(deploy.up(default_topology(name)))
     try:
         yield name
     finally:

@@ -1,15 +1,21 @@
 """``testbed-hostd serve|connect``: the host agent's command line.
 
-    testbed-hostd serve --config HOSTDIR/hostd.json [--daemon]
+    testbed-hostd serve [--config HOSTDIR/hostd.json] [--daemon]
         run the agent; with --daemon, detach once it listens and print its PID
-    testbed-hostd connect --socket HOSTDIR/hostd.sock
+        (an agent that already runs is left alone: its PID is printed)
+    testbed-hostd connect [--socket HOSTDIR/hostd.sock]
         bridge stdin/stdout to the agent (what an SSH session runs)
+
+The host's configuration is where its provisioning put it: --config, else
+$TESTBED_HOSTD_CONFIG (the lab's sshd sets it for each namespace host), else
+/etc/testbed/hostd.json. ``connect`` finds the agent's socket from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -29,41 +35,40 @@ def _serve(cfg: HostConfig, daemon: bool) -> int:
         from testbed.hostd.server import serve
         asyncio.run(serve(cfg))
         return 0
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid > 0:
-        os.close(w)
-        with os.fdopen(r) as pipe:
-            child_pid = pipe.read().strip()
-        if not child_pid:
-            print(f"testbed-hostd: the agent on {cfg.name} did not start; see {log_path}", file=sys.stderr)
-            return 1
-        print(child_pid)
-        return 0
-    os.close(r)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.close(null)
+    from testbed.daemon import detach
+    ready = detach(log_path, f"testbed-hostd: the agent on {cfg.name}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg.pidfile.write_text(f"{os.getpid()}\n")
-
-    def ready() -> None:
-        os.write(w, f"{os.getpid()}\n".encode())
-        os.close(w)
-
     from testbed.hostd.server import serve
     try:
         asyncio.run(serve(cfg, ready))
     finally:
         cfg.pidfile.unlink(missing_ok=True)
     return 0
+
+
+DEFAULT_CONFIG = "/etc/testbed/hostd.json"
+
+
+def config_path(given: Path | None) -> Path:
+    return given or Path(os.environ.get("TESTBED_HOSTD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _running_pid(cfg_dir: Path) -> int | None:
+    """The PID of this host's agent if one runs and answers on its socket."""
+    try:
+        pid = int((cfg_dir / "hostd.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(cfg_dir / "hostd.sock"))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return pid
 
 
 def _connect(path: str) -> int:
@@ -91,14 +96,29 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the host agent")
-    s.add_argument("--config", required=True, type=Path)
+    s.add_argument("--config", type=Path, help=f"default: $TESTBED_HOSTD_CONFIG or {DEFAULT_CONFIG}")
     s.add_argument("--daemon", action="store_true", help="detach once listening; print the PID")
     c = sub.add_parser("connect", help="bridge stdio to a running agent")
-    c.add_argument("--socket", required=True)
+    c.add_argument("--socket", help="default: hostd.sock in the directory the configuration names")
     args = p.parse_args(argv)
     if args.cmd == "serve":
+        path = config_path(args.config)
+        if not path.exists():
+            print(f"testbed-hostd: no host configuration at {path}; the host is not provisioned", file=sys.stderr)
+            return 2
         from testbed.hostd.config import HostConfig  # not on the `connect` path: every SSH session pays it
-        return _serve(HostConfig.load(args.config), args.daemon)
+        cfg = HostConfig.load(path)
+        if args.daemon and (pid := _running_pid(Path(cfg.dir))) is not None:
+            print(pid)
+            return 0
+        return _serve(cfg, args.daemon)
+    if args.socket is None:
+        path = config_path(None)
+        try:
+            args.socket = str(Path(json.loads(path.read_text())["dir"]) / "hostd.sock")
+        except (OSError, ValueError, KeyError) as err:
+            print(f"testbed-hostd connect: cannot read the host configuration {path}: {err}", file=sys.stderr)
+            return 2
     return _connect(args.socket)
 
 

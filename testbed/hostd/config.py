@@ -26,6 +26,7 @@ class HostConfig(BaseModel):
     accel_reason: str = ""
     vmotion_address: str = ""
     mgmt_address: str = ""
+    machine_types: tuple[str, ...] | None = None   # offer only these machine types (emulates an older host)
 
     @property
     def socket(self) -> Path:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,27 @@ class Datastores:
                 hint="use a smaller disk, another datastore, or free space by deleting VMs")
         return path
 
-    async def create(self, datastore: str, file: str, size_bytes: int, fmt: str = "qcow2") -> dict[str, Any]:
+    async def create(self, datastore: str, file: str, size_bytes: int, fmt: str = "qcow2",
+                     encrypted: bool = False) -> dict[str, Any]:
+        """A new disk; ``encrypted``: LUKS inside qcow2, its key beside it (``key_path``, 0600)."""
         if size_bytes <= 0 or size_bytes % 512:
             raise InputError(f"disk size {size_bytes} must be a positive multiple of 512 bytes")
+        if encrypted and fmt != "qcow2":
+            raise InputError("only qcow2 disks can be encrypted here")
         async with self._lock:
             path = await self._reserve(datastore, file, size_bytes)
-            await qemu_img("create", "-q", "-f", fmt, str(path), str(size_bytes), host=self.cfg.name)
+            opts: list[str] = []
+            if encrypted:
+                key = key_path(path)
+                key.touch(mode=0o600)
+                key.write_text(secrets.token_hex(32))
+                opts = ["--object", f"secret,id=sec0,file={key},format=raw",
+                        "-o", "encrypt.format=luks,encrypt.key-secret=sec0"]
+            try:
+                await qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size_bytes), host=self.cfg.name)
+            except BaseException:
+                key_path(path).unlink(missing_ok=True)
+                raise
         return await self.info(datastore, file)
 
     async def import_image(self, datastore: str, file: str, source: str) -> dict[str, Any]:
@@ -120,12 +136,18 @@ class Datastores:
         info = json.loads(await qemu_img("info", "-U", "--output=json", str(path), host=self.cfg.name))
         return {"datastore": datastore, "file": file, "path": str(path),
                 "size_bytes": int(info["virtual-size"]), "allocated_bytes": int(info.get("actual-size", 0)),
-                "format": info["format"]}
+                "format": info["format"], "encrypted": bool(info.get("encrypted", False))}
 
     async def delete(self, datastore: str, file: str) -> None:
         path = self.path(datastore, file)
+        key_path(path).unlink(missing_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
             raise NotFound(f"disk {file!r} does not exist on datastore {datastore} of host "
                            f"{self.cfg.name}") from None
+
+
+def key_path(disk: Path) -> Path:
+    """Where an encrypted disk's key lives: a hidden file beside it (the lab's key provider)."""
+    return disk.with_name(f".{disk.name}.key")

@@ -22,7 +22,7 @@ from testbed.errors import Conflict, InputError, NotFound, QemuError
 from testbed.hostd import protocol
 from testbed.hostd.config import HostConfig
 from testbed.hostd.datastore import Datastores
-from testbed.hostd.migration import DestinationRole, SourceRole
+from testbed.hostd.migration import DestinationRole, SourceRole, reachable
 from testbed.hostd.vm import VmProcess
 from testbed.qemu.cmdline import VmPaths
 from testbed.qemu.spec import VmSpec
@@ -51,7 +51,17 @@ class HostAgent:
         self.destinations: dict[str, DestinationRole] = {}
         self.connections: set[Connection] = set()
         self._facts_cache: dict[str, Any] | None = None
+        self.probes: dict[str, dict[int, int]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         cfg.vms_dir.mkdir(parents=True, exist_ok=True)
+
+    async def _static_facts(self) -> dict[str, Any]:
+        return _restrict_machines(await _static_facts(self.cfg.qemu_binary), self.cfg.machine_types)
+
+    async def warm_up(self) -> None:
+        """Gather the static facts (three QEMU queries) at start, not when the vCenter first asks."""
+        with contextlib.suppress(Exception):
+            self._facts_cache = await self._static_facts()
 
     # --- events --------------------------------------------------------------
     def _emitter(self, vm: str) -> Any:
@@ -72,7 +82,7 @@ class HostAgent:
 
     async def m_host_facts(self, conn: Connection) -> dict[str, Any]:
         if self._facts_cache is None:
-            self._facts_cache = await _static_facts(self.cfg.qemu_binary)
+            self._facts_cache = await self._static_facts()
         mem_total = 0
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -102,8 +112,8 @@ class HostAgent:
         return await self.datastores.list()
 
     async def m_disk_create(self, conn: Connection, datastore: str, file: str, size_bytes: int,
-                            format: str = "qcow2") -> dict[str, Any]:
-        return await self.datastores.create(datastore, file, size_bytes, format)
+                            format: str = "qcow2", encrypted: bool = False) -> dict[str, Any]:
+        return await self.datastores.create(datastore, file, size_bytes, format, encrypted)
 
     async def m_disk_import(self, conn: Connection, datastore: str, file: str, source: str) -> dict[str, Any]:
         return await self.datastores.import_image(datastore, file, source)
@@ -131,6 +141,9 @@ class HostAgent:
         old = self.vms.get(vspec.name)
         if old is not None and old.alive:
             raise Conflict(f"VM {vspec.name} is already running on host {self.cfg.name}")
+        if self.cfg.machine_types is not None and vspec.machine not in self.cfg.machine_types:
+            raise InputError(f"host {self.cfg.name} does not offer machine type {vspec.machine}",
+                             hint="it offers: " + ", ".join(self.cfg.machine_types))
         disk_paths = [self.datastores.path(d.datastore, d.file) for d in vspec.disks]
         for d, p in zip(vspec.disks, disk_paths, strict=False):
             if not p.exists():
@@ -235,9 +248,55 @@ class HostAgent:
         log.warning("fault injected: VM %s gpa %#x: %s -> %s", name, gpa, old.hex(), new.hex())
         return {"gpa": gpa, "before": old.hex(), "after": new.hex()}
 
+    # --- network probes (the vMotion precheck) ----------------------------------------------
+    async def m_net_probe_listen(self, conn: Connection, count: int = 2, open_s: float = 30.0) -> dict[str, Any]:
+        """Listen on ``count`` ephemeral ports of the vMotion address for ``open_s``; count who connects."""
+        if not self.cfg.vmotion_address:
+            raise InputError(f"host {self.cfg.name} has no vMotion address configured")
+        probe_id = f"probe-{time.monotonic_ns()}"
+        hits: dict[int, int] = {}
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            port = writer.get_extra_info("sockname")[1]
+            hits[port] = hits.get(port, 0) + 1
+            writer.write(b"testbed-probe\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        servers = [await asyncio.start_server(accept, self.cfg.vmotion_address, 0) for _ in range(count)]
+        ports = [srv.sockets[0].getsockname()[1] for srv in servers]
+        self.probes[probe_id] = hits
+
+        async def close_later() -> None:
+            await asyncio.sleep(open_s)
+            for srv in servers:
+                srv.close()
+            self.probes.pop(probe_id, None)
+        t = asyncio.get_running_loop().create_task(close_later())
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+        return {"id": probe_id, "address": self.cfg.vmotion_address, "ports": ports}
+
+    async def m_net_probe_connect(self, conn: Connection, address: str, ports: list[int],
+                                  connect_timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Connect from this host to ``address`` on each port; how each went and how long it took."""
+        out: list[dict[str, Any]] = []
+        for port in ports:
+            t0 = time.monotonic()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), connect_timeout_s)
+                banner = await asyncio.wait_for(reader.readline(), connect_timeout_s)
+                writer.close()
+                out.append({"port": port, "ok": banner.startswith(b"testbed-probe"),
+                            "connect_ms": round((time.monotonic() - t0) * 1000, 2)})
+            except (OSError, TimeoutError) as err:
+                out.append({"port": port, "ok": False, "error": str(err) or type(err).__name__})
+        return out
+
     # --- migration ---------------------------------------------------------------------
     async def m_migration_prepare_incoming(self, conn: Connection, spec: dict[str, Any],
-                                           streams: int = 1) -> dict[str, Any]:
+                                           streams: int = 1, postcopy: bool = False) -> dict[str, Any]:
         """Destination: start QEMU paused for incoming, NBD export of its disks, migrate-incoming."""
         if not self.cfg.vmotion_address:
             raise InputError(f"host {self.cfg.name} has no vMotion address configured")
@@ -246,28 +305,60 @@ class HostAgent:
         role = DestinationRole(self.vms[name], self.cfg.vmotion_address)
         self.destinations[name] = role
         try:
-            return await role.prepare(streams)
+            return await role.prepare(streams, postcopy)
         except BaseException:
             await self.vms[name].kill()
             raise
 
-    async def m_migration_mirror(self, conn: Connection, name: str, nbd_host: str, nbd_port: int) -> list[str]:
-        """Source: mirror every disk to the destination's NBD export (write-blocking)."""
+    async def m_migration_mirror(self, conn: Connection, name: str, nbd_host: str, nbd_port: int,
+                                 mode: str = "write-blocking", granularity: int | None = None) -> list[str]:
+        """Source: mirror every disk to the destination's NBD export (write-blocking or background-throttled)."""
         vm = self._vm(name)
         if name in self.sources:
             raise Conflict(f"VM {name} on host {self.cfg.name} is already migrating")
-        role = self.sources[name] = SourceRole(vm)
-        return await role.mirror(nbd_host, nbd_port)
+        role = self.sources[name] = SourceRole(vm, Path(self.cfg.dir))
+        return await role.mirror(nbd_host, nbd_port, mode, granularity)
 
     async def m_migration_start(self, conn: Connection, name: str, uri: str, streams: int = 1,
                                 auto_converge: bool = True, max_bandwidth_bps: int | None = None,
                                 downtime_limit_ms: int = 300, hold_switchover: bool = False,
-                                max_throttle_pct: int = 90) -> None:
+                                max_throttle_pct: int = 90, postcopy: bool = False,
+                                sdps: dict[str, Any] | None = None) -> None:
         role = self.sources.get(name)
         if role is None:   # a VM without disks skips the mirror
-            role = self.sources[name] = SourceRole(self._vm(name))
+            role = self.sources[name] = SourceRole(self._vm(name), Path(self.cfg.dir))
         await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover,
-                           max_throttle_pct)
+                           max_throttle_pct, postcopy=postcopy, sdps=sdps)
+
+    async def m_migration_tune(self, conn: Connection, name: str, downtime_limit_ms: int | None = None) -> None:
+        await self._source(name).tune(downtime_limit_ms)
+
+    async def m_migration_start_postcopy(self, conn: Connection, name: str) -> None:
+        await self._source(name).start_postcopy()
+
+    async def m_migration_pause(self, conn: Connection, name: str) -> None:
+        """Post-copy on a broken channel: ``migrate-pause`` on whichever role this host has."""
+        if name in self.sources:
+            await self.sources[name].pause()
+        elif name in self.destinations:
+            await self.destinations[name].pause()
+        else:
+            raise NotFound(f"VM {name} is not migrating on host {self.cfg.name}")
+
+    async def m_migration_recover(self, conn: Connection, name: str) -> dict[str, Any]:
+        """Destination: listen for the source again after a post-copy failure."""
+        role = self.destinations.get(name)
+        if role is None:
+            raise NotFound(f"VM {name} is not migrating to host {self.cfg.name}")
+        return {"uri": await role.recover()}
+
+    async def m_migration_resume(self, conn: Connection, name: str, uri: str) -> dict[str, Any]:
+        """Source: reconnect a paused post-copy to ``uri``, if the destination answers at all."""
+        host = uri.split(":")[1]
+        if not await reachable(host):
+            return {"resumed": False, "why": f"{host} does not answer from host {self.cfg.name}"}
+        await self._source(name).resume(uri)
+        return {"resumed": True}
 
     async def m_migration_release_switchover(self, conn: Connection, name: str) -> None:
         self._source(name).release_switchover()
@@ -288,7 +379,9 @@ class HostAgent:
         role = self.sources.pop(name, None)
         if role is not None:
             role.detach()
-        self.destinations.pop(name, None)
+        dest = self.destinations.pop(name, None)
+        if dest is not None:
+            dest.detach()
 
     def _source(self, name: str) -> SourceRole:
         try:
@@ -373,14 +466,32 @@ async def _static_facts(qemu_binary: str) -> dict[str, Any]:
         machines.append(parts[0])
         if "(alias of" in line:
             aliases[parts[0]] = line.split("(alias of", 1)[1].strip(" )")
+    cpu_models = sorted({line.split()[1] for line in (await out(qemu_binary, "-cpu", "help")).splitlines()
+                         if line.startswith("x86 ") and len(line.split()) > 1})
     cpu_model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu_model = line.split(":", 1)[1].strip()
             break
     return {"qemu_version": version, "qemu_version_line": version_line, "machine_types": machines,
-            "machine_aliases": aliases, "host_cpu_model": cpu_model, "kernel": platform.release(),
+            "machine_aliases": aliases, "cpu_models": cpu_models, "host_cpu_model": cpu_model,
+            "kernel": platform.release(),
             "product": "testbed-hostd", "agent_version": _agent_version()}
+
+
+def _restrict_machines(facts: dict[str, Any], allowed: tuple[str, ...] | None) -> dict[str, Any]:
+    """A host configured to offer only some machine types (an older host) reports only those;
+    an alias (q35) then names the newest allowed type of its family."""
+    if allowed is None:
+        return facts
+    machines = [m for m in facts["machine_types"] if m in allowed]
+    aliases = {}
+    for alias, target in facts["machine_aliases"].items():
+        family = target.rsplit("-", 1)[0]
+        same = sorted((m for m in machines if m.rsplit("-", 1)[0] == family), reverse=True)
+        if target in machines or same:
+            aliases[alias] = target if target in machines else same[0]
+    return {**facts, "machine_types": machines, "machine_aliases": aliases}
 
 
 def _agent_version() -> str:
@@ -399,10 +510,12 @@ async def serve(cfg: HostConfig, ready: Any = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("host agent %s listening on %s", cfg.name, cfg.socket)
+    warm = loop.create_task(agent.warm_up())
     if ready is not None:
         ready()
     async with server:
         await stop.wait()
+    warm.cancel()
     # Like ESXi's hostd, a restarting agent leaves its VMs running.
     log.info("host agent %s stopping; %d VM(s) keep running", cfg.name, len(agent.vms))
     cfg.socket.unlink(missing_ok=True)

@@ -119,6 +119,10 @@ class AgentClient:
         for q in self._queues:
             q.put_nowait({"event": "connection-lost", "host": self.host})
 
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     # --- calls ---------------------------------------------------------------------
     async def call(self, method: str, timeout_s: float | None = None, **params: Any) -> Any:
         if self._closed.is_set():

@@ -1,20 +1,23 @@
 """One interface for every host kind (netns here; nested and vagrant later).
 
-A host is reached over SSH; its agent is started over that SSH connection
-with a configuration pushed the same way, so provisioning reads the same for
-every kind.
+A host is reached over SSH; its agent (``testbed-hostd``) is found the same way
+on every kind: the command ``$TESTBED_HOSTD`` (default ``testbed-hostd``) with
+the host's configuration at ``$TESTBED_HOSTD_CONFIG`` (default
+/etc/testbed/hostd.json), both set by the host's provisioning. So adding a
+host to a vCenter reads the same for every kind (``testbed.vcenter.hostconn``).
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 from typing import ClassVar
 
 from testbed.errors import HostError
-from testbed.hostd.config import HostConfig
 from testbed.hosts.agent import AgentClient
-from testbed.hosts.ssh import SshTarget, connect_with_retry
+from testbed.hosts.ssh import SshSession, SshTarget
+
+HOSTD = '"${TESTBED_HOSTD:-testbed-hostd}"'
+AGENT_CONNECT = f"{HOSTD} connect"
 
 
 class Host(abc.ABC):
@@ -27,38 +30,23 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def ssh_target(self) -> SshTarget: ...
 
-    @abc.abstractmethod
-    def agent_config(self) -> HostConfig: ...
-
-    @property
-    @abc.abstractmethod
-    def python(self) -> str:
-        """The Python interpreter on the host that has the testbed package."""
-
-    @property
-    def agent_command(self) -> str:
-        return f"{self.python} -m testbed.hostd connect --socket {self.agent_config().socket}"
-
     async def agent(self) -> AgentClient:
-        return await AgentClient.connect(self.ssh_target(), self.agent_command)
+        return await AgentClient.connect(self.ssh_target(), AGENT_CONNECT)
 
-    async def start_agent(self) -> int:
-        """Push the agent's configuration and start it over SSH; returns its PID."""
-        cfg = self.agent_config()
-        cfg_path = f"{cfg.dir}/hostd.json"
 
-        def go() -> int:
-            s = connect_with_retry(self.ssh_target())
-            try:
-                out = s.run(f"mkdir -p {cfg.dir} && cat > {cfg_path} && "
-                            f"{self.python} -m testbed.hostd serve --config {cfg_path} --daemon",
-                            input=cfg.model_dump_json(indent=1), timeout_s=30).stdout.strip()
-            finally:
-                s.close()
-            try:
-                return int(out.splitlines()[-1])
-            except (ValueError, IndexError):
-                raise HostError(f"the host agent on {self.name} did not report its PID (got {out!r})",
-                                hint=f"see {cfg.dir}/hostd.log on {self.name}") from None
+def start_agent(session: SshSession, first: str = "") -> int:
+    """Start the agent of the host ``session`` is logged in to (or find it running); returns its PID.
 
-        return await asyncio.to_thread(go)
+    ``first``: a shell command to run before, in the same round trip. Blocking: call it in a thread.
+    """
+    out = session.run(f"{first + ' && ' if first else ''}{HOSTD} serve --daemon", timeout_s=30, check=False)
+    try:
+        if out.returncode != 0:
+            raise ValueError
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        host = session.target.host
+        raise HostError(f"the host agent on {host} did not start (exit {out.returncode}): "
+                        f"{(out.stderr or out.stdout).strip()[-400:]}",
+                        hint=f"see hostd.log in the agent's directory on {host}; is the host provisioned "
+                             "(testbed-hostd installed, $TESTBED_HOSTD_CONFIG written)?") from None

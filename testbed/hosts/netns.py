@@ -1,13 +1,14 @@
 """The embedded host kind: a network namespace with its own sshd and datastore.
 
-The connection to a host starts from its site's vCenter namespace (the site's
-management station), so it crosses the lab's management network like a
-vCenter's connection to an ESXi host would.
+``ssh_target`` is the lab operator's way in: the lab's own key, from the
+site's vCenter namespace, so it crosses the management network like a
+vCenter's connection would. (The vCenter services use their own keys,
+installed when they add the host: ``testbed.vcenter.hostconn``.)
+``agent_config`` is the host's own configuration, written by the lab builder
+where the host's sshd points ``$TESTBED_HOSTD_CONFIG``.
 """
 
 from __future__ import annotations
-
-import sys
 
 from testbed.hostd.config import DatastoreConfig, HostConfig
 from testbed.hosts.base import Host
@@ -40,10 +41,6 @@ class NetnsHost(Host):
     def vmotion_ip(self) -> str:
         return self.addresses.vmotion.split("/")[0]
 
-    @property
-    def python(self) -> str:
-        return sys.executable
-
     def ssh_target(self) -> SshTarget:
         return SshTarget(host=self.name, address=self.mgmt_ip, key_path=self.paths.key,
                          known_hosts=self.paths.known_hosts, from_netns=self.station_netns)
@@ -58,5 +55,5 @@ class NetnsHost(Host):
                              for d in topo.datastores_of(self.spec)),
             port_groups={pg.name: fabric.pg_bridge(i) for i, pg in enumerate(t.port_groups)},
             license=self.spec.license, accel=self.state.accel, accel_reason=self.state.accel_reason,
-            mgmt_address=self.mgmt_ip, vmotion_address=self.vmotion_ip,
+            mgmt_address=self.mgmt_ip, vmotion_address=self.vmotion_ip, machine_types=self.spec.machine_types,
         )

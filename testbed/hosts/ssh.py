@@ -62,6 +62,14 @@ class SshSession:
                 + (f" from namespace {t.from_netns}" if t.from_netns else "") + f": {err.strerror or err}",
                 hint="is the lab up (`testbed lab status`) and the host's sshd running?") from err
 
+    @classmethod
+    def wrap(cls, client: paramiko.SSHClient, host: str) -> SshSession:
+        """A session on a client someone else logged in (e.g. with a password)."""
+        self = cls.__new__(cls)
+        self.client = client
+        self.target = SshTarget(host=host, address=host, key_path=Path("/dev/null"), known_hosts=Path("/dev/null"))
+        return self
+
     def run(self, command: str, *, check: bool = True, timeout_s: float = 60.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout_s)

@@ -10,6 +10,7 @@ records, whether ``build`` finished or crashed halfway.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,13 +21,16 @@ from pathlib import Path
 
 from testbed.errors import Conflict, LabError, NotFound, TestbedError
 from testbed.lab import topology as topo
+from testbed.lab import wanctl
 from testbed.lab.state import LabState, ProcessRecord, StateFile, proc_starttime, record_alive
 from testbed.net import fabric
+from testbed.net import wan as net_wan
 from testbed.net.cmd import netns_exists, netns_pids, run
 from testbed.paths import lab_dir
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")
+NETNS_ETC = Path("/etc/netns")
 
 
 class LabPaths:
@@ -88,19 +92,68 @@ def _spawn(state: LabState, sf: StateFile, role: str, netns: str, argv: list[str
 
 
 def _sshd_config(t: topo.Topology, paths: LabPaths, host: str, address: str) -> Path:
+    """The host's sshd: root logs in with the host's own password or an authorized key.
+
+    ``SetEnv`` tells sessions where this host keeps its agent, its agent's
+    configuration and root's authorized keys (on a real host: fixed paths).
+    """
     hd = paths.host_dir(host)
     cfg = hd / "sshd_config"
+    hostd = Path(sys.executable).with_name("testbed-hostd")
     cfg.write_text("\n".join([
         f"ListenAddress {address}", "Port 22",
         f"HostKey {hd / 'ssh_host_ed25519_key'}",
         f"PidFile {hd / 'sshd.pid'}",
-        f"AuthorizedKeysFile {paths.authorized_keys}",
-        "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+        f"AuthorizedKeysFile {paths.authorized_keys} {hd / 'authorized_keys'}",
+        f"SetEnv TESTBED_HOSTD={hostd} TESTBED_HOSTD_CONFIG={hd / 'hostd.json'} "
+        f"TESTBED_AUTHORIZED_KEYS={hd / 'authorized_keys'}",
+        "PermitRootLogin yes", "PasswordAuthentication yes",
         "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
         "PrintMotd no", "UseDNS no", "MaxSessions 64", "MaxStartups 64:30:128",
         "ClientAliveInterval 15", "Subsystem sftp internal-sftp", "",
     ]))
     return cfg
+
+
+def _root_password(paths: LabPaths, h: topo.HostSpec) -> Path:
+    """The host's own root password (the topology's, or a random one): kept 0600 for the lab's
+    operator, and as the only line of a shadow file that the host's sshd sees as /etc/shadow."""
+    hd = paths.host_dir(h.name)
+    password = h.root_password or secrets.token_urlsafe(12)
+    (hd / "root-password").touch(mode=0o600)
+    (hd / "root-password").write_text(password + "\n")
+    hashed = run(["openssl", "passwd", "-6", "-stdin"], input=password).stdout.strip()
+    shadow = hd / "shadow"
+    shadow.touch(mode=0o600)
+    shadow.write_text(f"root:{hashed}:19000:0:99999:7:::\n")
+    return shadow
+
+
+def _hosts_file(t: topo.Topology) -> str:
+    """Names of the lab's nodes, for /etc/hosts inside its namespaces: `esx-a1.<lab>.test esx-a1`."""
+    lines = ["127.0.0.1 localhost"]
+    for si, site in enumerate(t.sites):
+        lines.append(f"{topo.vcenter_address(si).split('/')[0]} {topo.fqdn(t, site.vcenter.name)} "
+                     f"{site.vcenter.name}")
+    for si, _, hi, h in t.hosts():
+        lines.append(f"{topo.host_addresses(si, hi).mgmt.split('/')[0]} {topo.fqdn(t, h.name)} {h.name}")
+    return "\n".join(lines) + "\n"
+
+
+def _name_service(t: topo.Topology, state: LabState, sf: StateFile) -> None:
+    """/etc/netns/<ns>/hosts for the vCenter and host namespaces (`ip netns exec` mounts it on /etc/hosts)."""
+    text = _hosts_file(t)
+    if not NETNS_ETC.exists():
+        NETNS_ETC.mkdir(mode=0o755)
+        state.system_paths.append(str(NETNS_ETC))
+    nodes = [s.vcenter.name for s in t.sites] + [h.name for *_, h in t.hosts()]
+    for node in nodes:
+        d = NETNS_ETC / fabric.ns_name(t.name, node)
+        d.mkdir(mode=0o755)
+        state.system_paths.insert(0, str(d))
+        (d / "hosts").write_text(text)
+        state.system_paths.insert(0, str(d / "hosts"))
+    sf.save(state)
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -147,6 +200,7 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
     namespaces = namespaces_of(t)
     state.namespaces = namespaces
     sf.save(state)
+    _name_service(t, state, sf)
     run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in namespaces))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -163,11 +217,14 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
         run(["ip", "-batch", "-"], input="\n".join(fabric.link_commands(t, wan)) + "\n")
         list(pool.map(lambda si: fabric.configure_site(t, si, multi), range(len(t.sites))))
         if wan:
+            state.link_mechanism = net_wan.choose_mechanism(t)
             fabric.configure_wan(t, wan)
-        if t.link.bandwidth_bps:
-            fabric.shape_link(t, t.link.bandwidth_bps)
         for j in keyjobs:
             j.result()
+    if wan:   # delay, jitter, loss, bandwidth: the delay line is a lab process (see lab.wanctl)
+        wanctl.start(t, state, paths.dir, lambda: sf.save(state))
+    wanctl.tune_hosts(state)
+    sf.save(state)
 
     known = []
     for si, _, hi, h in t.hosts():
@@ -175,8 +232,12 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
         pub = (paths.host_dir(h.name) / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"{addr} {pub[0]} {pub[1]}")
         cfg = _sshd_config(t, paths, h.name, addr)
+        shadow = _root_password(paths, h)
+        # `ip netns exec` gives sshd its own mount namespace (a slave of ours): the bind mount of
+        # the host's shadow file stays inside it.
         _spawn(state, sf, f"sshd {h.name}", fabric.ns_name(t.name, h.name),
-               [SSHD, "-D", "-f", str(cfg), "-E", str(paths.host_dir(h.name) / "sshd.log")],
+               ["sh", "-c", 'mount --bind "$0" /etc/shadow && exec "$@"', str(shadow),
+                SSHD, "-D", "-f", str(cfg), "-E", str(paths.host_dir(h.name) / "sshd.log")],
                paths.host_dir(h.name) / "sshd.out")
     paths.known_hosts.write_text("\n".join(known) + "\n")
     _spawn(state, sf, "observer", fabric.ns_name(t.name, "obs"),
@@ -257,17 +318,34 @@ def teardown(name: str, *, grace_s: float = 3.0) -> list[str]:
         run(["ip", "-batch", "-"], input="".join(f"netns del {n}\n" for n in existing))
     other_labs = [p for p in paths.dir.parent.iterdir() if p != paths.dir and (p / "state.json").exists()] \
         if paths.dir.parent.exists() else []
-    for sp in state.system_paths:
-        if Path(sp) == PRIVSEP_DIR and other_labs:
-            continue   # another lab's sshd still needs it
+    for sp in state.system_paths:   # files first, then their directories (recorded in that order)
+        if Path(sp) in (PRIVSEP_DIR, NETNS_ETC) and other_labs:
+            continue   # another lab still needs it
+        if Path(sp) == PRIVSEP_DIR and _sshd_running():
+            continue   # an sshd (another lab's, under another TESTBED_HOME, or the machine's) needs it
         try:
-            Path(sp).rmdir()
+            if Path(sp).is_dir():
+                Path(sp).rmdir()
+            else:
+                Path(sp).unlink()
         except FileNotFoundError:
             pass
         except OSError as err:
             forced.append(f"left {sp} in place: {err.strerror}")
     shutil.rmtree(paths.dir)
     return forced
+
+
+def _sshd_running() -> bool:
+    """Whether any sshd process runs on this machine (they all need /run/sshd at each connection)."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.readlink(p / "exe") == SSHD:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -20,6 +20,7 @@ import socket
 import struct
 import time
 from array import array
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from testbed.guest.heartbeat import Heartbeat, parse
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 MAX_SAMPLES = 8_000_000     # per VM; the oldest half is dropped beyond this
 REPLY_LIMIT = 64 * 1024 * 1024
+RECENT = 30_000             # whole heartbeats kept per VM (30 s at 1 kHz): "last" of a past window
 
 
 class Track:
@@ -36,8 +38,17 @@ class Track:
         self.seq = array("Q")
         self.guest_ns = array("Q")
         self.last: Heartbeat | None = None
+        self.recent: deque[tuple[float, Heartbeat]] = deque(maxlen=RECENT)   # whole heartbeats, newest last
         self.violations = 0
         self.sources: dict[str, int] = {}
+
+    def last_before(self, until_s: float) -> Heartbeat | None:
+        """The newest heartbeat received at or before ``until_s`` (None if older than what is kept)."""
+        import bisect
+        i = bisect.bisect_right(self.recent, until_s, key=lambda e: e[0])
+        if i == 0:
+            return None
+        return self.recent[i - 1][1]
 
     def add(self, t: float, hb: Heartbeat, src: str) -> None:
         if len(self.t) >= MAX_SAMPLES:
@@ -48,6 +59,7 @@ class Track:
         self.seq.append(hb.seq)
         self.guest_ns.append(hb.guest_ns)
         self.last = hb
+        self.recent.append((t, hb))
         if hb.violation:
             self.violations += 1
         self.sources[src] = self.sources.get(src, 0) + 1
@@ -76,8 +88,10 @@ class Track:
         lo = bisect.bisect_left(self.t, since_s) if since_s is not None else 0
         hi = bisect.bisect_right(self.t, until_s) if until_s is not None else len(self.t)
         n = hi - lo
+        # "last": the newest heartbeat of the window (with until_s), else the newest of all
+        last = self.last if until_s is None else self.last_before(until_s)
         out: dict[str, Any] = {"count": n, "violations_seen": self.violations,
-                               "last": self.last.as_dict() if self.last else None,
+                               "last": last.as_dict() if last else None,
                                "sources": self.sources}
         if n == 0:
             out.update(first_s=None, last_s=None, max_gap_ms=None, gaps=[], lost=0)

@@ -24,7 +24,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import InputError
-from testbed.units import parse_rate_bytes, parse_size
+from testbed.units import parse_duration_us, parse_ppm, parse_rate_bytes, parse_size
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,14}$")
 LAB_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -65,13 +65,28 @@ class HostSpec(_Frozen):
     name: Name
     kind: Literal["netns"] = "netns"
     datastores: tuple[DatastoreSpec, ...] = ()
-    license: str = "enterprise-plus"
+    license: str = "enterprise-plus"     # what the host reports; the vCenter may assign another
+    root_password: str | None = None     # None: a random one, kept in the host's directory (0600)
+    machine_types: tuple[str, ...] | None = None   # offer only these QEMU machine types (an older host)
+    # TCP socket buffer ceiling (tcp_rmem/tcp_wmem max) in the host's namespace: "auto" sizes it to twice
+    # the link's bandwidth-delay product (never below the kernel's), "kernel" leaves it alone, or a size.
+    tcp_buffers: str = "auto"
+
+    @field_validator("tcp_buffers")
+    @classmethod
+    def _tcp_buffers(cls, v: str) -> str:
+        if v not in ("auto", "kernel"):
+            parse_size(v, what="tcp_buffers")
+        return v
 
 
 
 class VCenterSpec(_Frozen):
+    """A vCenter. Two vCenters with the same ``sso_domain`` are in enhanced linked mode."""
+
     name: Name
-    sso_domain: str = "vsphere.local"
+    sso_domain: str = Field(default="vsphere.local", pattern=r"^[a-z0-9][a-z0-9.-]{0,62}$")
+    session_ttl_s: int = Field(default=3600, ge=5, le=7 * 86400)
 
 
 
@@ -89,10 +104,37 @@ class PortGroupSpec(_Frozen):
 
 
 class LinkSpec(_Frozen):
-    """The site-to-site link. ``bandwidth_bps`` is in bytes per second; None = unlimited."""
+    """The site-to-site link. ``bandwidth_bps`` is in bytes per second; None = unlimited.
+
+    ``delay_us`` is one-way (each direction); YAML may give ``rtt: 100ms`` or
+    ``delay: 50ms`` instead, and ``jitter: 1ms``, ``loss: 0.1%`` (per direction).
+    """
 
     bandwidth_bps: int | None = Field(default=None, gt=0)
     mtu: int = Field(default=1500, ge=1280, le=9000)
+    delay_us: int = Field(default=0, ge=0, le=10_000_000)
+    jitter_us: int = Field(default=0, ge=0, le=10_000_000)
+    loss_ppm: int = Field(default=0, ge=0, le=1_000_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _people_units(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "rtt" in data and "delay" in data:
+            raise ValueError("give either rtt or delay (one-way), not both")
+        if "rtt" in data:
+            data["delay_us"] = parse_duration_us(data.pop("rtt"), what="link rtt") // 2
+        if "delay" in data:
+            data["delay_us"] = parse_duration_us(data.pop("delay"), what="link delay")
+        if "jitter" in data:
+            data["jitter_us"] = parse_duration_us(data.pop("jitter"), what="link jitter")
+        if "loss" in data:
+            data["loss_ppm"] = parse_ppm(data.pop("loss"), what="link loss")
+        if "bandwidth" in data:
+            data["bandwidth_bps"] = data.pop("bandwidth")
+        return data
 
     @field_validator("bandwidth_bps", mode="before")
     @classmethod
@@ -211,6 +253,11 @@ def host_addresses(site_index: int, host_index: int) -> HostAddresses:
         vmotion=f"198.18.{16 + site_index}.{10 + host_index}/24",
         vmotion_gateway=f"198.18.{16 + site_index}.1",
     )
+
+
+def fqdn(t: Topology, node: str) -> str:
+    """A lab node's DNS name, resolvable inside the lab's namespaces: ``esx-a1.<lab>.test``."""
+    return f"{node}.{t.name}.test"
 
 
 def vcenter_address(site_index: int) -> str:

@@ -75,9 +75,13 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, disk_paths: list[Path], *,
             argv += ["-append", boot.append]
     for i, (disk, path) in enumerate(zip(spec.disks, disk_paths, strict=False)):
         node = disk_node(i)
+        crypt = ""
+        if disk.encrypted:
+            argv += ["-object", f"secret,id={node}-key,file={path.with_name(f'.{path.name}.key')},format=raw"]
+            crypt = f",encrypt.format=luks,encrypt.key-secret={node}-key"
         argv += [
             "-blockdev", f"driver=file,filename={path},node-name={node}-file,cache.direct=off",
-            "-blockdev", f"driver={disk.format},file={node}-file,node-name={node}",
+            "-blockdev", f"driver={disk.format},file={node}-file,node-name={node}{crypt}",
             "-device", f"virtio-blk-pci,drive={node},id={node}-dev"
             + (",bootindex=0" if i == 0 and boot.from_disk else ""),
         ]

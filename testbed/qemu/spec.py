@@ -24,6 +24,7 @@ class DiskSpec(_Frozen):
     file: str                                  # file name inside the datastore
     size_bytes: int = Field(gt=0)
     format: Literal["qcow2", "raw"] = "qcow2"
+    encrypted: bool = False                    # LUKS inside qcow2; the host keeps the key beside the disk
 
 
 class NicSpec(_Frozen):

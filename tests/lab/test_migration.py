@@ -36,7 +36,7 @@ def mlab(lab_env: Path) -> object:
         return SiteSpec(name=f"site-{letter}", vcenter=VCenterSpec(name=f"vc-{letter}"), hosts=tuple(hosts))
 
     t = Topology(name=name, sites=(site("a"), site("b")))
-    asyncio.run(labctl.up(t))
+    asyncio.run(labctl.up(t, start_agents_now=True))   # the engine alone: no vCenters
     labctl.set_link(name, change_bandwidth=True, bandwidth_bps=100 * MiB)
     yield name
     labctl.down(name)
@@ -132,7 +132,8 @@ async def test_busy_vm_converges_with_auto_converge(mvms: VmManager, mlab: str) 
     await boot(mvms, "busy1", "esx-a1", "memory:45MB/s@48M", memory=256 * MiB, disk=256 * MiB)
     labctl.set_link(mlab, change_bandwidth=True, bandwidth_bps=30 * MiB)
     try:
-        r = await mvms.migrate("busy1", "esx-b1", downtime_limit_ms=300, completion_timeout_s=180)
+        r = await mvms.migrate("busy1", "esx-b1", converge="auto-converge", downtime_limit_ms=300,
+                               completion_timeout_s=180)
     finally:
         labctl.set_link(mlab, change_bandwidth=True, bandwidth_bps=100 * MiB)
     assert_moved(r, "esx-b1")

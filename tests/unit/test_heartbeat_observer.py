@@ -39,3 +39,14 @@ def test_gaps_and_losses() -> None:
     assert 150 < st["max_gap_ms"] < 152
     assert len(st["gaps"]) == 1 and st["gaps"][0]["seq_before"] == 100
     assert tr.stats(100.2, None, 20)["count"] == 10 - 0   # only the tail
+
+
+def test_last_of_a_window_is_that_windows_newest_heartbeat() -> None:
+    """The engine compares the guest after the move with its last heartbeat *before* the pause."""
+    tr = Track()
+    for seq, t in ((1, 10.0), (2, 10.001), (3, 10.002), (4, 12.5)):
+        tr.add(t, hb(seq), "198.19.1.1")
+    assert tr.stats(9.0, 10.0015, 20)["last"]["seq"] == 2
+    assert tr.stats(9.0, 11.0, 20)["last"]["seq"] == 3
+    assert tr.stats(9.0, None, 20)["last"]["seq"] == 4
+    assert tr.stats(1.0, 2.0, 20)["last"] is None

@@ -1,0 +1,449 @@
+"""The vCenter services: SSO and the API's refusals, bad input, every precheck failing on purpose,
+a pinned thumbprint that does not match, an untrusted peer, a cross-vCenter relocate end to end,
+and a vCenter killed in the middle of a relocate.
+
+One lab for the module (``vclab``): site B has an "older" host (esx-b2 offers only QEMU 9.2
+machine types) and esx-b1 has a tiny second datastore, so the prechecks can fail for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from testbed import labctl
+from testbed.errors import NotFound
+from testbed.lab import builder
+from testbed.lab import observer as obs
+from testbed.lab.topology import DatastoreSpec, HostSpec, SiteSpec, Topology, VCenterSpec
+from testbed.net import fabric
+from testbed.net.cmd import run
+from testbed.vcenter import certs, deploy, sso
+from testbed.vcenter.client import ApiError, VcClient
+
+from ..conftest import unique_lab_name
+
+pytestmark = pytest.mark.lab
+CHECKS = ["vm-state", "host-compatibility", "port-groups", "datastore-space", "vmotion-network",
+          "name-resolution", "bandwidth", "license", "encryption", "vm-name"]
+
+
+def vc_topology(name: str, linked: bool = False) -> Topology:
+    dom_a, dom_b = ("vsphere.local", "vsphere.local") if linked else ("vsphere-a.local", "vsphere-b.local")
+    if linked:
+        return Topology(name=name, sites=(
+            SiteSpec(name="site-a", vcenter=VCenterSpec(name="vc-a", sso_domain=dom_a),
+                     hosts=(HostSpec(name="esx-a1"),)),
+            SiteSpec(name="site-b", vcenter=VCenterSpec(name="vc-b", sso_domain=dom_b),
+                     hosts=(HostSpec(name="esx-b1"),))))
+    return Topology(name=name, sites=(
+        SiteSpec(name="site-a", vcenter=VCenterSpec(name="vc-a", sso_domain=dom_a, session_ttl_s=600),
+                 hosts=(HostSpec(name="esx-a1"), HostSpec(name="esx-a2"))),
+        SiteSpec(name="site-b", vcenter=VCenterSpec(name="vc-b", sso_domain=dom_b),
+                 hosts=(HostSpec(name="esx-b1", datastores=(DatastoreSpec(name="ds-esx-b1"),
+                                                            DatastoreSpec(name="ds-tiny", capacity_bytes=64 * 2**20))),
+                        HostSpec(name="esx-b2", machine_types=("pc-q35-9.2", "pc-i440fx-9.2"))))))
+
+
+@pytest.fixture(scope="module")
+def vclab(lab_env: Path) -> Iterator[str]:
+    name = unique_lab_name()
+    asyncio.run(deploy.up(vc_topology(name)))
+    try:
+        yield name
+    finally:
+        labctl.down(name)
+
+
+def client(lab: str, vc: str, login: bool = True) -> VcClient:
+    return deploy.client(lab, vc, login=login)
+
+
+def dest_spec(lab: str, vc: str = "vc-b", **placement: Any) -> dict[str, Any]:
+    cfg = deploy.config_of(lab, vc)
+    return {"placement": {"host": "esx-b1", **placement},
+            "destination_vcenter": {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}",
+                                    "password": deploy.admin_password(cfg),
+                                    "thumbprint": certs.thumbprint_file(cfg.cert)}}
+
+
+def relocate(c: VcClient, vm: str, spec: dict[str, Any], timeout_s: float = 300) -> dict[str, Any]:
+    tid = c.post(f"/api/vcenter/vm/{vm}", {"spec": spec}, params={"action": "relocate"})["task"]
+    return c.wait_task(tid, timeout_s=timeout_s)
+
+
+def wait_heartbeat(lab: str, vm: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = asyncio.run(obs.query(builder.LabPaths(lab).observer_socket,
+                                   {"op": "stats", "vm": vm, "since_s": time.monotonic() - 1}))
+        if st["count"] > 100:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"VM {vm} sent no heartbeat within {timeout_s} s")
+
+
+def running_on(lab: str, vm: str) -> list[str]:
+    """Where the hosts themselves (asked with the lab operator's key) run ``vm``'s guest."""
+    state = builder.load_state(lab)
+
+    async def ask() -> list[str]:
+        out = []
+        for name, h in labctl.hosts_of(state).items():
+            async with await h.agent() as agent:
+                for d in await agent.call("vm.list"):
+                    if d["name"] == vm and d["state"] == "running" and d.get("status") == "running":
+                        out.append(name)
+        return out
+    return asyncio.run(ask())
+
+
+def inventory_host(lab: str, vc: str, vm: str) -> str | None:
+    with client(lab, vc) as c:
+        try:
+            return str(c.get(f"/api/vcenter/vm/{vm}")["host"])
+        except NotFound:
+            return None
+
+
+@pytest.fixture(scope="module")
+def app1(vclab: str) -> Iterator[str]:
+    """A busy VM with a disk on esx-a1 (vc-a), heartbeat flowing."""
+    with client(vclab, "vc-a") as c:
+        c.post("/api/vcenter/vm", {"name": "app1", "placement": {"host": "esx-a1"}, "memory": "256M",
+                                   "disk": "256M", "workload": "memory:10MB/s@64M,disk:1MB/s"})
+    wait_heartbeat(vclab, "app1")
+    yield "app1"
+
+
+# --- SSO and the API's refusals -----------------------------------------------------------
+
+def test_api_refuses_without_a_valid_token(vclab: str) -> None:
+    cfg_a = deploy.config_of(vclab, "vc-a")
+    anon = client(vclab, "vc-a", login=False)
+    for path in ("/api/vcenter/vm", "/api/vcenter/host", "/api/cis/tasks", "/api/testbed/about"):
+        with pytest.raises(ApiError) as e:
+            anon.get(path)
+        assert e.value.status == 401 and "vmware-api-session-id" in str(e.value)
+    # wrong password, and a user of another domain
+    with pytest.raises(ApiError) as e:
+        anon.login(f"administrator@{cfg_a.sso_domain}", "not-the-password")
+    assert e.value.status == 401 and "wrong user name or password" in str(e.value)
+    with pytest.raises(ApiError) as e:
+        anon.login("administrator@vsphere-b.local", deploy.admin_password(deploy.config_of(vclab, "vc-b")))
+    assert e.value.status == 401 and "not in SSO domain vsphere-a.local" in str(e.value)
+    # the other domain's token
+    with client(vclab, "vc-b") as b:
+        anon.token = b.token
+        with pytest.raises(ApiError) as e:
+            anon.get("/api/vcenter/vm")
+        assert e.value.status == 401 and "not issued by SSO domain vsphere-a.local" in str(e.value)
+    # an expired token, signed by the right domain (the lab operator holds the domain's secret)
+    expired, _ = sso.issue(cfg_a.domain_secret.read_bytes(), f"administrator@{cfg_a.sso_domain}",
+                           cfg_a.sso_domain, ttl_s=-1)
+    anon.token = expired
+    with pytest.raises(ApiError) as e:
+        anon.get("/api/vcenter/vm")
+    assert e.value.status == 401 and "expired" in str(e.value)
+    # a forged one
+    anon.token = expired[:-4] + "AAAA"
+    with pytest.raises(ApiError) as e:
+        anon.get("/api/vcenter/vm")
+    assert e.value.status == 401
+    # logging out revokes the session
+    c = client(vclab, "vc-a")
+    token = c.token
+    assert c.get("/api/session")["user"] == f"administrator@{cfg_a.sso_domain}"
+    c.logout()
+    c.token = token
+    with pytest.raises(ApiError) as e:
+        c.get("/api/vcenter/vm")
+    assert e.value.status == 401 and "logged out" in str(e.value)
+    # passwords are stored hashed
+    db = (Path(cfg_a.dir) / "inventory.db").read_bytes()
+    assert deploy.admin_password(cfg_a).encode() not in db and b"scrypt$" in db
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(vclab: str) -> None:
+    with client(vclab, "vc-a") as c:
+        before = c.get("/api/vcenter/vm")
+        ds_before = c.get("/api/vcenter/datastore")
+        url = c.url + "/api/vcenter/vm"
+        raw = c.http.post(url, data=b"{not json", headers={"vmware-api-session-id": str(c.token),
+                                                             "Content-Type": "application/json"}, timeout=30)
+        assert raw.status_code == 400 and "malformed request" in raw.json()["messages"][0]["default_message"]
+        cases = [
+            ({"name": "x1", "placement": {"host": "esx-a1"}, "colour": "red"}, 400, "colour"),
+            ({"name": "Web 01;rm -rf", "placement": {"host": "esx-a1"}, "memory": "256M"}, 400, "not allowed"),
+            ({"name": "x2", "placement": {"host": "esx-zz"}, "memory": "256M"}, 404, "esx-zz"),
+            ({"name": "x3", "placement": {"host": "esx-a1", "datastore": "nope"}, "memory": "256M"}, 404, "nope"),
+            ({"name": "x4", "placement": {"host": "esx-a1", "network": "Nope"}, "memory": "256M"}, 404, "Nope"),
+            ({"name": "x5", "placement": {"host": "esx-a1"}, "memory": "lots"}, 400, "memory"),
+            ({"name": "x6", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "64T"}, 400, "free"),
+        ]
+        for body, status, words in cases:
+            r = c.http.post(url, data=json.dumps(body), headers={"vmware-api-session-id": str(c.token),
+                                                                  "Content-Type": "application/json"}, timeout=60)
+            msg = r.json()["messages"][0]["default_message"]
+            assert r.status_code == status and words in msg, (body, r.status_code, msg)
+        with pytest.raises(NotFound):
+            c.post("/api/vcenter/vm/no-such-vm", {"spec": {"placement": {"host": "esx-a2"}}},
+                   params={"action": "relocate"})
+        assert c.get("/api/vcenter/vm") == before
+        assert c.get("/api/vcenter/datastore") == ds_before, "no disk was left behind by the refused creates"
+
+
+# --- prechecks --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _vmk1_down(lab: str) -> Iterator[None]:
+    ns = fabric.ns_name(lab, "esx-b1")
+    run(["ip", "link", "set", "vmk1", "down"], netns=ns)
+    try:
+        yield
+    finally:
+        run(["ip", "link", "set", "vmk1", "up"], netns=ns)
+        # a link going down takes its routes with it: put back the route to the other sites' vMotion networks
+        run(["ip", "route", "replace", "198.18.16.0/20", "via", "198.18.17.1", "dev", "vmk1"], netns=ns)
+
+
+@contextlib.contextmanager
+def _forget_name(lab: str) -> Iterator[None]:
+    hosts = Path("/etc/netns") / fabric.ns_name(lab, "vc-a") / "hosts"
+    text = hosts.read_text()
+    with open(hosts, "w") as f:   # in place: the file is bind-mounted into the vCenter's namespace
+        f.write("".join(line + "\n" for line in text.splitlines() if "esx-b1" not in line))
+    try:
+        yield
+    finally:
+        with open(hosts, "w") as f:
+            f.write(text)
+
+
+@contextlib.contextmanager
+def _licence(lab: str, edition: str) -> Iterator[None]:
+    with client(lab, "vc-b") as b:
+        b.patch("/api/vcenter/host/esx-b1", {"license": edition})
+        try:
+            yield
+        finally:
+            b.patch("/api/vcenter/host/esx-b1", {"license": "enterprise-plus"})
+
+
+@contextlib.contextmanager
+def _slow_link(lab: str) -> Iterator[None]:
+    labctl.set_link(lab, change_bandwidth=True, bandwidth_bps=2 * 2**20)
+    try:
+        yield
+    finally:
+        labctl.set_link(lab, change_bandwidth=True, bandwidth_bps=None)
+
+
+@pytest.fixture(scope="module")
+def enc1(vclab: str) -> str:
+    with client(vclab, "vc-a") as c:
+        v = c.post("/api/vcenter/vm", {"name": "enc1", "placement": {"host": "esx-a2"}, "memory": "128M",
+                                       "disk": "64M", "encrypted": True})
+        assert v["disks"][0]["encrypted"] is True and v["power_state"] == "POWERED_ON"
+    wait_heartbeat(vclab, "enc1")
+    return "enc1"
+
+
+PRECHECK_CASES = {
+    # check that fails: (what to do around the relocate, placement overrides, words in its message)
+    "host-compatibility": (contextlib.nullcontext, {"host": "esx-b2"}, "machine type pc-q35-10.0"),
+    "port-groups": (contextlib.nullcontext, {"network": "DMZ-nowhere"}, "'DMZ-nowhere' do not exist on esx-b1"),
+    "datastore-space": (contextlib.nullcontext, {"datastore": "ds-tiny"}, "has 0.1 GiB free"),
+    "vmotion-network": (_vmk1_down, {}, "cannot open TCP connections to esx-b1's vMotion address"),
+    "name-resolution": (_forget_name, {}, "cannot resolve esx-b1"),
+    "license": (lambda lab: _licence(lab, "standard"), {}, "licence edition 'standard'"),
+}
+
+
+@pytest.mark.parametrize("check", [*PRECHECK_CASES, "encryption", "bandwidth"])
+def test_each_precheck_fails_on_purpose(vclab: str, app1: str, enc1: str, check: str) -> None:
+    vm = "app1"
+    if check == "encryption":
+        around: Any = contextlib.nullcontext
+        placement: dict[str, Any] = {}
+        words = "encrypted disk(s) enc1-disk0.qcow2"
+        vm = enc1
+    elif check == "bandwidth":
+        # a warning, not an error: made visible by stopping the move with another check
+        around, placement, words = _slow_link, {"network": "DMZ-nowhere"}, "may not converge"
+    else:
+        around, placement, words = PRECHECK_CASES[check]
+    cm = around(vclab) if around is not contextlib.nullcontext else contextlib.nullcontext()
+    with client(vclab, "vc-a") as c, cm:
+        t = relocate(c, vm, dest_spec(vclab, **placement), timeout_s=120)
+    assert t["status"] == "FAILED"
+    got = {ch["name"]: ch for ch in t["prechecks"]}
+    assert list(got) == CHECKS, f"every check runs and is reported: {t['error']}"
+    ch = got[check]
+    expected = "warning" if check == "bandwidth" else "error"
+    assert ch["status"] == expected and words in ch["message"], ch
+    assert ch["hint"], "a failing check says what to do"
+    bad = [n for n, x in got.items() if x["status"] == "error"]
+    assert bad == (["port-groups"] if check == "bandwidth" else [check]), t["prechecks"]
+    assert t["error"]["message"].startswith(f"prechecks failed for relocating VM {vm}")
+    # nothing moved: the VM runs where it was, in the inventory where it was
+    assert running_on(vclab, vm) == [("esx-a2" if vm == enc1 else "esx-a1")]
+    assert inventory_host(vclab, "vc-b", vm) is None
+
+
+# --- trust -----------------------------------------------------------------------------------
+
+def test_wrong_thumbprint_is_refused_before_any_data_moves(vclab: str, app1: str) -> None:
+    spec = dest_spec(vclab)
+    spec["destination_vcenter"]["thumbprint"] = ":".join(["AB"] * 32)
+    with client(vclab, "vc-b") as b, client(vclab, "vc-a") as c:
+        events_before = len(b.get("/api/testbed/events"))
+        t = relocate(c, app1, spec, timeout_s=60)
+        new = b.get("/api/testbed/events")[events_before:]
+    assert t["status"] == "FAILED"
+    assert "thumbprint" in t["error"]["message"] and "AB:AB" in t["error"]["message"]
+    assert t["progress"]["phase"] == "trust" and t["prechecks"] == []
+    assert t["result"] is None, "the engine never started"
+    assert not [e for e in new if e["kind"] in ("UserLoginSessionEvent", "VmBeingMigratedEvent")], new
+    assert running_on(vclab, app1) == ["esx-a1"]
+
+
+def test_destination_refuses_a_vcenter_it_does_not_trust(vclab: str) -> None:
+    with client(vclab, "vc-b") as b:
+        body = {"vm": {"name": "intruder", "spec": {}}, "host": "esx-b1", "source_vcenter": "vc-x"}
+        with pytest.raises(ApiError) as e:
+            b.post("/api/testbed/xvmotion/admit", body)
+        assert e.value.status == 403 and "trusted peer" in str(e.value)
+        # signed, but in the name of a vCenter vc-b has no trust with
+        cfg_a = deploy.config_of(vclab, "vc-a")
+        b.peer = ("vc-x", cfg_a.key)
+        with pytest.raises(ApiError) as e:
+            b.post("/api/testbed/xvmotion/admit", body, signed=True)
+        assert e.value.status == 403 and "does not trust vCenter 'vc-x'" in str(e.value)
+        assert inventory_host(vclab, "vc-b", "intruder") is None
+
+
+# --- the move itself ----------------------------------------------------------------------------
+
+def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str) -> None:
+    phases: list[str] = []
+    with client(vclab, "vc-a") as c:
+        tid = c.post(f"/api/vcenter/vm/{app1}", {"spec": dest_spec(vclab)}, params={"action": "relocate"})["task"]
+        t = c.wait_task(tid, timeout_s=300, on_update=lambda t: phases.append(t["progress"].get("phase", "")))
+        events_a = [e for e in c.get("/api/testbed/events", params={"vm": app1})]
+    r = t["result"]
+    print(f"\ncross-vCenter relocate: {r['total_s']:.2f} s engine, downtime reported "
+          f"{r['downtime_ms']['reported']} ms, observed {r['downtime_ms']['observed']} ms; "
+          f"task {t['end_time'] - t['start_time']:.2f} s")
+    assert t["status"] == "SUCCEEDED", t["error"]
+    assert all(ch["status"] != "error" for ch in t["prechecks"])
+    assert r["integrity"]["memory"] == "verified" and r["integrity"]["disk"] == "verified"
+    assert r["source"]["vcenter"] == "vc-a" and r["destination"]["vcenter"] == "vc-b"
+    assert {"trust", "prechecks", "memory-precopy"} <= set(phases), phases
+    assert running_on(vclab, app1) == ["esx-b1"]
+    assert inventory_host(vclab, "vc-b", app1) == "esx-b1"
+    assert inventory_host(vclab, "vc-a", app1) is None
+    with client(vclab, "vc-b") as b:
+        info = b.get(f"/api/vcenter/vm/{app1}")
+        assert [h["vcenter"] for h in info["history"]] == ["vc-a", "vc-b"]
+        events_b = b.get("/api/testbed/events", params={"vm": app1})
+        trusts_b = {x["name"] for x in b.get("/api/testbed/trust")}
+    assert any(e["kind"] == "VmMigratedEvent" for e in events_a), "the source keeps the VM's history"
+    assert any(e["kind"] == "VmBeingMigratedEvent" for e in events_b)
+    assert any(e["kind"] == "VmMigratedEvent" for e in events_b)
+    assert "vc-a" in trusts_b
+    for vc in ("vc-a", "vc-b"):
+        with client(vclab, vc) as cl:
+            rec = cl.post("/api/testbed/reconcile")
+        assert rec["problems"] == [] and rec["unreachable_hosts"] == [], rec
+
+
+def test_vcenter_killed_mid_relocate_resolves_honestly(vclab: str, app1: str) -> None:
+    """Move app1 back (vc-b -> vc-a) over a slow link; SIGKILL vc-b in pre-copy; restart it."""
+    assert inventory_host(vclab, "vc-b", app1) == "esx-b1", "runs after the end-to-end test"
+    labctl.set_link(vclab, change_bandwidth=True, bandwidth_bps=24 * 2**20)
+    try:
+        spec = dest_spec(vclab, vc="vc-a")
+        spec["placement"] = {"host": "esx-a1"}
+        with client(vclab, "vc-b") as b:
+            tid = b.post(f"/api/vcenter/vm/{app1}", {"spec": spec}, params={"action": "relocate"})["task"]
+            deadline = time.monotonic() + 120
+            while b.get(f"/api/cis/tasks/{tid}")["progress"].get("phase") not in ("memory-precopy",):
+                assert time.monotonic() < deadline, "the relocate never reached pre-copy"
+                time.sleep(0.2)
+        print("\n" + deploy.stop(vclab, "vc-b", kill=True))
+        time.sleep(1)
+        deploy.start(vclab, "vc-b")
+        with client(vclab, "vc-b") as b:
+            t = b.wait_task(tid, timeout_s=240)
+    finally:
+        labctl.set_link(vclab, change_bandwidth=True, bandwidth_bps=None)
+    print(f"after the restart: {t['status']}; " + " | ".join(t["notes"]))
+    assert any("restarted during this task" in n for n in t["notes"])
+    where = running_on(vclab, app1)
+    assert len(where) == 1, f"the VM runs on exactly one host, not {where}"
+    in_a, in_b = inventory_host(vclab, "vc-a", app1), inventory_host(vclab, "vc-b", app1)
+    if t["status"] == "SUCCEEDED":
+        assert where == ["esx-a1"] and in_a == "esx-a1" and in_b is None
+    else:
+        assert where == ["esx-b1"] and in_b == "esx-b1" and in_a is None
+        assert "rolled back" in t["error"]["message"]
+    for vc in ("vc-a", "vc-b"):
+        with client(vclab, vc) as cl:
+            rec = cl.post("/api/testbed/reconcile")
+        assert rec["problems"] == [], rec
+
+
+def test_enhanced_linked_mode(lab_env: Path) -> None:
+    """Both vCenters in one SSO domain: a token of one is valid at the other, trust is configured
+    once (at install), and a relocate needs no destination credentials."""
+    name = unique_lab_name()
+    asyncio.run(deploy.up(vc_topology(name, linked=True)))
+    try:
+        with client(name, "vc-a") as a, client(name, "vc-b", login=False) as b:
+            b.token = a.token
+            assert b.get("/api/session")["domain"] == "vsphere.local"
+            assert {x["name"] for x in a.get("/api/testbed/trust")} == {"vc-b"}
+            a.post("/api/vcenter/vm", {"name": "elm1", "placement": {"host": "esx-a1"}, "memory": "128M",
+                                       "disk": "64M"})
+            wait_heartbeat(name, "elm1")
+            url = deploy.config_of(name, "vc-b").url
+            t = relocate(a, "elm1", {"placement": {"host": "esx-b1"}, "destination_vcenter": {"url": url}})
+        assert t["status"] == "SUCCEEDED", t["error"]
+        assert running_on(name, "elm1") == ["esx-b1"] and inventory_host(name, "vc-b", "elm1") == "esx-b1"
+    finally:
+        labctl.down(name)
+
+
+def test_requests_never_use_the_environments_proxy(vclab: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://192.0.2.1:9")   # TEST-NET: would fail if it were used
+    with client(vclab, "vc-a") as c:
+        assert isinstance(c.http, requests.Session) and c.get("/api/session")["vcenter"] == "vc-a"
+
+
+def test_cli_speaks_to_the_vcenters(vclab: str, app1: str) -> None:
+    def cli(*args: str) -> Any:
+        r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout) if "--json" in args else r.stdout
+    vcs = cli("vcenter", "list", "--json")
+    assert [v["name"] for v in vcs] == ["vc-a", "vc-b"] and all(v["running"] for v in vcs)
+    vms = {v["name"]: v for v in cli("vm", "list", "--json")}
+    assert vms[app1]["power_state"] == "POWERED_ON" and vms[app1]["heartbeat_age_s"] < 1
+    tasks = cli("task", "list", "--json")
+    assert all({"id", "operation", "status", "progress"} <= set(t) for t in tasks)
+    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, "relocate", app1, "--dest-vcenter",
+                        "https://vc-x.nowhere.test", "--dest-thumbprint", ":".join(["00"] * 32),
+                        "--dest-host", "esx-b1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "cannot reach vCenter https://vc-x.nowhere.test" in r.stdout + r.stderr
