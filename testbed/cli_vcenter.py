@@ -65,17 +65,16 @@ def find_vm(a: argparse.Namespace, vm: str) -> tuple[str, VcClient]:
 
 # --- vm -----------------------------------------------------------------------------------------
 def vm_create(a: argparse.Namespace) -> int:
-    if a.kernel or a.initrd or a.image or a.append:
-        raise InputError("--kernel/--initrd/--append/--image are for VMs made without a vCenter",
-                         hint="the vCenter creates VMs from the built-in guest; for your own guest use the engine "
-                              "directly (testbed.vms.VmManager, see docs/vcenter.md)")
+    from pathlib import Path
+    own = {k: str(Path(getattr(a, k)).resolve()) if k != "append" else getattr(a, k)
+           for k in ("kernel", "initrd", "append", "image") if getattr(a, k)}
     vc = a.vcenter or vcenter_of_host(a.lab, a.host)
     with _client(a, vc) as c:
         r = c.post("/api/vcenter/vm", {"name": a.name, "placement": {"host": a.host, "datastore": a.datastore,
                                                                       "network": a.port_group},
                                        "memory": a.memory, "disk": a.disk, "workload": a.workload,
                                        "cpu_count": a.vcpus, "power_on": not a.no_start,
-                                       "encrypted": a.encrypted})
+                                       "encrypted": a.encrypted, **own})
     out.print(f"VM [bold]{r['name']}[/] created in {vc} on {r['host']} ({r['ip']}, workload {r['workload']})"
               + ("" if a.no_start else ", powered on"))
     return 0

@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from testbed import yamlmodel
 from testbed.errors import InputError
 from testbed.units import parse_duration_us, parse_ppm, parse_rate_bytes, parse_size
 
@@ -219,22 +219,9 @@ def load_topology(path: Path | str) -> Topology:
         text = path.read_text()
     except OSError as err:
         raise InputError(f"cannot read topology file {path}: {err.strerror}") from err
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"topology file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise InputError(f"topology file {path} must hold a mapping with at least 'sites'")
-    try:
-        return Topology.model_validate(data)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {loc}: {e['msg']}")
-        raise InputError(f"topology file {path} is invalid:\n" + "\n".join(lines),
-                         hint="fix the fields above; `testbed lab up` without --topology "
-                              "uses the default two-site lab") from err
+    return yamlmodel.parse(text, Topology, str(path), "topology file", needs="'sites'",
+                           hint="fix the fields above; `testbed lab up` without --topology uses the default "
+                                "two-site lab")
 
 
 # --- addressing -----------------------------------------------------------

@@ -45,6 +45,14 @@ class VmDef(_Frozen):
     workload: str = "idle"              # idle | memory:RATE[@WSS] | disk:RATE, comma-joined
     network: str | None = None
     encrypted: bool = False
+    kernel: str | None = None           # the user's own guest (no testbed agent: no heartbeat, no memory check)
+    initrd: str | None = None
+    append: str | None = None
+    image: str | None = None            # or a bootable qcow2/raw image as the VM's disk
+
+    @property
+    def builtin_guest(self) -> bool:
+        return self.kernel is None and self.image is None
 
     @field_validator("name")
     @classmethod
@@ -221,6 +229,10 @@ class Scenario(_Frozen):
                 raise ValueError(f"vms.{i}.network: port group {v.network!r} is not in the topology")
             if v.disk is None and v.encrypted:
                 raise ValueError(f"vms.{i}.encrypted: an encrypted VM needs a disk")
+            if v.kernel and v.image:
+                raise ValueError(f"vms.{i}.image: give either kernel (+ initrd) or image, not both")
+            if not v.builtin_guest and v.workload != "idle":
+                raise ValueError(f"vms.{i}.workload: a workload needs the built-in guest (its agent runs it)")
         for i, st in enumerate(self.steps):
             moves: list[tuple[str, Any]] = []
             if st.relocate:

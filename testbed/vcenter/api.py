@@ -78,6 +78,10 @@ class CreateVm(_In):
     cpu_count: int = Field(default=1, ge=1, le=16)
     power_on: bool = True
     encrypted: bool = False                # the VM's disk is LUKS-encrypted (cross-vCenter vMotion refuses it)
+    kernel: str | None = None              # the user's own guest: kernel (+ initrd, append), paths on the host
+    initrd: str | None = None
+    append: str | None = None
+    image: str | None = None               # or a bootable disk image, copied to the datastore
 
 
 class DestinationVcenter(_In):
@@ -270,7 +274,8 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         disk = parse_size(body.disk, what="disk") if isinstance(body.disk, str) else body.disk
         return await vc.create_vm(body.name, body.placement.host, memory, disk, datastore=body.placement.datastore,
                                   network=body.placement.network, workload=body.workload, vcpus=body.cpu_count,
-                                  start=body.power_on, encrypted=body.encrypted, user=s.user)
+                                  start=body.power_on, encrypted=body.encrypted, kernel=body.kernel,
+                                  initrd=body.initrd, append=body.append, image=body.image, user=s.user)
 
     @app.get("/api/vcenter/vm/{vm}")
     async def vm(s: Session, vm: str) -> dict[str, Any]:

@@ -357,7 +357,10 @@ class VCenter:
     async def create_vm(self, name: str, host: str, memory_bytes: int, disk_bytes: int | None, *,
                         datastore: str | None = None, network: str | None = None, workload: str = "idle",
                         vcpus: int = 1, start: bool = True, encrypted: bool = False,
-                        user: str = "") -> dict[str, Any]:
+                        kernel: str | None = None, initrd: str | None = None, append: str | None = None,
+                        image: str | None = None, user: str = "") -> dict[str, Any]:
+        """A VM of the built-in guest, or the user's own: ``kernel``/``initrd``/``append`` or a bootable
+        ``image`` (copied to the datastore), paths as the host sees them."""
         check_vm_request(name, memory_bytes)
         h = self.inv.host(host)
         if h is None:
@@ -379,14 +382,14 @@ class VCenter:
             spec, wl, builtin = build_vm_spec(
                 name, ip=ip, mac=_mac(f"{self.cfg.lab}/{self.cfg.name}/{name}"), memory_bytes=memory_bytes,
                 disk_bytes=disk_bytes, workload=workload, datastore=ds, port_group=pg, vcpus=vcpus,
-                encrypted=encrypted)
+                encrypted=encrypted, kernel=kernel, initrd=initrd, append=append, image=image)
             row = {"name": name, "host": host, "state": "registered", "spec": spec.model_dump(mode="json"),
                    "ip": ip, "workload": wl.describe(), "builtin_guest": builtin, "created_s": time.time(),
                    "history": [{"host": host, "vcenter": self.cfg.name, "since_s": time.time()}]}
             self.inv.put_vm(row)
             try:
                 async with self.agent(host) as agent:
-                    spec = await realize_on_host(agent, spec, start=start)
+                    spec = await realize_on_host(agent, spec, image=image, start=start)
             except BaseException:
                 await self._remove_from_host(host, spec)
                 self.inv.delete_vm(name)
