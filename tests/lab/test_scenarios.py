@@ -43,16 +43,21 @@ expect: {result: succeeded, max_downtime_observed_ms: 1000, integrity: true}
 OBSERVER_RESOLUTION_MS = 2.0   # the guest beats every 1 ms; one missed beat either side
 
 
-def test_downtime_under_a_second_for_idle_busy_and_disk_writing_guests(lab_env: Path) -> None:
+def test_downtime_under_a_second_for_idle_busy_and_disk_writing_guests(
+        lab_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rep = run_scenario(parse_scenario(DOWNTIME, "downtime-suite"), log=print)
     moves = rep["runs"][0]["moves"]
     assert [m["vm"] for m in moves] == ["idle1", "busy1", "disk1"]
-    print("\nworkload  reported  observed  (ms)")
+    with capsys.disabled():   # the figures belong in the test output, passed or not
+        print("\ndowntime suite (cross-vCenter, 100 MiB/s link): VM, reported ms, observed ms")
+        for m in moves:
+            if m.get("report"):
+                dt = m["report"]["downtime_ms"]
+                print(f"  {m['vm']:8} {dt['reported']!s:>8} {dt['observed']!s:>10}")
     for m in moves:
         r = m["report"]
         assert r is not None and m["status"] == "SUCCEEDED", m["error"]
         rep_ms, obs_ms = r["downtime_ms"]["reported"], r["downtime_ms"]["observed"]
-        print(f"{m['vm']:8}  {rep_ms:8}  {obs_ms:8}")
         assert rep_ms is not None and obs_ms is not None
         assert obs_ms < 1000
         assert obs_ms >= rep_ms - OBSERVER_RESOLUTION_MS, "users cannot feel less than QEMU's own stop"

@@ -335,16 +335,17 @@ def test_destination_refuses_a_vcenter_it_does_not_trust(vclab: str) -> None:
 
 # --- the move itself ----------------------------------------------------------------------------
 
-def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str) -> None:
+def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str, capsys: pytest.CaptureFixture[str]) -> None:
     phases: list[str] = []
     with client(vclab, "vc-a") as c:
         tid = c.post(f"/api/vcenter/vm/{app1}", {"spec": dest_spec(vclab)}, params={"action": "relocate"})["task"]
         t = c.wait_task(tid, timeout_s=300, on_update=lambda t: phases.append(t["progress"].get("phase", "")))
         events_a = [e for e in c.get("/api/testbed/events", params={"vm": app1})]
     r = t["result"]
-    print(f"\ncross-vCenter relocate: {r['total_s']:.2f} s engine, downtime reported "
-          f"{r['downtime_ms']['reported']} ms, observed {r['downtime_ms']['observed']} ms; "
-          f"task {t['end_time'] - t['start_time']:.2f} s")
+    with capsys.disabled():
+        print(f"\ncross-vCenter relocate: {r['total_s']:.2f} s engine, downtime reported "
+              f"{r['downtime_ms']['reported']} ms, observed {r['downtime_ms']['observed']} ms; "
+              f"task {t['end_time'] - t['start_time']:.2f} s")
     assert t["status"] == "SUCCEEDED", t["error"]
     assert all(ch["status"] != "error" for ch in t["prechecks"])
     assert r["integrity"]["memory"] == "verified" and r["integrity"]["disk"] == "verified"
