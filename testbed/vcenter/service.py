@@ -818,6 +818,11 @@ class VCenter:
                 raise TestbedError(f"relocate of VM {name} failed in phase {report.failed_phase}: {report.error}",
                                    hint=f"the VM keeps running on {src_host}; rollback: "
                                         + ("; ".join(report.rollback) or "nothing to undo"))
+        except Exception:
+            # admitted but the engine never started: the destination's placeholder and ticket must go
+            if peer is not None and t.get("stage") == "admitted":
+                await self._peer_abort(peer, t)
+            raise
         finally:
             if peer is not None:
                 with contextlib.suppress(TestbedError):
