@@ -20,6 +20,7 @@ from rich.live import Live
 
 from testbed import labctl
 from testbed.cli_vcenter import print_prechecks, progress_text
+from testbed.errors import TestbedError
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab.topology import LinkSpec, default_topology
@@ -29,16 +30,6 @@ from testbed.vcenter import certs, deploy
 
 MiB = 1024**2
 LINK_BPS = 100 * MiB
-
-
-async def _wait_heartbeat(lab: str, vm: str, since: float, timeout_s: float = 90) -> float:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = await obs.query(builder.LabPaths(lab).observer_socket, {"op": "stats", "vm": vm, "since_s": since})
-        if st["count"]:
-            return float(st["first_s"] - since)
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"no heartbeat from {vm} within {timeout_s:.0f} s")
 
 
 async def run_demo(lab: str, out: Console) -> int:
@@ -61,7 +52,10 @@ async def run_demo(lab: str, out: Console) -> int:
             "workload": "memory:20MB/s@128M,disk:2MB/s"})
         out.print(f"vc-a created VM [bold]demo-vm[/] on esx-a1 ({vm['ip']}), 512 MiB, 1 GiB local disk, "
                   f"workload {vm['workload']}")
-        first = await _wait_heartbeat(lab, "demo-vm", t0)
+        first = await obs.first_heartbeat(builder.LabPaths(lab).observer_socket, "demo-vm", t0, 90)
+        if first is None:
+            raise TestbedError("demo-vm sent no heartbeat within 90 s of power-on",
+                               hint=f"see `testbed --lab {lab} vm console-log demo-vm`")
         out.print(f"its heartbeat reaches the observer {first:.2f} s after power-on; letting the workload run 3 s")
         await asyncio.sleep(3)
         thumb = certs.thumbprint_file(b_cfg.cert)

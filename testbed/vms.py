@@ -361,12 +361,10 @@ class VmManager:
 
     async def wait_heartbeat(self, name: str, timeout_s: float = 30.0, since_s: float | None = None) -> float:
         """Seconds until the first heartbeat of ``name`` arrives after ``since_s``."""
+        self.get(name)
         t0 = time.monotonic() if since_s is None else since_s
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            st = await self.heartbeat_stats(name, since_s=t0)
-            if st["count"]:
-                return float(st["first_s"] - t0)
-            await asyncio.sleep(0.05)
+        first = await obs.first_heartbeat(labctl.observer_socket(self.lab), name, t0, timeout_s)
+        if first is not None:
+            return first
         raise TestbedError(f"no heartbeat from VM {name} within {timeout_s:.0f} s",
                            hint=f"see `testbed vm console-log {name}`")

@@ -183,6 +183,17 @@ class Observer:
         return {"error": f"unknown op {op!r}"}
 
 
+async def first_heartbeat(control: Path, vm: str, since_s: float, timeout_s: float) -> float | None:
+    """Seconds from ``since_s`` until the first heartbeat of ``vm`` after it; None if none in ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = await query(control, {"op": "stats", "vm": vm, "since_s": since_s})
+        if st["count"]:
+            return float(st["first_s"] - since_s)
+        await asyncio.sleep(0.05)
+    return None
+
+
 async def main_async(bind: str, port: int, control: Path) -> None:
     obs = Observer()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
