@@ -321,11 +321,13 @@ class VmManager:
                       allow_postcopy: bool = False, convergence: ConvergenceSettings | None = None,
                       postcopy_recovery_timeout_s: float = 120.0,
                       mirror_mode: str = "write-blocking",
-                      mirror_granularity: int | None = None) -> MigrationReport:
+                      mirror_granularity: int | None = None,
+                      agents: tuple[AgentClient, AgentClient] | None = None) -> MigrationReport:
         """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success.
 
         ``converge``: auto-converge (alias auto) | sdps | postcopy | adaptive | off;
-        ``completion_timeout_s`` None: per GiB of RAM (``ConvergenceSettings``)."""
+        ``completion_timeout_s`` None: per GiB of RAM (``ConvergenceSettings``); ``agents``: open connections
+        to the source's and destination's agents, kept by the caller (None: the engine connects)."""
         r = self.get(name)
         t = self.state.topology
         _, ssite, _, _ = t.host(r.host)
@@ -345,7 +347,7 @@ class VmManager:
             link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
             hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
             mirror_mode=mirror_mode, mirror_granularity=mirror_granularity,
-            stall_timeout_s=stall_timeout_s,
+            stall_timeout_s=stall_timeout_s, agents=agents,
             source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
                          r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),
             destination=Place(labctl.host(self.state, to_host), dsite.vcenter.name, ds))

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
-from testbed.guest.heartbeat import FLAG_MEM_VIOLATION
-from testbed.guest.workload import IDLE_WSS, Workload
+from testbed.guest.workload import Workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
-from testbed.lab import observer as obs
+from testbed.migration import integrity
 from testbed.migration.convergence import (
     Action,
     Controller,
@@ -108,6 +107,9 @@ class MigrationRequest:
     allow_postcopy: bool = False           # adaptive: post-copy as the last resort
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     postcopy_recovery_timeout_s: float = 120.0   # a post-copy whose channel broke: reconnect within this
+    # Open connections to the source's and destination's agents that the caller keeps (a management plane
+    # holds its host connections, as a vCenter does); None: the engine connects to both and closes them.
+    agents: tuple[AgentClient, AgentClient] | None = None
 
 
 # Fault injection and experiments: called at named checkpoints, e.g. to kill a QEMU or cut the link there.
@@ -168,7 +170,10 @@ class Migration:
     async def run(self) -> MigrationReport:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         req = self.req
-        conns = await asyncio.gather(req.source.host.agent(), req.destination.host.agent(), return_exceptions=True)
+        owned = req.agents is None or any(a.closed for a in req.agents)
+        conns: list[AgentClient | BaseException] = (
+            list(await asyncio.gather(req.source.host.agent(), req.destination.host.agent(), return_exceptions=True))
+            if owned else list(req.agents or ()))
         if any(isinstance(c, BaseException) for c in conns):
             err = next(c for c in conns if isinstance(c, BaseException))
             for c in conns:
@@ -197,7 +202,8 @@ class Migration:
             else:
                 await self._rollback(f"{self.machine.phase.value}: {err}")
         finally:
-            await asyncio.gather(src.close(), dst.close(), return_exceptions=True)
+            if owned:
+                await asyncio.gather(src.close(), dst.close(), return_exceptions=True)
         return self._report(started)
 
     async def _phases(self) -> None:
@@ -591,9 +597,10 @@ class Migration:
             integ.details.append(f"destination QEMU is {st.get('status')}, not running")
         if self.req.builtin_guest:
             # The last heartbeat before the pause: both checks below compare against it.
-            before = await obs.query(self.req.observer_socket, {"op": "stats", "vm": self.name,
-                                                                 "since_s": paused - 2.0, "until_s": paused})
-            self.hb_before = before["last"] if before["count"] else None
+            self.hb_before = await integrity.heartbeat_before(self.req.observer_socket, self.name, paused)
+            # Digesting the disks takes the CPU (here, both cores): not before the guest is up again, or the check
+            # would lengthen the downtime it measures.
+            await integrity.guest_back(self.req.observer_socket, self.name, resumed)
         disk_task = asyncio.create_task(self._verify_disks())
         try:
             if self.req.builtin_guest:
@@ -610,66 +617,15 @@ class Migration:
         return integ.memory != "failed" and integ.disk != "failed" and integ.guest_running
 
     async def _verify_guest(self, paused: float, resumed: float) -> None:
-        integ = self.integrity
-        sock = self.req.observer_socket
-        hb0 = self.hb_before
-        if hb0 is None:
-            integ.details.append("no heartbeat in the 2 s before the switchover: the guest was already silent")
-            integ.memory = "failed"
-            return
-        # downtime observed and stalls, from the heartbeat gaps
-        around = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": self.mono["migrate_s"] - 0.5,
-                                        "until_s": None, "gap_threshold_ms": self.stalls.threshold_ms})
-        wss_pages = (self.req.workload.mem_wss_bytes if self.req.workload.mem_rate_bps else IDLE_WSS) // PAGE
-        deadline = time.monotonic() + 60
-        verified_at_resume: int | None = None
-        while True:
-            after = await obs.query(sock, {"op": "stats", "vm": self.name, "since_s": resumed})
-            last = after["last"] if after["count"] else None
-            # "<", not "<=": the last heartbeat before the pause can arrive a second time after the resume
-            # (seen at 0 ms RTT, idle guest: seq 3080 before and after); a restarted guest starts again from 1.
-            if last is not None and last["seq"] < hb0["seq"]:
-                integ.details.append(f"the guest restarted after the move (heartbeat seq {last['seq']} "
-                                     f"< {hb0['seq']} before it)")
-                integ.memory = "failed"
-                break
-            if last is not None:
-                integ.guest_running = True
-                if verified_at_resume is None:
-                    verified_at_resume = last["mem_pages_verified"]
-                if last["mem_errors"] > hb0["mem_errors"] or last["flags"] & FLAG_MEM_VIOLATION:
-                    integ.memory = "failed"
-                    integ.details.append(f"the guest agent found {last['mem_errors']} bad memory pages after the move")
-                    break
-                if last["disk_errors"] > hb0["disk_errors"]:
-                    integ.disk = "failed"
-                    integ.details.append(f"the guest agent found {last['disk_errors']} bad disk blocks after the move")
-                if last["mem_pages_verified"] - verified_at_resume >= wss_pages:
-                    integ.memory = "verified"
-                    integ.details.append(f"memory: the guest verified all {wss_pages} working-set pages after "
-                                         f"the move, 0 errors")
-                    break
-            if time.monotonic() > deadline:
-                if last is None:
-                    integ.details.append("no heartbeat from the guest within 60 s after it resumed")
-                    integ.memory = "failed"
-                else:
-                    integ.details.append("memory unverified: the guest did not finish a verification pass in 60 s")
-                break
-            await asyncio.sleep(0.2)
-        # the gap that spans the switchover is what a user of the VM felt
-        spanning = (await obs.query(sock, {"op": "overlapping", "vm": self.name, "a_s": paused,
-                                           "b_s": resumed}))["gaps"]
-        if spanning:
-            g = max(spanning, key=lambda g: g["gap_ms"])
-            self.downtime.observed = round(g["gap_ms"], 2)
-            self.switch.heartbeat_gap_start_s = round(g["start_s"] - self.machine.t0, 4)
-            self.switch.heartbeat_gap_end_s = round(g["end_s"] - self.machine.t0, 4)
-        pre = [g for g in around["gaps"] if g["end_s"] <= paused]
-        self.stalls.max = round(max((g["gap_ms"] for g in pre), default=0.0), 2)
-        self.stalls.total = round(sum(g["gap_ms"] for g in pre), 2)
-        post = [g for g in around["gaps"] if g["start_s"] >= resumed]
-        self.stalls.after_resume_max = round(max((g["gap_ms"] for g in post), default=0.0), 2)
+        times = await integrity.check_guest(
+            self.req.observer_socket, self.name, self.hb_before, precopy_s=self.mono["migrate_s"], paused_s=paused,
+            resumed_s=resumed, workload=self.req.workload, integ=self.integrity,
+            threshold_ms=self.stalls.threshold_ms)
+        self.stalls = times.stalls
+        self.downtime.observed = times.observed_ms
+        if times.gap_start_s is not None and times.gap_end_s is not None:
+            self.switch.heartbeat_gap_start_s = round(times.gap_start_s - self.machine.t0, 4)
+            self.switch.heartbeat_gap_end_s = round(times.gap_end_s - self.machine.t0, 4)
 
     async def _verify_disks(self) -> None:
         assert self.src and self.dst
@@ -688,44 +644,8 @@ class Migration:
         integ.disk = "failed" if "failed" in verdicts else ("unverified" if "unverified" in verdicts else "verified")
 
     def _judge_disk(self, file: str, src: dict[str, Any], dst: dict[str, Any]) -> str:
-        """Source (frozen at the switchover) vs destination (live).
-
-        Verified when identical, or when they differ only by ring blocks the guest wrote after the move.
-        """
-        details = self.integrity.details
-        if src["size_bytes"] != dst["size_bytes"]:
-            details.append(f"disk {file}: sizes differ ({src['size_bytes']} vs {dst['size_bytes']})")
-            return "failed"
-        diff = [i for i, (x, y) in enumerate(zip(src["chunks"], dst["chunks"], strict=True)) if x != y]
-        if not diff:
-            details.append(f"disk {file}: source and destination identical ({len(src['chunks'])} MiB compared)")
-            return "verified"
-        sr, dr = src.get("ring"), dst.get("ring")
-        if not (self.req.builtin_guest and self.req.workload.disk_rate_bps and sr and dr):
-            details.append(f"disk {file}: {len(diff)} MiB differ and the guest wrote after the move; "
-                           "cannot tell them apart without the agent's block ring")
-            return "unverified"
-        ring_end_chunk = (dr["nblocks"] * 4096 - 1) // src["chunk_bytes"]
-        outside = [i for i in diff if i > ring_end_chunk]
-        problems = []
-        if outside:
-            problems.append(f"{len(outside)} MiB differ outside the guest's block ring (first at {outside[0]} MiB)")
-        for side, r in (("source", sr), ("destination", dr)):
-            if r["bad_blocks"] or r["holes"]:
-                problems.append(f"{side} ring has {r['bad_blocks']} bad blocks and {r['holes']} missing "
-                                f"sequence numbers (first: {r['bad'][:1]})")
-        if dr["max_seq"] < sr["max_seq"]:
-            problems.append(f"destination ring ends at seq {dr['max_seq']}, before the source's {sr['max_seq']}")
-        hb0 = self.hb_before
-        if hb0 and sr["max_seq"] < hb0["disk_seq"]:
-            problems.append(f"the source image lacks writes the guest had completed (seq {sr['max_seq']} < "
-                            f"{hb0['disk_seq']})")
-        if problems:
-            details.append(f"disk {file}: " + "; ".join(problems))
-            return "failed"
-        details.append(f"disk {file}: {len(diff)} MiB differ, all inside the guest's block ring and explained by "
-                       f"{dr['max_seq'] - sr['max_seq']} blocks written after the move; both rings valid")
-        return "verified"
+        return integrity.judge_disk(file, src, dst, builtin_guest=self.req.builtin_guest, workload=self.req.workload,
+                                    hb0=self.hb_before, details=self.integrity.details)
 
     # --- COMMIT ---------------------------------------------------------------------------------------
     async def _commit(self) -> None:
