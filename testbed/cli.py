@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     from testbed.cli_vcenter import register
     register(sub)
     register_scenarios(sub)
+    from testbed.cli_bench import register as register_bench
+    register_bench(sub)
 
     s = sub.add_parser("demo", help="bring a lab up, run the demo, tear it down")
     s.set_defaults(fn=_demo)

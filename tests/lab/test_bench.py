@@ -1,0 +1,67 @@
+"""`testbed bench --runs 1`: both engines migrate each workload once and the tables come out well formed.
+
+A benchmark is not a test: this checks that it runs end to end (its own lab, libvirtd on two hosts, the
+engine and libvirt each moving an idle, a busy and a disk-writing VM) and that every table has its rows
+and numbers for both engines, not what the numbers are. The figures are printed (docs/benchmarks.md has
+a full run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.bench.runner import METRICS, WORKLOADS
+
+pytestmark = pytest.mark.lab
+
+
+def test_bench_runs_once_and_prints_a_table_per_workload(lab_env: Path, tmp_path: Path) -> None:
+    if not Path("/usr/sbin/libvirtd").exists():
+        pytest.skip("libvirtd is not installed; run `make setup`")
+    lab = "tb" + os.urandom(2).hex()
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "testbed.cli", "--lab", lab, "bench", "--runs", "1", "--json", str(out_json),
+         "--markdown", str(out_md)],
+        capture_output=True, text=True, timeout=1500, env={**os.environ, "COLUMNS": "200"}, cwd=tmp_path)
+    print(proc.stdout[-8000:])
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    # the lab is gone, pass or fail
+    assert not (lab_env / "labs" / lab).exists()
+    assert not any(n.startswith(f"{lab}-") for n in _netns())
+
+    data = json.loads(out_json.read_text())
+    runs = data["runs"]
+    for w in WORKLOADS:
+        for engine in ("ours", "libvirt"):
+            mine = [r for r in runs if r["workload"] == w and r["engine"] == engine]
+            assert len(mine) == 1, f"{w}/{engine}: {len(mine)} runs"
+            r = mine[0]
+            assert r["total_s"] and r["total_s"] > 0, r
+            assert r["disk_s"] is not None and r["memory_s"] is not None, r
+            assert r["wire_bytes"] and r["wire_bytes"] > 256 * 2**20, r   # the disk's data crossed the link
+            assert r["observed_ms"] is not None, r
+        assert data["physical_limit_s"][w] > 0
+        # one table per workload (rich wraps its title), every metric a row, numbers for both engines
+        assert f"{w} ({WORKLOADS[w]})" in proc.stdout
+    md = out_md.read_text()
+    for _, label, _ in METRICS:
+        rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
+        assert len(rows) == len(WORKLOADS), label
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert len(cells) == 8, row
+            assert cells[2] != "-" and cells[5] != "-", f"no p50 for one engine: {row}"
+    assert md.count("| integrity (memory and disk) |") == len(WORKLOADS)
+    assert md.count("physical limit") == len(WORKLOADS)
+
+
+def _netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
