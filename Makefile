@@ -7,7 +7,7 @@ IMAGE := images/guest/build/manifest.json
 IMAGE_INPUTS := images/guest/build.sh images/guest/init $(wildcard images/guest/agent/*)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system venv image demo test test-slow scenarios experiments bench-convergence bench-wan lint clean
+.PHONY: all setup system venv image host-image setup-host-image setup-vagrant vagrant-box demo test test-slow scenarios experiments bench-convergence bench-wan lint clean
 
 all: setup image
 
@@ -31,10 +31,27 @@ $(IMAGE): $(IMAGE_INPUTS) | system
 
 image: $(IMAGE)
 
+## the nested hosts' image (Debian 12 + QEMU + the host agent + the guest image; cached by content,
+## the script itself decides whether it is up to date), and what it needs to build (debootstrap)
+setup-host-image: system
+	@command -v debootstrap >/dev/null || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends debootstrap >/dev/null; }
+
+host-image: setup venv image setup-host-image
+	@if [ "$$(id -u)" = 0 ]; then bash images/host/build.sh images/host/build; \
+	 else echo "make: not root: skipping the host image (nested-host tests will skip)"; fi
+
+## the Vagrant lab: vagrant + vagrant-libvirt from Debian, and a box made from the host image
+setup-vagrant: system
+	bash scripts/setup-vagrant.sh
+
+vagrant-box: host-image setup-vagrant
+	bash images/host/vagrant-box.sh images/host/build images/host/build/testbed-host.box
+
 demo: setup image
 	$(VENV)/bin/testbed demo
 
-test: setup image
+test: setup image host-image
 	$(VENV)/bin/ruff check testbed tests
 	$(VENV)/bin/mypy testbed
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)

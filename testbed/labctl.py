@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import TestbedError
+from testbed.hosts import nested
 from testbed.hosts.base import Host, start_agent
 from testbed.hosts.netns import NetnsHost
 from testbed.hosts.ssh import connect_with_retry
-from testbed.lab import builder, wanctl
+from testbed.lab import builder, libvirt_host, wanctl
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile, record_alive
 from testbed.net import fabric
@@ -27,7 +28,8 @@ from testbed.qemu import accel
 
 
 def hosts_of(state: builder.LabState) -> dict[str, Host]:
-    return {h.name: NetnsHost(state, h.name) for *_, h in state.topology.hosts()}
+    return {h.name: nested.NestedHost(state, h.name) if h.kind == "nested" else NetnsHost(state, h.name)
+            for *_, h in state.topology.hosts()}
 
 
 def host(state: builder.LabState, name: str) -> Host:
@@ -37,7 +39,8 @@ def host(state: builder.LabState, name: str) -> Host:
 
 def provision_hosts(state: builder.LabState) -> None:
     for h in hosts_of(state).values():
-        assert isinstance(h, NetnsHost)
+        if not isinstance(h, NetnsHost):
+            continue   # a nested host gets its configuration with its identity (testbed.hosts.nested)
         path = h.paths.host_dir(h.name) / "hostd.json"
         path.write_text(h.agent_config().model_dump_json(indent=1))
 
@@ -53,12 +56,16 @@ async def start_agents(state: builder.LabState) -> None:
     hs = list(hosts_of(state).values())
     pids = await asyncio.gather(*(asyncio.to_thread(one, h) for h in hs))
     for h, pid in zip(hs, pids, strict=True):
-        builder.record_process(state.name, f"hostd {h.name}", pid, fabric.ns_name(state.name, h.name))
+        if h.kind == "netns":   # a nested host's agent runs inside its VM, not on this machine
+            builder.record_process(state.name, f"hostd {h.name}", pid, fabric.ns_name(state.name, h.name))
 
 
 async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, float]:
     """Build lab ``t`` and provision its hosts (and start their agents if asked). Timings in seconds."""
     t0 = time.monotonic()
+    timings_l1: dict[str, float] = {}
+    if any(h.kind == "nested" for *_, h in t.hosts()):
+        await asyncio.to_thread(nested.check_host_image)   # missing or stale: say so before building anything
     probe = asyncio.create_task(asyncio.to_thread(
         accel.probe, GUEST_IMAGE_DIR / "vmlinuz", testbed_home() / "accel-probe.json"))
     try:
@@ -75,6 +82,10 @@ async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, f
             saved.accel, saved.accel_reason = state.accel, state.accel_reason
             sf.save(saved)
         provision_hosts(state)
+        t_l1 = time.monotonic()
+        l1_boot = await nested.start(state)
+        if l1_boot:
+            timings_l1 = {"l1_start_s": time.monotonic() - t_l1, "l1_boot_max_s": max(l1_boot.values())}
         if start_agents_now:
             await start_agents(state)
         builder.mark_up(t.name)
@@ -82,7 +93,7 @@ async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, f
         await asyncio.to_thread(builder.teardown, t.name)
         raise
     t1 = time.monotonic()
-    return {"network_s": t_net - t0, "agents_s": t1 - t_net, "total_s": t1 - t0}
+    return {"network_s": t_net - t0, "agents_s": t1 - t_net, "total_s": t1 - t0, **timings_l1}
 
 
 def down(name: str) -> tuple[list[str], float]:
@@ -100,7 +111,10 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
     for si, site, hi, h in t.hosts():
         a = topo.host_addresses(si, hi)
         sshd, hostd = procs.get(f"sshd {h.name}"), procs.get(f"hostd {h.name}")
-        if sshd is None or not record_alive(sshd):
+        if h.kind == "nested":
+            running = libvirt_host.domain_running(state, f"{t.name}-{h.name}")
+            st = "libvirtd-down" if running is None else "running" if running else "vm-down"
+        elif sshd is None or not record_alive(sshd):
             st = "sshd-down"
         elif hostd is None or not record_alive(hostd):
             st = "agent-down" if state.status == "up" else state.status
@@ -108,7 +122,7 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
             st = "connected"
         hosts.append({"name": h.name, "site": site.name, "vcenter": site.vcenter.name, "kind": h.kind,
                       "mgmt_address": a.mgmt, "vmotion_address": a.vmotion, "state": st,
-                      "netns": fabric.ns_name(t.name, h.name),
+                      "netns": fabric.ns_name(t.name, h.name) if h.kind == "netns" else None,
                       "datastores": [d.name for d in topo.datastores_of(h)], "license": h.license})
     if check_agents:
         hs = hosts_of(state)

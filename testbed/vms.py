@@ -120,7 +120,7 @@ def build_vm_spec(name: str, *, ip: str, mac: str, memory_bytes: int, disk_bytes
         k, i = GUEST_IMAGE_DIR / "vmlinuz", GUEST_IMAGE_DIR / "initrd.img"
         if not k.exists() or not i.exists():
             raise NotFound(f"the built-in guest image is not built ({GUEST_IMAGE_DIR})", hint="run `make image`")
-        boot = BootSpec(kernel=str(k), initrd=str(i),
+        boot = BootSpec(kernel=str(k), initrd=str(i), builtin=True,
                         append=agent_cmdline(name, ip, f"{topo.OBSERVER_IP}:{topo.OBSERVER_PORT}",
                                              wl, memory_bytes, append or ""))
     elif kernel is not None:

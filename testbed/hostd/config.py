@@ -27,6 +27,9 @@ class HostConfig(BaseModel):
     vmotion_address: str = ""
     mgmt_address: str = ""
     machine_types: tuple[str, ...] | None = None   # offer only these machine types (emulates an older host)
+    # Where this host keeps the built-in guest image (vmlinuz, initrd.img): a host made from the host
+    # image has its own copy; None: the paths in the VM's spec are used as they are (netns hosts).
+    guest_image_dir: str | None = None
 
     @property
     def socket(self) -> Path:

@@ -155,6 +155,10 @@ class HostAgent:
                 raise NotFound(f"port group {nic.port_group!r} does not exist on host {self.cfg.name}",
                                hint="port groups here: " + ", ".join(self.cfg.port_groups))
             bridges.append(self.cfg.port_groups[nic.port_group])
+        if vspec.boot.builtin and self.cfg.guest_image_dir:
+            gd = Path(self.cfg.guest_image_dir)
+            vspec = vspec.model_copy(update={"boot": vspec.boot.model_copy(
+                update={"kernel": str(gd / "vmlinuz"), "initrd": str(gd / "initrd.img")})})
         for path in (vspec.boot.kernel, vspec.boot.initrd):
             if path and not Path(path).is_file():
                 raise NotFound(f"boot file {path} of VM {vspec.name} does not exist on host {self.cfg.name}",

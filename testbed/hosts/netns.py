@@ -17,6 +17,7 @@ from testbed.lab import topology as topo
 from testbed.lab.builder import LabPaths
 from testbed.lab.state import LabState
 from testbed.net import fabric
+from testbed.paths import GUEST_IMAGE_DIR
 
 
 class NetnsHost(Host):
@@ -56,4 +57,5 @@ class NetnsHost(Host):
             port_groups={pg.name: fabric.pg_bridge(i) for i, pg in enumerate(t.port_groups)},
             license=self.spec.license, accel=self.state.accel, accel_reason=self.state.accel_reason,
             mgmt_address=self.mgmt_ip, vmotion_address=self.vmotion_ip, machine_types=self.spec.machine_types,
+            guest_image_dir=str(GUEST_IMAGE_DIR),
         )

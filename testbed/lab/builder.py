@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from testbed.errors import Conflict, LabError, NotFound, TestbedError
+from testbed.lab import libvirt_host, wanctl
 from testbed.lab import topology as topo
-from testbed.lab import wanctl
 from testbed.lab.state import LabState, ProcessRecord, StateFile, proc_starttime, record_alive
 from testbed.net import fabric
 from testbed.net import wan as net_wan
@@ -60,7 +60,7 @@ class LabPaths:
 def namespaces_of(t: topo.Topology) -> list[str]:
     names = [fabric.ns_name(t.name, s.name) for s in t.sites]
     names += [fabric.ns_name(t.name, s.vcenter.name) for s in t.sites]
-    names += [fabric.ns_name(t.name, h.name) for *_, h in t.hosts()]
+    names += [fabric.ns_name(t.name, h.name) for *_, h in t.hosts() if h.kind == "netns"]
     names.append(fabric.ns_name(t.name, "obs"))
     if len(t.sites) > 1:
         names.append(fabric.ns_name(t.name, "wan"))
@@ -129,7 +129,7 @@ def _root_password(paths: LabPaths, h: topo.HostSpec) -> Path:
     return shadow
 
 
-def _hosts_file(t: topo.Topology) -> str:
+def hosts_file(t: topo.Topology) -> str:
     """Names of the lab's nodes, for /etc/hosts inside its namespaces: `esx-a1.<lab>.test esx-a1`."""
     lines = ["127.0.0.1 localhost"]
     for si, site in enumerate(t.sites):
@@ -142,11 +142,11 @@ def _hosts_file(t: topo.Topology) -> str:
 
 def _name_service(t: topo.Topology, state: LabState, sf: StateFile) -> None:
     """/etc/netns/<ns>/hosts for the vCenter and host namespaces (`ip netns exec` mounts it on /etc/hosts)."""
-    text = _hosts_file(t)
+    text = hosts_file(t)
     if not NETNS_ETC.exists():
         NETNS_ETC.mkdir(mode=0o755)
         state.system_paths.append(str(NETNS_ETC))
-    nodes = [s.vcenter.name for s in t.sites] + [h.name for *_, h in t.hosts()]
+    nodes = [s.vcenter.name for s in t.sites] + [h.name for *_, h in t.hosts() if h.kind == "netns"]
     for node in nodes:
         d = NETNS_ETC / fabric.ns_name(t.name, node)
         d.mkdir(mode=0o755)
@@ -214,7 +214,10 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
                                        f"root@{h.name}"))
         multi = len(t.sites) > 1
         wan = fabric.ns_name(t.name, "wan") if multi else None
+        state.root_links = fabric.nested_root_links(t)   # recorded before they exist: teardown skips missing
+        sf.save(state)
         run(["ip", "-batch", "-"], input="\n".join(fabric.link_commands(t, wan)) + "\n")
+        _nested_bridges(t)
         list(pool.map(lambda si: fabric.configure_site(t, si, multi), range(len(t.sites))))
         if wan:
             state.link_mechanism = net_wan.choose_mechanism(t)
@@ -231,8 +234,10 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
         addr = topo.host_addresses(si, hi).mgmt.split("/")[0]
         pub = (paths.host_dir(h.name) / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"{addr} {pub[0]} {pub[1]}")
-        cfg = _sshd_config(t, paths, h.name, addr)
         shadow = _root_password(paths, h)
+        if h.kind != "netns":
+            continue   # an L1 VM runs its own sshd (testbed.hosts.nested)
+        cfg = _sshd_config(t, paths, h.name, addr)
         # `ip netns exec` gives sshd its own mount namespace (a slave of ours): the bind mounts of
         # the host's shadow file and of its root's (empty) ~/.bashrc stay inside it. Bash reads
         # ~/.bashrc for every SSH command; this machine's is not the host's (with pyenv in it: 0.45 s each).
@@ -257,6 +262,17 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
             raise LabError(f"lab processes exited right after start: {', '.join(dead)}",
                            hint=f"see the logs under {paths.dir}")
         time.sleep(0.02)
+
+
+def _nested_bridges(t: topo.Topology) -> None:
+    """The root-namespace bridges of the nested hosts' NICs: no address, IPv6 off before they come up."""
+    cmds, sysctls = fabric.nested_bridge_commands(t)
+    if not sysctls:
+        return
+    cut = cmds.index("#sysctl")
+    run(["ip", "-batch", "-"], input="\n".join(cmds[:cut]) + "\n")
+    run(["sysctl", "-q", "-w", *sysctls])
+    run(["ip", "-batch", "-"], input="\n".join(cmds[cut + 1:]) + "\n")
 
 
 def mark_up(name: str) -> LabState:
@@ -297,7 +313,8 @@ def teardown(name: str, *, grace_s: float = 3.0) -> list[str]:
     state = sf.load()
     state.status = "tearing-down"
     sf.save(state)
-    forced: list[str] = []
+    forced: list[str] = libvirt_host.release(state)   # the L1 VMs first, while libvirtd still runs
+    sf.save(state)
 
     def victims() -> set[int]:
         pids = {p.pid for p in state.processes if record_alive(p)}
@@ -320,6 +337,7 @@ def teardown(name: str, *, grace_s: float = 3.0) -> list[str]:
     existing = [n for n in state.namespaces if netns_exists(n)]
     if existing:
         run(["ip", "-batch", "-"], input="".join(f"netns del {n}\n" for n in existing))
+    forced += libvirt_host.cleanup_after(state)
     other_labs = [p for p in paths.dir.parent.iterdir() if p != paths.dir and (p / "state.json").exists()] \
         if paths.dir.parent.exists() else []
     for sp in state.system_paths:   # files first, then their directories (recorded in that order)

@@ -32,6 +32,11 @@ class LabState(BaseModel):
     namespaces: list[str] = Field(default_factory=list)
     processes: list[ProcessRecord] = Field(default_factory=list)
     system_paths: list[str] = Field(default_factory=list)  # made outside the lab dir
+    root_links: list[str] = Field(default_factory=list)    # interfaces made in the root namespace (nested hosts)
+    libvirt_uri: str | None = None                         # the libvirtd the nested hosts' L1 VMs run on
+    libvirt_domains: list[str] = Field(default_factory=list)   # the L1 VMs (transient domains) this lab started
+    libvirtd_started: bool = False                         # this lab started that libvirtd (and stops it)
+    libvirt_run_dir_created: bool = False                  # ... and /run/libvirt did not exist before
     link_bandwidth_bps: int | None = None
     link_up: bool = True
     link_delay_us: int = 0            # one-way, each direction

@@ -63,7 +63,9 @@ class DatastoreSpec(_Frozen):
 
 class HostSpec(_Frozen):
     name: Name
-    kind: Literal["netns"] = "netns"
+    # netns: a network namespace on this machine; nested: an L1 VM booted from the host image through
+    # libvirt (testbed.hosts.nested), its guests running inside it
+    kind: Literal["netns", "nested"] = "netns"
     datastores: tuple[DatastoreSpec, ...] = ()
     license: str = "enterprise-plus"     # what the host reports; the vCenter may assign another
     root_password: str | None = None     # None: a random one, kept in the host's directory (0600)
@@ -71,6 +73,8 @@ class HostSpec(_Frozen):
     # TCP socket buffer ceiling (tcp_rmem/tcp_wmem max) in the host's namespace: "auto" sizes it to twice
     # the link's bandwidth-delay product (never below the kernel's), "kernel" leaves it alone, or a size.
     tcp_buffers: str = "auto"
+    l1_memory_mib: int = Field(default=2048, ge=512, le=65536)   # nested: the L1 VM's memory
+    l1_vcpus: int = Field(default=2, ge=1, le=16)                 # nested: the L1 VM's vCPUs
 
     @field_validator("tcp_buffers")
     @classmethod
@@ -169,6 +173,9 @@ class Topology(_Frozen):
         pgs = [p.name for p in self.port_groups]
         if len(set(pgs)) != len(pgs):
             raise ValueError("port group names must be unique")
+        if any(h.kind == "nested" for s in self.sites for h in s.hosts) and len(pgs) > 10:
+            raise ValueError("a lab with nested hosts has at most 10 port groups (one NIC per port group "
+                             "on each L1 VM, named in 15 characters)")
         if not pgs:
             raise ValueError("at least one port group is needed")
         return self

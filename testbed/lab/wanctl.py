@@ -144,6 +144,8 @@ def host_buffers(state: LabState) -> dict[str, int | None]:
 def tune_hosts(state: LabState) -> dict[str, int | None]:
     """Apply every host's TCP buffer setting in its namespace."""
     ceilings = host_buffers(state)
+    nested = {h.name for *_, h in state.topology.hosts() if h.kind == "nested"}
     for name, ceiling in ceilings.items():
-        wan.apply_tcp_buffers(fabric.ns_name(state.name, name), ceiling)
+        if name not in nested:   # an L1 VM gets its buffers with its identity (testbed.hosts.nested)
+            wan.apply_tcp_buffers(fabric.ns_name(state.name, name), ceiling)
     return ceilings

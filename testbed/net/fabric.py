@@ -16,6 +16,11 @@ Host ``h`` plugs in at ports ``p<h>m``, ``p<h>v``, ``p<h>u<i>``; the vCenter at
 
 Inside a host namespace: ``vmk0`` (management), ``vmk1`` (vMotion), bridges
 ``pg<i>`` with uplinks ``up<i>``, VM taps ``t<n>-<vm>`` as their ports.
+A nested host (an L1 VM, ``testbed.hosts.nested``) has no namespace: each of its
+NICs is a libvirt tap on a root-namespace bridge ``<lab>_<s><hh><r>`` (no address,
+no IPv6), joined to the site's port by a veth whose root end is ``<lab>-<s><hh><r>``
+(``s`` site index and ``hh`` host number in hex, ``r`` = ``m``, ``v`` or ``u<i>``);
+inside the VM the NICs get the netns host's names (``testbed.hosts.provision``).
 Inside ``L-wan``: bridge ``br-wan`` with one port ``s-<site>`` per site; on a kernel
 without netem, while the link has delay, jitter or loss, the delay line ``tb-wan``
 takes the two ports off the bridge and forwards between them (``net.wan``).
@@ -55,12 +60,44 @@ def wan_mtu(t: topo.Topology) -> int:
     return t.link.mtu + VXLAN_OVERHEAD
 
 
+def l1_ports(t: topo.Topology, si: int, hi: int) -> list[tuple[str, str, str, str, int]]:
+    """A nested host's NICs: (role, root bridge, root veth end, site port, MTU), role vmk0/vmk1/up<i>."""
+    lab, mtu = t.name, t.link.mtu
+    roles = [("vmk0", "m", f"p{hi}m", 1500), ("vmk1", "v", f"p{hi}v", mtu)]
+    roles += [(f"up{i}", f"u{i}", f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))]
+    return [(role, f"{lab}_{si:x}{hi:02x}{r}", f"{lab}-{si:x}{hi:02x}{r}", port, m) for role, r, port, m in roles]
+
+
+def nested_root_links(t: topo.Topology) -> list[str]:
+    """Every root-namespace interface the nested hosts of ``t`` need (bridges and veth ends)."""
+    return [n for si, _, hi, h in t.hosts() if h.kind == "nested"
+            for _, br, end, _, _ in l1_ports(t, si, hi) for n in (br, end)]
+
+
+def nested_bridge_commands(t: topo.Topology) -> tuple[list[str], list[str]]:
+    """``ip`` commands (root namespace) making the nested hosts' bridges, and the sysctls to set first."""
+    cmds, sysctls = [], []
+    for si, _, hi, h in t.hosts():
+        if h.kind != "nested":
+            continue
+        for _, br, end, _, mtu in l1_ports(t, si, hi):
+            cmds += [f"link add name {br} mtu {mtu} type bridge"]
+            sysctls += [f"net.ipv6.conf.{br}.disable_ipv6=1", f"net.ipv6.conf.{end}.disable_ipv6=1"]
+    ups = [c for si, _, hi, h in t.hosts() if h.kind == "nested" for _, br, end, _, _ in l1_ports(t, si, hi)
+           for c in (f"link set {end} master {br}", f"link set {end} up", f"link set {br} up")]
+    return cmds + ["#sysctl"] + ups, sysctls
+
+
 def link_commands(t: topo.Topology, wan_ns: str | None) -> list[str]:
     """Root-namespace ``ip`` commands creating every veth pair of the lab (namespaces must exist)."""
     lab, mtu, cmds = t.name, t.link.mtu, []
     for si, site in enumerate(t.sites):
         sns = ns_name(lab, site.name)
         for hi, host in enumerate(site.hosts, start=1):
+            if host.kind == "nested":
+                cmds += [f"link add name {end} mtu {m} type veth peer name {port} netns {sns} mtu {m}"
+                         for _, _, end, port, m in l1_ports(t, si, hi)]
+                continue
             hns = ns_name(lab, host.name)
             cmds += [veth(hns, "vmk0", sns, f"p{hi}m"), veth(hns, "vmk1", sns, f"p{hi}v", mtu)]
             cmds += [veth(hns, f"up{i}", sns, f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))]
@@ -87,7 +124,8 @@ def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
                  f"link set p{hi}m up", f"link set p{hi}v up"]
         cmds += [c for i in range(npg) for c in (f"link set p{hi}u{i} master {pg_bridge(i)}",
                                                   f"link set p{hi}u{i} up")]
-        _configure_host(t, si, hi, host.name)
+        if host.kind == "netns":
+            _configure_host(t, si, hi, host.name)
     cmds += ["link set vc0 master br-mgmt", "link set vc0 up"]
     if si == 0:
         cmds += [c for i in range(npg) for c in (f"link set obs{i} master {pg_bridge(i)}", f"link set obs{i} up")]

@@ -45,6 +45,9 @@ class BootSpec(_Frozen):
     initrd: str | None = None
     append: str = ""
     from_disk: bool = False
+    # The built-in guest image (kernel, initrd): a host with its own copy (HostConfig.guest_image_dir)
+    # boots that one, whatever paths the spec carries.
+    builtin: bool = False
 
     @model_validator(mode="after")
     def _one(self) -> BootSpec:

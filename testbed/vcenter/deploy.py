@@ -174,7 +174,8 @@ async def up(t: topo.Topology) -> dict[str, float]:
         jobs = [(s, h) for s in t.sites for h in s.hosts]
         pids = await asyncio.gather(*(asyncio.to_thread(add, s, h) for s, h in jobs))
         for (_, h), pid in zip(jobs, pids, strict=True):
-            builder.record_process(t.name, f"hostd {h.name}", pid, fabric.ns_name(t.name, h.name))
+            if h.kind == "netns":   # a nested host's agent runs inside its L1 VM, not on this machine
+                builder.record_process(t.name, f"hostd {h.name}", pid, fabric.ns_name(t.name, h.name))
     except BaseException:
         await asyncio.to_thread(builder.teardown, t.name)
         raise
