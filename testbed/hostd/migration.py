@@ -4,7 +4,9 @@ The engine decides; the agents act where timing matters, with no control-plane
 round trip on the switchover path:
 
 - ``SourceRole``: mirrors the disks to the destination's NBD export
-  (``blockdev-mirror``, ``copy-mode: write-blocking``), starts ``migrate``,
+  (``blockdev-mirror``, ``copy-mode: write-blocking``), starts ``migrate`` (possibly
+  once the mirrors have copied the disks but before they are READY: until they are,
+  the downtime limit is 0, so QEMU cannot stop the guest to switch over),
   samples ``query-migrate`` for telemetry, and at ``pre-switchover`` cancels the
   (READY) mirrors, which completes a consistent copy, then ``migrate-continue``.
 - ``DestinationRole``: QEMU started paused for incoming (``-S -incoming defer``),
@@ -163,6 +165,9 @@ class SourceRole:
         self.hold_switchover = False
         self._continue = asyncio.Event()
         self._job_done: dict[str, asyncio.Event] = {}
+        self._job_ready: dict[str, asyncio.Event] = {}
+        self._limit_ms: int | None = None          # the downtime limit asked for (applied once the mirrors are READY)
+        self._ready_waiter: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._switch: asyncio.Task[None] | None = None
         self.throttle: MirrorThrottle | None = None      # background-throttled mirror only
@@ -183,6 +188,7 @@ class SourceRole:
             await vm.execute("blockdev-add", {"driver": "nbd", "node-name": node, "export": f"disk{i}",
                                               "server": {"type": "inet", "host": nbd_host, "port": str(nbd_port)}})
             self._job_done[job] = asyncio.Event()
+            self._job_ready[job] = asyncio.Event()
             await vm.execute("blockdev-mirror", {"job-id": job, "device": f"disk{i}", "target": node, "sync": "full",
                                                  "copy-mode": "background" if mode == "background-throttled"
                                                  else "write-blocking",
@@ -208,7 +214,12 @@ class SourceRole:
             events=True, multifd=streams > 1, auto_converge=auto_converge or fallback,
             pause_before_switchover=True, postcopy_ram=postcopy)})
         # QEMU's default ceiling of 99% sleeps the vCPU ~990 ms per 10 ms slice: a stall users feel.
-        params: dict[str, Any] = {"downtime-limit": downtime_limit_ms, "max-cpu-throttle": max_throttle_pct,
+        # Memory may start while the mirrors finish (they have copied the disk and flush the destination before
+        # they are READY): until then a downtime limit of 0 keeps QEMU from stopping the guest to switch over.
+        self._limit_ms = downtime_limit_ms
+        early = not self.mirrors_ready()
+        params: dict[str, Any] = {"downtime-limit": 0 if early else downtime_limit_ms,
+                                  "max-cpu-throttle": max_throttle_pct,
                                   # the link, not QEMU's 128 MiB/s default, is the limit unless asked
                                   "max-bandwidth": max_bandwidth_bps or 100 * 1024**3}
         if streams > 1:
@@ -219,6 +230,39 @@ class SourceRole:
         self.timeline["migrate_s"] = time.monotonic()
         await vm.execute("migrate", {"uri": uri})
         self._sampler = asyncio.create_task(self._sample())
+        if early:
+            self._ready_waiter = asyncio.create_task(self._limit_when_ready())
+
+    def mirrors_ready(self) -> bool:
+        return all(e.is_set() for e in self._job_ready.values())
+
+    async def _wait_mirrors_ready(self, timeout_s: float) -> None:
+        """Until every mirror is READY; a mirror that ends first, or none READY in ``timeout_s``: QemuError."""
+        for job, ready in self._job_ready.items():
+            done = self._job_done[job]
+            waits = [asyncio.ensure_future(ready.wait()), asyncio.ensure_future(done.wait())]
+            try:
+                await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not ready.is_set():
+                raise QemuError(f"disk mirror {job} of VM {self.vm.spec.name} "
+                                + ("ended before it was READY" if done.is_set() else
+                                   f"was not READY within {timeout_s:.0f} s"))
+
+    async def _limit_when_ready(self) -> None:
+        try:
+            await self._wait_mirrors_ready(timeout_s=600)
+        except QemuError as err:
+            log.error("VM %s: %s", self.vm.spec.name, err)
+            self.vm.emit("migration-failed", {"role": "source", "error": str(err), "at_s": time.monotonic()})
+            with contextlib.suppress(QemuError):
+                await self.vm.execute("migrate_cancel")
+            return
+        self.timeline["mirror_ready_s"] = time.monotonic()
+        with contextlib.suppress(QemuError):
+            await self.vm.execute("migrate-set-parameters", {"downtime-limit": self._limit_ms})
 
     async def _sample(self) -> None:
         """Telemetry: ``query-migrate`` every 100 ms, relayed as events."""
@@ -260,6 +304,8 @@ class SourceRole:
         name, data = ev["event"], ev["data"]
         if name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and data.get("device") in self._job_done:
             self._job_done[data["device"]].set()
+        elif name == "BLOCK_JOB_READY" and data.get("device") in self._job_ready:
+            self._job_ready[data["device"]].set()
         elif name == "MIGRATION":
             status = data.get("status")
             if status == "pre-switchover" and self._switch is None:
@@ -278,6 +324,7 @@ class SourceRole:
                 await self._continue.wait()
             if self.throttle is not None:   # the guest is paused: the mirror drains what is left
                 await self.throttle.stop()
+            await self._wait_mirrors_ready(timeout_s=60)   # cancelling a mirror before READY would abort it
             for job in self.jobs:
                 await vm.execute("block-job-cancel", {"device": job})
             for job in self.jobs:
@@ -306,7 +353,9 @@ class SourceRole:
 
     async def tune(self, downtime_limit_ms: int | None = None) -> None:
         if downtime_limit_ms is not None:
-            await self.vm.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms})
+            self._limit_ms = downtime_limit_ms
+            if self.mirrors_ready():   # else applied when they are (_limit_when_ready)
+                await self.vm.execute("migrate-set-parameters", {"downtime-limit": downtime_limit_ms})
 
     async def start_postcopy(self) -> None:
         self.timeline["postcopy_requested_s"] = time.monotonic()

@@ -3,7 +3,8 @@
 Phase 1 (DISK_SYNC): an empty disk of the same size on the destination datastore,
 the destination QEMU paused for incoming with its disks exported over NBD on
 the vMotion address, and ``blockdev-mirror`` (write-blocking) from the source
-until every job is READY. Phase 2 (MEMORY_PRECOPY): ``migrate`` with multifd
+until every job has copied its disk (READY follows once the destination has
+flushed; the source agent holds the switchover until then). Phase 2 (MEMORY_PRECOPY): ``migrate`` with multifd
 streams and auto-converge; every pre-copy round recorded. Phase 3 (SWITCHOVER):
 the agents switch over on their own (see ``testbed.hostd.migration``); the
 engine watches. Then VERIFY (the guest's own checks, disk digests), COMMIT
@@ -298,12 +299,20 @@ class Migration:
                     lengths[j["device"]] = j["len"]
                 self.progress.disk_pct = 100.0 * off / tot
                 self.on_progress(self.progress)
-                await asyncio.sleep(0.25)
+                mine = [j for j in info if j["device"] in jobs]
+                if len(mine) == len(jobs) and all(j["len"] and j["offset"] >= j["len"] for j in mine):
+                    # every byte copied: READY follows once the destination has flushed, which the memory
+                    # pre-copy need not wait for (the source agent holds the switchover until then)
+                    await self.sq.put({"event": "mirror-copied", "data": {}})
+                    return
+                await asyncio.sleep(0.1)
 
         poller = asyncio.create_task(poll())
         try:
             while ready != set(jobs):
                 ev = await self._next_event(timeout_s=req.stall_timeout_s * 10, what="the disk mirror")
+                if ev["event"] == "mirror-copied":
+                    break
                 if ev["event"] == "qmp" and ev["data"]["event"] == "BLOCK_JOB_READY":
                     ready.add(ev["data"]["data"]["device"])
                     lengths[ev["data"]["data"]["device"]] = ev["data"]["data"]["len"]
