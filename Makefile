@@ -7,7 +7,7 @@ IMAGE := images/guest/build/manifest.json
 IMAGE_INPUTS := images/guest/build.sh images/guest/init $(wildcard images/guest/agent/*)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system venv image host-image setup-host-image setup-vagrant vagrant-box demo test test-slow scenarios experiments bench-convergence bench-wan lint clean
+.PHONY: all setup system venv image host-image setup-host-image setup-vagrant vagrant-box demo test test-slow scenarios experiments bench bench-convergence bench-wan lint clean
 
 all: setup image
 
@@ -68,6 +68,10 @@ scenarios: setup image
 experiments: setup image
 	for e in downtime-vs-rtt streams disk-mirror; do $(VENV)/bin/testbed experiment $$e \
 	  --json docs/long-distance/$$e.json --chart docs/long-distance/$$e.svg; done
+
+## the engine against libvirt's live migration, 5 runs per workload (about 7 min; table in docs/benchmarks.md)
+bench: setup image
+	COLUMNS=200 $(VENV)/bin/testbed bench --runs 5 --json bench-libvirt.json --markdown bench-libvirt.md
 
 ## the convergence controllers side by side (about 20 min; table in docs/benchmarks.md)
 bench-convergence: setup image
