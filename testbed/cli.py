@@ -23,6 +23,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -55,6 +56,17 @@ def _lab_up(a: argparse.Namespace) -> int:
     for v in deploy.status(t.name):
         out.print(f"  {v['name']}: {v['url']} ({v['address']}), SSO domain {v['sso_domain']}, "
                   f"thumbprint {v['thumbprint']}", highlight=False)
+    return 0
+
+
+def _lab_attach(a: argparse.Namespace) -> int:
+    from testbed.vcenter.attach import attach
+    lab = a.lab if a.lab_given else "vg"
+    timings, entries = asyncio.run(attach(Path(a.dir).resolve(), lab))
+    for name, e in entries.items():
+        out.print(f"  {name}: added to its vCenter (Vagrant reaches it at {e.user}@{e.hostname}:{e.port})")
+    out.print(f"lab [bold]{lab}[/] attached in {timings['total_s']:.1f} s (vCenters {timings['vcenters_s']:.1f} s, "
+              f"hosts {timings['add_hosts_s']:.1f} s); `testbed --lab {lab} lab down` detaches it")
     return 0
 
 
@@ -253,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_lab_up)
     s = lab.add_parser("down", help="remove everything the lab created")
     s.set_defaults(fn=_lab_down)
+    s = lab.add_parser("attach", help="add the hosts of a running Vagrant lab (`vagrant up`) to two new vCenters")
+    s.add_argument("--vagrant", action="store_true", required=True, help="the lab is the Vagrantfile's")
+    s.add_argument("--dir", default=".", help="directory of the Vagrantfile (default: the current one)")
+    s.set_defaults(fn=_lab_attach)
     s = lab.add_parser("status", help="sites, vCenters and hosts")
     s.add_argument("--json", action="store_true")
     s.add_argument("--check", action="store_true", help="also reach every host agent over SSH")

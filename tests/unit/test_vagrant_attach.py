@@ -1,0 +1,48 @@
+"""`lab attach --vagrant` reads Vagrant's own output: machine states and ssh-config."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.errors import InputError
+from testbed.vcenter.attach import machine_states, parse_ssh_config
+
+STATUS = """1795812000,esx-a1,metadata,provider,libvirt
+1795812000,esx-a1,provider-name,libvirt
+1795812000,esx-a1,state,running
+1795812000,esx-a1,state-human-short,running
+1795812000,esx-b1,state,shutoff
+1795812000,,ui,info,Current machine states:
+"""
+
+SSH_CONFIG = """Host esx-a1
+  HostName 198.18.250.11
+  User root
+  Port 22
+  UserKnownHostsFile /dev/null
+  StrictHostKeyChecking no
+  IdentityFile "/work/main/.vagrant/machines/esx-a1/libvirt/private_key"
+  IdentitiesOnly yes
+
+Host esx-b1
+  HostName 198.18.250.21
+  User root
+  Port 2222
+"""
+
+
+def test_machine_states() -> None:
+    assert machine_states(STATUS) == {"esx-a1": "running", "esx-b1": "shutoff"}
+
+
+def test_ssh_config() -> None:
+    e = parse_ssh_config(SSH_CONFIG)
+    assert set(e) == {"esx-a1", "esx-b1"}
+    assert e["esx-a1"].hostname == "198.18.250.11" and e["esx-a1"].port == 22 and e["esx-a1"].user == "root"
+    assert e["esx-a1"].identity_file == "/work/main/.vagrant/machines/esx-a1/libvirt/private_key"
+    assert e["esx-b1"].port == 2222 and e["esx-b1"].identity_file is None
+
+
+def test_ssh_config_without_hostname() -> None:
+    with pytest.raises(InputError, match="esx-a1 has no HostName"):
+        parse_ssh_config("Host esx-a1\n  User root\n")
