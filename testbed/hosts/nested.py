@@ -23,12 +23,12 @@ from pathlib import Path
 from testbed.errors import HostUnreachable, LabError, NotFound
 from testbed.hostd.config import DatastoreConfig, HostConfig
 from testbed.hosts import provision as prov
-from testbed.hosts.base import Host
 from testbed.hosts.hostimage import agent_sha256
+from testbed.hosts.netns import LabHost
 from testbed.hosts.ssh import SshSession, SshTarget
 from testbed.lab import libvirt_host
 from testbed.lab import topology as topo
-from testbed.lab.builder import LabPaths, hosts_file
+from testbed.lab.builder import hosts_file
 from testbed.lab.state import LabState, StateFile
 from testbed.lab.wanctl import host_buffers
 from testbed.net import fabric
@@ -76,28 +76,12 @@ def check_host_image(image_dir: Path | None = None) -> HostImage:
     return img
 
 
-class NestedHost(Host):
+class NestedHost(LabHost):
     kind = "nested"
 
     def __init__(self, state: LabState, name: str) -> None:
-        t = state.topology
-        si, site, hi, spec = t.host(name)
-        super().__init__(name, site.name)
-        self.state = state
-        self.spec = spec
-        self.site_index, self.host_index = si, hi
-        self.paths = LabPaths(t.name)
-        self.addresses = topo.host_addresses(si, hi)
-        self.station_netns = fabric.ns_name(t.name, site.vcenter.name)
-        self.domain_name = f"{t.name}-{name}"
-
-    @property
-    def mgmt_ip(self) -> str:
-        return self.addresses.mgmt.split("/")[0]
-
-    @property
-    def vmotion_ip(self) -> str:
-        return self.addresses.vmotion.split("/")[0]
+        super().__init__(state, name)
+        self.domain_name = f"{state.topology.name}-{name}"
 
     @property
     def dir(self) -> Path:

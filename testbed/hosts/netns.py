@@ -20,8 +20,9 @@ from testbed.net import fabric
 from testbed.paths import GUEST_IMAGE_DIR
 
 
-class NetnsHost(Host):
-    kind = "netns"
+class LabHost(Host):
+    """A host of a lab's topology, of any kind: its addresses, and the lab operator's way in (the lab's own
+    key, from the site's vCenter namespace, across the management network)."""
 
     def __init__(self, state: LabState, name: str) -> None:
         t = state.topology
@@ -29,9 +30,9 @@ class NetnsHost(Host):
         super().__init__(name, site.name)
         self.state = state
         self.spec = spec
+        self.site_index, self.host_index = si, hi
         self.paths = LabPaths(t.name)
         self.addresses = topo.host_addresses(si, hi)
-        self.netns = fabric.ns_name(t.name, name)
         self.station_netns = fabric.ns_name(t.name, site.vcenter.name)
 
     @property
@@ -45,6 +46,14 @@ class NetnsHost(Host):
     def ssh_target(self) -> SshTarget:
         return SshTarget(host=self.name, address=self.mgmt_ip, key_path=self.paths.key,
                          known_hosts=self.paths.known_hosts, from_netns=self.station_netns)
+
+
+class NetnsHost(LabHost):
+    kind = "netns"
+
+    def __init__(self, state: LabState, name: str) -> None:
+        super().__init__(state, name)
+        self.netns = fabric.ns_name(state.topology.name, name)
 
     def agent_config(self) -> HostConfig:
         hd = self.paths.host_dir(self.name)
