@@ -14,13 +14,16 @@ IMG=$(cd "$1" && pwd); BOX=$2
 PUB=$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)
 [ -n "$PUB" ] || PUB=$(ls /opt/vagrant/embedded/gems/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -n1)
 [ -n "$PUB" ] || die "Vagrant's insecure public key not found (is vagrant installed? \`make setup-vagrant\`)"
-KEY=$(sed -n 's/.*"cache_key": "\([0-9a-f]*\)".*/\1/p' "$IMG/manifest.json")
+# the host image's key and this script's own content: a change to either makes a new box
+KEY=$(sed -n 's/.*"cache_key": "\([0-9a-f]*\)".*/\1/p' "$IMG/manifest.json")-$(sha256sum "$0" | cut -c1-16)
 if [ -f "$BOX" ] && [ -f "$BOX.key" ] && [ "$(cat "$BOX.key")" = "$KEY" ]; then
     echo "vagrant box up to date ($BOX)"; exit 0
 fi
 TMP=$(mktemp -d "${TMPDIR:-/var/tmp}/tb-vagrant-box.XXXXXX"); trap 'rm -rf "$TMP"' EXIT
 qemu-img convert -O raw "$IMG/host.qcow2" "$TMP/root.raw"
-printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$TMP/eth0.network"
+# The client identifier is the MAC: every box starts from one image, and a DUID made from it could be the
+# same on every host (seen: four hosts given one lease).
+printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n\n[DHCPv4]\nClientIdentifier=mac\n' > "$TMP/eth0.network"
 debugfs -w "$TMP/root.raw" >/dev/null 2>"$TMP/debugfs.log" <<CMDS
 mkdir /root/.ssh
 write $PUB /root/.ssh/authorized_keys

@@ -354,8 +354,25 @@ def teardown(name: str, *, grace_s: float = 3.0) -> list[str]:
             pass
         except OSError as err:
             forced.append(f"left {sp} in place: {err.strerror}")
-    shutil.rmtree(paths.dir)
+    _remove_dir(paths.dir, {paths.dir / k for k in state.kept_paths})
     return forced
+
+
+def _remove_dir(d: Path, keep: set[Path]) -> None:
+    """Remove ``d`` and everything in it but the paths in ``keep`` (and the directories that hold them)."""
+    if not keep:
+        shutil.rmtree(d)
+        return
+    for p in d.iterdir():
+        if p in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            if any(k.is_relative_to(p) for k in keep):
+                _remove_dir(p, keep)
+            else:
+                shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _sshd_running() -> bool:

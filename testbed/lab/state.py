@@ -32,6 +32,8 @@ class LabState(BaseModel):
     namespaces: list[str] = Field(default_factory=list)
     processes: list[ProcessRecord] = Field(default_factory=list)
     system_paths: list[str] = Field(default_factory=list)  # made outside the lab dir
+    # inside the lab dir but not made by the lab (a Vagrant lab's host identities): teardown leaves them
+    kept_paths: list[str] = Field(default_factory=list)
     root_links: list[str] = Field(default_factory=list)    # interfaces made in the root namespace (nested hosts)
     libvirt_uri: str | None = None                         # the libvirtd the nested hosts' L1 VMs run on
     libvirt_domains: list[str] = Field(default_factory=list)   # the L1 VMs (transient domains) this lab started

@@ -194,7 +194,9 @@ async def attach(vdir: Path, lab: str = "vg") -> tuple[dict[str, float], dict[st
     with sf.locked():
         if sf.exists():
             raise Conflict(f"lab {lab!r} is already up or attached", hint=f"`testbed --lab {lab} lab down` first")
-        state = LabState(name=lab, topology=t, created_s=time.time())
+        # the hosts' identities were made for `vagrant up` (testbed.hosts.vagrant): `lab down` leaves them
+        state = LabState(name=lab, topology=t, created_s=time.time(), kept_paths=[
+            paths.key.name, paths.key.with_suffix(".pub").name, "hosts"])
         sf.save(state)
     try:
         _names(t, state, sf)
