@@ -518,6 +518,7 @@ class Migration:
         pc.destination_running_s = round(self.mono["resumed_s"] - t0, 4)
         await self._checkpoint("postcopy:running")
         last_tx, last_move = -1, time.monotonic()
+        recovered_at = 0.0
         while True:
             ev = await self._next_event(timeout_s=req.stall_timeout_s, what="the post-copy")
             if ev["side"] != "source":
@@ -529,6 +530,8 @@ class Migration:
             if ev["event"] != "migration-progress":
                 continue
             st = ev["data"]
+            if st["t_s"] < recovered_at:
+                continue   # sampled while the channel was down, queued behind the recovery: not news
             self._update_progress(st)
             if st["status"] == "completed":
                 pc.completed_s = round(st["t_s"] - t0, 4)
@@ -539,6 +542,7 @@ class Migration:
             if stuck or st["status"] == "postcopy-paused":
                 await self._postcopy_recover(stuck)
                 last_tx, last_move = -1, time.monotonic()
+                recovered_at = time.monotonic()
 
     async def _postcopy_recover(self, stuck: bool) -> None:
         assert self.src and self.dst and self.postcopy is not None
