@@ -140,7 +140,7 @@ def hosts_file(t: topo.Topology) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _name_service(t: topo.Topology, state: LabState, sf: StateFile) -> None:
+def name_service(t: topo.Topology, state: LabState, sf: StateFile) -> None:
     """/etc/netns/<ns>/hosts for the vCenter and host namespaces (`ip netns exec` mounts it on /etc/hosts)."""
     text = hosts_file(t)
     if not NETNS_ETC.exists():
@@ -200,7 +200,7 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
     namespaces = namespaces_of(t)
     state.namespaces = namespaces
     sf.save(state)
-    _name_service(t, state, sf)
+    name_service(t, state, sf)
     run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in namespaces))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -249,6 +249,22 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
                 str(shadow), str(bashrc), SSHD, "-D", "-f", str(cfg), "-E", str(paths.host_dir(h.name) / "sshd.log")],
                paths.host_dir(h.name) / "sshd.out")
     paths.known_hosts.write_text("\n".join(known) + "\n")
+    start_observer(t, state, sf, paths)
+
+
+def _nested_bridges(t: topo.Topology) -> None:
+    """The root-namespace bridges of the nested hosts' NICs: no address, IPv6 off before they come up."""
+    cmds, sysctls = fabric.nested_bridge_commands(t)
+    if not sysctls:
+        return
+    cut = cmds.index("#sysctl")
+    run(["ip", "-batch", "-"], input="\n".join(cmds[:cut]) + "\n")
+    run(["sysctl", "-q", "-w", *sysctls])
+    run(["ip", "-batch", "-"], input="\n".join(cmds[cut + 1:]) + "\n")
+
+
+def start_observer(t: topo.Topology, state: LabState, sf: StateFile, paths: LabPaths) -> None:
+    """The heartbeat observer in the lab's ``obs`` namespace (recorded); returns once its control socket is up."""
     _spawn(state, sf, "observer", fabric.ns_name(t.name, "obs"),
            [sys.executable, "-m", "testbed.lab.observer", "--bind", str(topo.OBSERVER_IP),
             "--port", str(topo.OBSERVER_PORT), "--control", str(paths.observer_socket)],
@@ -262,17 +278,6 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
             raise LabError(f"lab processes exited right after start: {', '.join(dead)}",
                            hint=f"see the logs under {paths.dir}")
         time.sleep(0.02)
-
-
-def _nested_bridges(t: topo.Topology) -> None:
-    """The root-namespace bridges of the nested hosts' NICs: no address, IPv6 off before they come up."""
-    cmds, sysctls = fabric.nested_bridge_commands(t)
-    if not sysctls:
-        return
-    cut = cmds.index("#sysctl")
-    run(["ip", "-batch", "-"], input="\n".join(cmds[:cut]) + "\n")
-    run(["sysctl", "-q", "-w", *sysctls])
-    run(["ip", "-batch", "-"], input="\n".join(cmds[cut + 1:]) + "\n")
 
 
 def mark_up(name: str) -> LabState:

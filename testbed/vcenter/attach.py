@@ -22,7 +22,6 @@ import asyncio
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from testbed.errors import Conflict, InputError, LabError, NotFound
 from testbed.hosts import vagrant as vg
 from testbed.lab import builder
 from testbed.lab import topology as topo
-from testbed.lab.state import LabState, ProcessRecord, StateFile, proc_starttime
+from testbed.lab.state import LabState, StateFile
 from testbed.net import fabric
 from testbed.net.cmd import netns_exists, run
 from testbed.vcenter import deploy
@@ -147,37 +146,6 @@ def _wire(t: topo.Topology, state: LabState, sf: StateFile) -> None:
         run(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
 
 
-def _observer(t: topo.Topology, state: LabState, sf: StateFile, paths: builder.LabPaths) -> None:
-    log = paths.dir / "observer.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", fabric.ns_name(t.name, "obs"), sys.executable, "-m",
-                                 "testbed.lab.observer", "--bind", str(topo.OBSERVER_IP), "--port",
-                                 str(topo.OBSERVER_PORT), "--control", str(paths.observer_socket)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    state.processes.append(ProcessRecord(role="observer", pid=proc.pid, starttime=proc_starttime(proc.pid) or 0,
-                                         netns=fabric.ns_name(t.name, "obs")))
-    sf.save(state)
-    deadline = time.monotonic() + 10
-    while not paths.observer_socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise LabError(f"the heartbeat observer did not start; see {log}")
-        time.sleep(0.05)
-
-
-def _names(t: topo.Topology, state: LabState, sf: StateFile) -> None:
-    """/etc/netns/<ns>/hosts for the vCenter namespaces (names of the lab's nodes)."""
-    if not builder.NETNS_ETC.exists():
-        builder.NETNS_ETC.mkdir(mode=0o755)
-        state.system_paths.append(str(builder.NETNS_ETC))
-    for s in t.sites:
-        d = builder.NETNS_ETC / fabric.ns_name(t.name, s.vcenter.name)
-        d.mkdir(mode=0o755)
-        state.system_paths.insert(0, str(d))
-        (d / "hosts").write_text(builder.hosts_file(t))
-        state.system_paths.insert(0, str(d / "hosts"))
-    sf.save(state)
-
-
 async def attach(vdir: Path, lab: str = "vg") -> tuple[dict[str, float], dict[str, SshEntry]]:
     """Attach the Vagrant lab in ``vdir`` (its hosts running) to two new vCenters.
 
@@ -199,13 +167,13 @@ async def attach(vdir: Path, lab: str = "vg") -> tuple[dict[str, float], dict[st
             paths.key.name, paths.key.with_suffix(".pub").name, "hosts"])
         sf.save(state)
     try:
-        _names(t, state, sf)
+        builder.name_service(t, state, sf)   # the vCenters' namespaces (a nested-kind host has none)
         await asyncio.to_thread(_wire, t, state, sf)
         paths.known_hosts.write_text("".join(
             f"{topo.host_addresses(si, hi).mgmt.split('/')[0]} "
             f"{' '.join((paths.host_dir(h.name) / 'ssh_host_ed25519_key.pub').read_text().split()[:2])}\n"
             for si, _, hi, h in t.hosts()))
-        _observer(t, state, sf, paths)
+        builder.start_observer(t, state, sf, paths)
         builder.mark_up(lab)
         t1 = time.monotonic()
         for si in range(len(t.sites)):
