@@ -121,13 +121,13 @@ class Bench:
         t0 = time.monotonic()
         await labctl.up(self.t, start_agents_now=True)
         try:
+            state = builder.load_state(self.s.lab)
+            self.hosts = {h: NetnsHost(state, h) for h in HOSTS}
             for h in HOSTS:
                 await asyncio.to_thread(libvirtd.start, self.s.lab, h, debug=self.s.libvirt_debug)
             await asyncio.gather(*(asyncio.to_thread(self._warm, h) for h in HOSTS))
             self.log(f"lab {self.s.lab} up with libvirtd on {', '.join(HOSTS)} in {time.monotonic() - t0:.1f} s")
             self.m = VmManager(self.s.lab)
-            state = builder.load_state(self.s.lab)
-            self.hosts = {h: NetnsHost(state, h) for h in HOSTS}
             for w in self.s.workloads:
                 for engine in self.s.engines:
                     await (self._ours(w) if engine == "ours" else self._libvirt(w))
@@ -150,8 +150,7 @@ class Bench:
     def _warm(self, host: str) -> None:
         """Have the host's libvirtd probe QEMU now: a fresh libvirtd does it on first use, which would otherwise
         be inside the first migration (4-5 s here, on the destination, during libvirt's Prepare phase)."""
-        state = builder.load_state(self.s.lab)
-        h = lv.topology_host(self.t, NetnsHost(state, host).agent_config(), self.s.lab)
+        h = lv.topology_host(self.t, self.hosts[host].agent_config(), self.s.lab)
         conn = h.connect()
         try:
             conn.getDomainCapabilities(lv.QEMU, "x86_64", "q35", "qemu")
