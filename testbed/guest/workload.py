@@ -1,5 +1,17 @@
-"""Workload specs (``idle``, ``memory:20MB/s@256M``, ``disk:5MB/s``, comma-joined)
-and the kernel command line that configures the guest agent with them."""
+"""Workload specs (``idle``, ``memory:20MB/s@256M``, ``disk:5MB/s``, ``cpu-bound``, comma-joined)
+and the kernel command line that configures the guest agent with them.
+
+Two kinds of memory load, both real page writes into a verified working set:
+
+- open-loop (default): the guest dirties by the clock, like a service whose requests arrive
+  whatever the VM's speed (a cache or session store filled by clients, a database buffer pool
+  under a fixed request rate, a stream ingester). Slowed down, it owes the work and pays it back
+  as soon as it runs again (up to 50 ms of burst), so a CPU stun only helps once the CPU it may
+  have falls below what it needs.
+- ``cpu-bound``: the rate is per CPU-second the guest gets (each page costs a fixed amount of CPU
+  work, calibrated at boot so that a whole vCPU writes the given rate), like a batch job, an
+  in-memory analytics or compression job, a build or a GC-heavy JVM: any stun slows it in proportion.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ class Workload(BaseModel):
     mem_rate_bps: int = Field(default=0, ge=0)
     mem_wss_bytes: int = Field(default=DEFAULT_WSS, gt=0)
     disk_rate_bps: int = Field(default=0, ge=0)
+    mem_cpu_bound: bool = False      # the memory rate is per CPU-second the guest gets, not by the clock
 
     def describe(self) -> str:
         parts = []
@@ -25,17 +38,23 @@ class Workload(BaseModel):
             parts.append(f"memory:{self.mem_rate_bps / 1e6:g}MB/s@{self.mem_wss_bytes // 1024**2}M")
         if self.disk_rate_bps:
             parts.append(f"disk:{self.disk_rate_bps / 1e6:g}MB/s")
+        if self.mem_cpu_bound:
+            parts.append("cpu-bound")
         return ",".join(parts) or "idle"
 
 
 def parse_workload(spec: str) -> Workload:
-    """``idle`` | ``memory:RATE[@WSS]`` | ``disk:RATE`` | comma-joined mix."""
-    fields: dict[str, int] = {}
+    """``idle`` | ``memory:RATE[@WSS]`` | ``disk:RATE`` | comma-joined mix; ``cpu-bound`` makes the memory
+    rate one per CPU-second."""
+    fields: dict[str, int | bool] = {}
     for part in (p.strip() for p in spec.split(",")):
         kind, _, arg = part.partition(":")
         kind = kind.lower()
         try:
             if kind == "idle" and not arg:
+                continue
+            if kind == "cpu-bound" and not arg:
+                fields["mem_cpu_bound"] = True
                 continue
             if kind in ("memory", "mem") and arg:
                 rate, _, wss = arg.partition("@")
@@ -49,8 +68,12 @@ def parse_workload(spec: str) -> Workload:
         except InputError as err:
             raise InputError(f"workload {spec!r}: {err.message}", hint=err.hint) from err
         raise InputError(f"workload {spec!r}: cannot read {part!r}",
-                         hint="use idle, memory:20MB/s, memory:20MB/s@256M, disk:5MB/s, or a comma-joined mix")
-    return Workload(**fields)
+                         hint="use idle, memory:20MB/s, memory:20MB/s@256M, disk:5MB/s, or a comma-joined mix "
+                              "(memory:60MB/s@48M,cpu-bound: the rate per CPU-second the guest gets)")
+    if fields.get("mem_cpu_bound") and not fields.get("mem_rate_bps"):
+        raise InputError(f"workload {spec!r}: cpu-bound needs a memory rate",
+                         hint="for example memory:60MB/s@48M,cpu-bound")
+    return Workload(**fields)  # type: ignore[arg-type]
 
 
 def agent_cmdline(vm: str, ip_cidr: str | None, observer: str | None, workload: Workload,
@@ -67,6 +90,8 @@ def agent_cmdline(vm: str, ip_cidr: str | None, observer: str | None, workload: 
         args.append(f"tb.observer={observer}")
     if workload.mem_rate_bps:
         args += [f"tb.mem_rate={workload.mem_rate_bps}", f"tb.mem_wss={workload.mem_wss_bytes}"]
+        if workload.mem_cpu_bound:
+            args.append("tb.mem_mode=cpu")
     else:
         args += [f"tb.mem_wss={IDLE_WSS}"]
     if workload.disk_rate_bps:

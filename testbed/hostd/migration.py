@@ -291,6 +291,7 @@ class SourceRole:
                 "multifd_bytes": ram.get("multifd-bytes", 0), "precopy_bytes": ram.get("precopy-bytes", 0),
                 "downtime_bytes": ram.get("downtime-bytes", 0),
                 "stun_pct": round(self.sdps.stun * 100, 1) if self.sdps else 0.0,
+                "sdps_exhausted": bool(self.sdps and self.sdps.exhausted),
                 "postcopy_requests": ram.get("postcopy-requests", 0),
             })
             if info.get("status") in ("completed", "failed", "cancelled"):

@@ -20,6 +20,7 @@ and rolls back with ``give_up_message()``. The controller only decides; the engi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,17 +49,19 @@ class ConvergenceSettings(BaseModel):
     completion_timeout_min_s: float = Field(default=60.0, gt=0)
     downtime_max_ms: int = Field(default=500, gt=0)       # adaptive: the last downtime step (Nova: 500 ms)
     downtime_steps: int = Field(default=4, ge=1)          # adaptive: steps from the request's limit to the max
-    # 90 %: a guest left 10 % of its CPU needs ~40 ms to get a heartbeat out (measured, docs/benchmarks.md)
-    sdps_max_stun_pct: int = Field(default=90, ge=1, le=99)
+    # 99 %: the controller stuns only as far as the measured rates require (docs/migration.md)
+    sdps_max_stun_pct: int = Field(default=99, ge=1, le=99)
     sdps_slice_ms: int = Field(default=10, ge=2, le=1000)   # CFS period / freezer grid
+    sdps_stall_target_ms: int = Field(default=50, ge=5, le=1000)   # auto: no single stun longer than this
     sdps_target_ratio: float = Field(default=0.5, gt=0, lt=1)
-    sdps_method: Literal["cfs", "freezer", "qemu-throttle"] = "cfs"
+    sdps_method: Literal["auto", "cfs", "freezer", "qemu-throttle"] = "auto"
     stalled_rounds: int = Field(default=3, ge=1)          # rounds without the dirty set shrinking = no progress
     postcopy_at_fraction: float = Field(default=0.5, gt=0, le=1)   # adaptive: post-copy by this share of the timeout
 
     def sdps_agent_settings(self) -> dict[str, object]:
         return {"max_stun_pct": self.sdps_max_stun_pct, "period_ms": self.sdps_slice_ms,
-                "target_ratio": self.sdps_target_ratio, "method": self.sdps_method}
+                "target_ratio": self.sdps_target_ratio, "method": self.sdps_method,
+                "stall_target_ms": self.sdps_stall_target_ms}
 
 
 def completion_timeout_s(memory_bytes: int, settings: ConvergenceSettings) -> float:
@@ -74,11 +77,12 @@ class RoundStats:
     remaining_bytes: int      # dirty at the start of the next round
     throttle_pct: int
     stun_pct: float
+    sdps_exhausted: bool = False   # the source agent measured: at its ceiling, still as fast as the link
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["downtime-limit", "postcopy"]
+    kind: Literal["downtime-limit", "postcopy", "abort"]
     value: float | None
     why: str
 
@@ -99,6 +103,7 @@ class Controller:
     _step: int = 0
     _max_stun: float = 0.0
     _max_throttle: int = 0
+    _cannot: str = ""
 
     def __post_init__(self) -> None:
         self.mode = normalize(self.mode)
@@ -139,19 +144,48 @@ class Controller:
             elif r.elapsed_s >= s.postcopy_at_fraction * self.timeout_s:
                 acts.append(self._postcopy(f"{r.elapsed_s:.0f} s of pre-copy"))
         elif self.mode == "adaptive":
-            if self._stalled >= 2 and self._step < s.downtime_steps and r.stun_pct >= s.sdps_max_stun_pct - 1:
-                # only once SDPS is at its ceiling: a longer downtime is what users feel most
-                self._step += 1
-                lim = round(self.downtime_limit_ms + (s.downtime_max_ms - self.downtime_limit_ms)
-                            * self._step / s.downtime_steps)
-                self.downtime_now_ms = lim
-                acts.append(Action("downtime-limit", lim, f"step {self._step}/{s.downtime_steps}: the dirty set "
-                                   f"stopped shrinking ({r.remaining_bytes / 2**20:.0f} MiB left)"))
-            if self.allow_postcopy and (
-                    (self.sdps_on and self._step >= s.downtime_steps and self._stalled >= s.stalled_rounds)
-                    or r.elapsed_s >= s.postcopy_at_fraction * self.timeout_s):
-                acts.append(self._postcopy(f"SDPS and downtime steps did not converge after {r.elapsed_s:.0f} s"))
+            acts += self._adaptive(r)
         return acts
+
+    def _adaptive(self, r: RoundStats) -> list[Action]:
+        """SDPS first; once the agent measured that stunning cannot bring the dirty rate under the send rate,
+        at once: a downtime limit sized from the measured remaining bytes and the link, then post-copy (if
+        allowed), then a clean abort; never an idle wait for the completion timeout."""
+        s = self.settings
+        late = r.elapsed_s >= s.postcopy_at_fraction * self.timeout_s
+        if self.allow_postcopy and late:
+            return [self._postcopy(f"{r.elapsed_s:.0f} s of pre-copy, half the completion timeout")]
+        if not r.sdps_exhausted or r.send_bps <= 0:
+            return []
+        need_ms = math.ceil(r.remaining_bytes / r.send_bps * 1000 * 1.25)   # send what is left, 25 % margin
+        if need_ms <= self.downtime_now_ms and self._stalled < s.stalled_rounds:
+            return []          # the limit already allows the switchover: give QEMU the rounds to take it
+        if need_ms > self.downtime_now_ms and need_ms <= s.downtime_max_ms:
+            self._step += 1
+            self.downtime_now_ms = need_ms
+            self._stalled = 0
+            return [Action("downtime-limit", need_ms, f"SDPS at its ceiling ({r.stun_pct:.0f}%) and the guest "
+                           f"still dirties {r.dirty_bps / 1e6:.1f} MB/s vs {r.send_bps / 1e6:.1f} MB/s sent: "
+                           f"{r.remaining_bytes / 2**20:.1f} MiB left need {need_ms} ms at this link "
+                           f"(25 % margin)")]
+        if self.downtime_now_ms < s.downtime_max_ms and need_ms <= s.downtime_max_ms:
+            self._step += 1
+            self.downtime_now_ms = s.downtime_max_ms
+            self._stalled = 0
+            return [Action("downtime-limit", s.downtime_max_ms, f"the switchover did not come at "
+                           f"{need_ms} ms: the last step, {s.downtime_max_ms} ms")]
+        if self.allow_postcopy:
+            return [self._postcopy(f"SDPS at its ceiling cannot slow the guest enough and "
+                                   f"{r.remaining_bytes / 2**20:.1f} MiB would need {need_ms} ms of downtime "
+                                   f"(at most {s.downtime_max_ms} ms)")]
+        self._cannot = (f"pre-copy cannot converge: with SDPS at its ceiling ({r.stun_pct:.0f}% of each slice "
+                        f"stunned) the guest still dirties {r.dirty_bps / 1e6:.1f} MB/s, the link sends "
+                        f"{r.send_bps / 1e6:.1f} MB/s, and the {r.remaining_bytes / 2**20:.1f} MiB left would need "
+                        f"{need_ms} ms of downtime (at most {s.downtime_max_ms} ms allowed); post-copy not allowed "
+                        f"(allow_postcopy is off). Rolled back after {r.elapsed_s:.0f} s: the VM keeps running on "
+                        "the source. To move it, allow post-copy (--converge adaptive --allow-postcopy), allow a "
+                        "longer downtime, or give the vMotion link more bandwidth")
+        return [Action("abort", None, self._cannot)]
 
     def on_timeout(self) -> Action | None:
         """The completion timeout passed: the fallback if one is allowed, else None (abort)."""
@@ -174,7 +208,8 @@ class Controller:
             "adaptive": [f"SDPS (stun reached {self._max_stun:.0f}% of {self.settings.sdps_max_stun_pct}% allowed)"
                          if self.sdps_on else "SDPS not engaged (the guest never outpaced the link)",
                          f"downtime limit stepped {self.downtime_limit_ms} -> {self.downtime_now_ms} ms"
-                         if self._step else "downtime limit not stepped (SDPS never reached its ceiling)"],
+                         if self._step else "downtime limit not stepped (SDPS never measured that it could "
+                         "not slow the guest enough)"],
         }[self.mode]
         if not self.postcopy_capable:
             tried.append("post-copy not allowed" + (" (allow_postcopy is off)" if self.mode == "adaptive" else ""))

@@ -414,11 +414,15 @@ class Migration:
                 d = ev["data"]
                 prev = next((x for x in reversed(self.decisions) if x.action == "stun"), None)
                 if prev is None or prev.value != d["stun_pct"]:
-                    slice_ms = d.get("slice_ms")
+                    slice_ms, single, cpu = d.get("slice_ms"), d.get("single_stun_ms"), d.get("cpu_pct")
                     self._decide(len(self.rounds), "stun", d["stun_pct"],
-                                 f"{d['method']}{f', {slice_ms} ms slices' if slice_ms else ''}: dirty "
-                                 f"{d['dirty_bps'] / 1e6:.1f} MB/s vs send {d['send_bps'] / 1e6:.1f} MB/s, "
-                                 f"{d['remaining_bytes'] / 2**20:.0f} MiB dirty", t=d["t_s"])
+                                 f"{d['method']}{f', {slice_ms} ms slices' if slice_ms else ''}"
+                                 f"{f', single stun {single:g} ms' if single else ''}: dirty "
+                                 f"{d['dirty_bps'] / 1e6:.1f} MB/s vs send {d['send_bps'] / 1e6:.1f} MB/s"
+                                 f"{f' with {cpu:g}% of a vCPU' if cpu is not None else ''}, "
+                                 f"{d['remaining_bytes'] / 2**20:.0f} MiB dirty"
+                                 f"{'; at the ceiling and still as fast as the link' if d.get('exhausted') else ''}",
+                                 t=d["t_s"])
             elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
                     ev["data"]["data"].get("status") == "pre-switchover" and ev["side"] == "source":
                 if round_start is not None and last is not None and last is not round_start:
@@ -441,7 +445,8 @@ class Migration:
         r = self.rounds[-1]
         stats = RoundStats(n=r.n, elapsed_s=s["t_s"] - self.mono["migrate_s"], dirty_bps=r.dirty_rate_pps * PAGE,
                            send_bps=r.throughput_bps, remaining_bytes=int(s["remaining_bytes"]),
-                           throttle_pct=int(s["throttle_pct"]), stun_pct=float(s.get("stun_pct", 0.0)))
+                           throttle_pct=int(s["throttle_pct"]), stun_pct=float(s.get("stun_pct", 0.0)),
+                           sdps_exhausted=bool(s.get("sdps_exhausted", False)))
         for act in self.ctl.on_round(stats):
             await self._apply(act)
 
@@ -457,6 +462,9 @@ class Migration:
             self.postcopy = Postcopy(requested_s=round(time.monotonic() - self.machine.t0, 4))
             self.progress.postcopy = True
             self._decide(n, "postcopy", None, f"switch to post-copy: {act.why}")
+        elif act.kind == "abort":
+            self._decide(n, "abort", None, act.why)
+            raise MigrationError(act.why)
 
     def _close_round(self, a: dict[str, Any], b: dict[str, Any]) -> None:
         dt = max(b["t_s"] - a["t_s"], 1e-6)

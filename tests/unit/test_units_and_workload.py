@@ -29,9 +29,15 @@ def test_workload_specs() -> None:
     w = parse_workload("memory:20MB/s@256M,disk:5MB/s")
     assert (w.mem_rate_bps, w.mem_wss_bytes, w.disk_rate_bps) == (20_000_000, 256 * 2**20, 5_000_000)
     assert parse_workload(w.describe()) == w
+    c = parse_workload("memory:60MB/s@48M,cpu-bound")
+    assert c.mem_cpu_bound and c.mem_rate_bps == 60_000_000 and parse_workload(c.describe()) == c
+    assert not w.mem_cpu_bound
+    assert "tb.mem_mode=cpu" in agent_cmdline("v", None, None, c, 256 * 2**20).split()
+    assert "tb.mem_mode=cpu" not in agent_cmdline("v", None, None, w, 512 * 2**20)
 
 
-@pytest.mark.parametrize("bad", ["cpu:100", "memory", "memory:fast", "disk:"])
+@pytest.mark.parametrize("bad", ["cpu:100", "memory", "memory:fast", "disk:", "cpu-bound", "idle,cpu-bound",
+                                 "memory:1MB/s,cpu-bound:2"])
 def test_bad_workload(bad: str) -> None:
     with pytest.raises(InputError, match="workload"):
         parse_workload(bad)

@@ -3,7 +3,8 @@
  *
  * Threads:
  *   heartbeat  SCHED_FIFO, one UDP datagram per period (absolute-time sleeps)
- *   memory     paced page writer + continuous verifier over a locked working set
+ *   memory     page writer + continuous verifier over a locked working set, paced by the
+ *              clock (open-loop, tb.mem_mode=clock) or by the CPU it gets (tb.mem_mode=cpu)
  *   disk       O_DIRECT|O_DSYNC ring of crc32-protected 4 KiB blocks
  *   main       status line on /dev/console once a second
  *
@@ -49,6 +50,7 @@ static struct {
     char ip_s[64];
     uint64_t hb_us;
     uint64_t mem_rate, mem_wss;
+    int mem_cpu;             /* tb.mem_mode=cpu: the rate is per CPU-second the guest gets */
     uint64_t disk_rate, disk_span;
     char disk_dev[128];
 } cfg;
@@ -198,6 +200,8 @@ static void parse_cmdline(void)
             cfg.hb_us = parse_u64(v, 1000);
         } else if (!strcmp(k, "mem_rate")) {
             cfg.mem_rate = parse_u64(v, 0);
+        } else if (!strcmp(k, "mem_mode")) {
+            cfg.mem_cpu = !strcmp(v, "cpu");
         } else if (!strcmp(k, "mem_wss")) {
             cfg.mem_wss = parse_u64(v, 64ull << 20);
         } else if (!strcmp(k, "disk_rate")) {
@@ -364,6 +368,34 @@ static uint64_t virt_to_gpa(const void *v)
     return (ent & ((1ull << 55) - 1)) * PAGE + ((uintptr_t)v % PAGE);
 }
 
+static volatile uint64_t burn_sink, burst_check_sink;
+
+/* CPU work with no memory traffic: n rounds of mixing */
+static void burn(uint64_t n)
+{
+    uint64_t z = burn_sink;
+    for (uint64_t i = 0; i < n; i++)
+        z = mix64(z);
+    burn_sink = z;
+}
+
+/* ns per burn round, the fastest of several 10 ms windows (a loaded host only makes a window slower) */
+static double burn_ns_per_round(void)
+{
+    double best = 1e9;
+    for (int k = 0; k < 12; k++) {
+        uint64_t t = now_ns(), n = 0;
+        while (now_ns() - t < 10000000ull) {
+            burn(1000);
+            n += 1000;
+        }
+        double per = (double)(now_ns() - t) / (double)n;
+        if (per < best)
+            best = per;
+    }
+    return best;
+}
+
 static void *mem_thread(void *arg)
 {
     (void)arg;
@@ -398,16 +430,43 @@ static void *mem_thread(void *arg)
     struct vlimit vl = {0};
     uint64_t v = 0;                       /* verifier position */
     const double rate = (double)cfg.mem_rate;
+    /* CPU-bound: each page costs a fixed amount of CPU work, sized so that a whole vCPU writes
+     * mem_rate; the rate then follows the CPU the guest gets (a stun slows it, a debt is never repaid) */
+    uint64_t burn_rounds = 0;
+    if (cfg.mem_cpu && rate > 0) {
+        double per_round = burn_ns_per_round();
+        double fastest = 1e18; /* ns per page write + 8 page checks, fastest of several windows */
+        for (int k = 0; k < 8; k++) {
+            uint64_t t = now_ns();
+            for (unsigned j = 0; j < 64; j++) {
+                page_write(wss + ((c + j) % npages) * WORDS_PER_PAGE, (c + j) % npages, G);
+                for (unsigned q = 0; q < 8; q++)
+                    burst_check_sink += (uint64_t)page_check(wss + ((v + q) % npages) * WORDS_PER_PAGE,
+                                                             (v + q) % npages, G);
+            }
+            double per = (double)(now_ns() - t) / 64.0;
+            if (per < fastest)
+                fastest = per;
+        }
+        double budget = 1e9 * PAGE / rate;
+        burn_rounds = budget > fastest ? (uint64_t)((budget - fastest) / per_round) : 0;
+        con("TBAGENT memory cpu-bound rate=%llu page_ns=%.0f burn_ns=%.2f burn_rounds=%llu",
+            (unsigned long long)cfg.mem_rate, fastest, per_round, (unsigned long long)burn_rounds);
+    }
     double tokens = 0;                    /* bytes we may write now */
     const double cap = rate * 0.05 > PAGE * 16 ? rate * 0.05 : PAGE * 16; /* max 50 ms of burst */
     uint64_t last = now_ns();
 
     for (;;) {
         uint64_t t = now_ns();
-        tokens += rate * (double)(t - last) / 1e9;
+        if (cfg.mem_cpu) {
+            tokens = PAGE; /* one page now, then the CPU work that paces it */
+        } else {
+            tokens += rate * (double)(t - last) / 1e9;
+            if (tokens > cap)
+                tokens = cap; /* CPU could not keep up: drop the debt, go as fast as possible */
+        }
         last = t;
-        if (tokens > cap)
-            tokens = cap;     /* CPU could not keep up: drop the debt, go as fast as possible */
         unsigned nw = 0;
         while (tokens >= PAGE && nw < 64) {
             page_write(wss + c * WORDS_PER_PAGE, c, G + 1);
@@ -434,6 +493,8 @@ static void *mem_thread(void *arg)
                 v = 0;
         }
         ADD(st_mem_verified, 8);
+        if (burn_rounds)
+            burn(burn_rounds);
         if (rate == 0 && v % 256 == 0) {
             /* verify-only: about one pass over the working set per second */
             uint64_t pause_ns = 256ull * 1000000000ull / npages;
