@@ -76,6 +76,9 @@ bench: setup image
 ## the convergence controllers side by side (about 20 min; table in docs/benchmarks.md)
 bench-convergence: setup image
 	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 2 --allow-postcopy --json convergence.json
+	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 10 --link 30MiB/s --vm-memory 256M \
+	  --vm-disk 128M --modes sdps,adaptive --workloads open-loop,cpu-bound --allow-postcopy \
+	  --json convergence-30MiB.json
 
 ## the delay line's own benchmark (RTT accuracy, throughput)
 bench-wan: setup

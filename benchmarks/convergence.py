@@ -1,14 +1,17 @@
 """Compare the convergence controllers side by side: every mode x every workload, on a capped link.
 
     .venv/bin/python benchmarks/convergence.py [--runs 1] [--link 60MiB/s]
-        [--modes auto-converge,sdps,postcopy,adaptive] [--workloads idle,20,150,sweep]
+        [--modes auto-converge,sdps,postcopy,adaptive] [--workloads idle,20,150,sweep,open-loop,cpu-bound]
+        [--vm-memory 512M] [--vm-disk 256M]
         [--allow-postcopy] [--completion-timeout S] [--json FILE] [--markdown FILE]
 
 One lab (2 sites x 2 hosts, site link capped), one 512 MiB VM with a 256 MiB disk per workload,
 migrated back and forth between esx-a1 (vc-a) and esx-b1 (vc-b) with each mode in turn.
 Workloads: idle; 20 MB/s over 128 MiB; 150 MB/s over 256 MiB; ``sweep``: the whole 64 MiB working
 set rewritten as fast as the guest's vCPU can (``memory:10GB/s@64M``: the agent's pacing drops what it
-cannot keep up with). Per run: total time, pre-copy rounds, downtime reported by QEMU and observed by the
+cannot keep up with); ``open-loop`` and ``cpu-bound``: 60 MB/s over 48 MiB, by the clock and per
+CPU-second (run them with ``--link 30MiB/s --vm-memory 256M --vm-disk 128M``: ``make bench-convergence``).
+Per run: total time, pre-copy rounds, downtime reported by QEMU and observed by the
 heartbeat observer, the longest guest stall during pre-copy, the largest SDPS stun / QEMU throttle,
 whether post-copy was used, the result and the integrity verdicts. A benchmark, not a test.
 """
@@ -32,7 +35,7 @@ from testbed.errors import TestbedError
 from testbed.lab.topology import LinkSpec, Topology, default_topology
 from testbed.migration.convergence import ConvergenceSettings
 from testbed.migration.report import MigrationReport
-from testbed.units import parse_rate_bytes
+from testbed.units import parse_rate_bytes, parse_size
 from testbed.vms import VmManager
 
 MiB = 1024**2
@@ -44,7 +47,9 @@ async def lab_up(t: Topology) -> dict[str, float]:
 
 
 WORKLOADS = {"idle": "idle", "20": "memory:20MB/s@128M", "150": "memory:150MB/s@256M",
-             "sweep": "memory:10GB/s@64M"}
+             "sweep": "memory:10GB/s@64M",
+             # issue 14's pair: twice what a 30 MiB/s link sends, by the clock and per CPU-second
+             "open-loop": "memory:60MB/s@48M", "cpu-bound": "memory:60MB/s@48M,cpu-bound"}
 
 
 def row(mode: str, wl: str, r: MigrationReport, load: str) -> dict[str, Any]:
@@ -80,12 +85,15 @@ async def main() -> int:
     ap.add_argument("--allow-postcopy", action="store_true", help="adaptive may fall back to post-copy")
     ap.add_argument("--sdps-max-stun", type=int, default=None, help="override ConvergenceSettings.sdps_max_stun_pct")
     ap.add_argument("--sdps-slice-ms", type=int, default=None)
-    ap.add_argument("--sdps-method", choices=("freezer", "cfs", "qemu-throttle"), default=None)
+    ap.add_argument("--sdps-method", choices=("auto", "freezer", "cfs", "qemu-throttle"), default=None)
+    ap.add_argument("--vm-memory", default="512M")
+    ap.add_argument("--vm-disk", default="256M")
     ap.add_argument("--lab", default="bconv")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args()
     link = parse_rate_bytes(a.link)
+    vm_mem, vm_disk = parse_size(a.vm_memory, what="--vm-memory"), parse_size(a.vm_disk, what="--vm-disk")
     modes = a.modes.split(",")
     over = {k: v for k, v in (("sdps_max_stun_pct", a.sdps_max_stun), ("sdps_slice_ms", a.sdps_slice_ms),
                               ("sdps_method", a.sdps_method)) if v is not None}
@@ -100,7 +108,7 @@ async def main() -> int:
             wl = WORKLOADS[wl_key]
             vm = f"conv-{wl_key}"
             t0 = time.monotonic()
-            await m.create(vm, "esx-a1", 512 * MiB, 256 * MiB, workload=wl)
+            await m.create(vm, "esx-a1", vm_mem, vm_disk, workload=wl)
             await m.wait_heartbeat(vm, timeout_s=90, since_s=t0)
             await asyncio.sleep(3)
             for mode in modes:
@@ -127,7 +135,7 @@ async def main() -> int:
                         with m.registry.edit() as vms:
                             vms.pop(vm, None)
                         t0 = time.monotonic()
-                        await m.create(vm, "esx-a1", 512 * MiB, 256 * MiB, workload=wl)
+                        await m.create(vm, "esx-a1", vm_mem, vm_disk, workload=wl)
                         await m.wait_heartbeat(vm, timeout_s=90, since_s=t0)
                     await asyncio.sleep(3)
             await m.delete(vm)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -255,7 +256,7 @@ def _demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbed", description="Cross-vCenter vMotion testbed on QEMU.")
     p.add_argument("--version", action="version", version=f"testbed {__version__}")
-    p.add_argument("--lab", default=None, help="lab name (default: $TESTBED_LAB or 'tb')")
+    p.add_argument("--lab", default=None, help="lab name (default: $TESTBED_LAB or 'tb'); also after the subcommand")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     lab = sub.add_parser("lab", help="bring the embedded lab up or down").add_subparsers(dest="sub", required=True)
@@ -367,14 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--streams", help="multifd channel counts, comma-separated (streams experiment)")
     s.add_argument("--bandwidth", help="the link's bandwidth cap (default 1Gbit)")
     s.set_defaults(fn=_experiment)
+    _lab_everywhere(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    a.lab_given = a.lab is not None
+def _lab_everywhere(p: argparse.ArgumentParser) -> None:
+    """Every subcommand takes ``--lab`` too (before or after it, as the README says)."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in set(action.choices.values()):
+                if not any("--lab" in a.option_strings for a in sp._actions):
+                    sp.add_argument("--lab", default=argparse.SUPPRESS, help="lab name (default: $TESTBED_LAB "
+                                    "or 'tb')")
+                _lab_everywhere(sp)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the lab resolved: ``--lab`` (anywhere), else ``$TESTBED_LAB``, else ``tb``;
+    ``lab_given`` says whether the user named one (commands with a lab of their own use it only then)."""
+    a = build_parser().parse_args(argv)
+    a.lab_given = a.lab is not None or bool(os.environ.get("TESTBED_LAB"))
     a.lab = a.lab or default_lab_name()
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
     try:
         return int(a.fn(a))
     except TestbedError as e:

@@ -1,7 +1,7 @@
 """The commands that talk to the vCenters' HTTPS APIs (part of ``testbed``'s command line).
 
     testbed vcenter list | show NAME | start|stop|restart NAME [--kill] | reconcile NAME
-    testbed vcenter add-host NAME HOSTNAME --user root --password P [--thumbprint SHA256:...]
+    testbed vcenter add-host NAME HOSTNAME --host-user root --host-password P [--thumbprint SHA256:...]
     testbed vcenter remove-host NAME HOST | host-license NAME HOST EDITION | trust NAME
     testbed relocate VM --dest-vcenter URL --dest-user U --dest-password P --dest-thumbprint T
                         --dest-host H [--dest-datastore DS] [--dest-network PG] [engine options]

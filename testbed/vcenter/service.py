@@ -634,7 +634,7 @@ class VCenter:
             out.append(prechecks.Check("vm-state", "ok", f"VM {name} is running on {v['host']}"))
         h = self.inv.host(v["host"])
         assert h is not None
-        out.append(prechecks.license_check(v["host"], h["license"], cross))
+        out.append(prechecks.license_check(v["host"], h["license"], cross, self.cfg.name))
         encrypted = []
         for d in spec.disks:
             with contextlib.suppress(NotFound):
@@ -684,7 +684,8 @@ class VCenter:
         registered = {x["name"] for x in self.inv.vms()}
         if moving_within:
             registered.discard(vm["name"])
-        return prechecks.destination(vm, source_facts, h, datastore, registered, cross=not moving_within)
+        return prechecks.destination(vm, source_facts, h, datastore, registered, cross=not moving_within,
+                                     vcenter=self.cfg.name)
 
     async def incoming_precheck(self, vm: dict[str, Any], source_facts: dict[str, Any], host: str,
                                 datastore: str, source_names: list[str],

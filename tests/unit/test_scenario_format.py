@@ -3,6 +3,8 @@ with the line and the field."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from testbed.errors import InputError
@@ -44,3 +46,13 @@ def test_bad_scenarios_point_at_the_line(text: str, line: int, words: str) -> No
     assert words in msg, msg
     if "YAML" not in words:
         assert f"s.yaml:{line}:" in msg, msg
+
+
+def test_vm_defaults_are_the_documented_ones() -> None:
+    """docs/scenarios.md: memory 256M by default, disk 128M by default, ``disk: null`` for none."""
+    from testbed.scenarios.model import VmDef
+    assert VmDef(name="a", host="esx-a1").memory == 256 * 2**20
+    assert VmDef(name="a", host="esx-a1").disk == 128 * 2**20
+    assert VmDef(name="a", host="esx-a1", disk=None).disk is None
+    doc = (Path(__file__).parents[2] / "docs" / "scenarios.md").read_text()
+    assert "default 256M" in doc and "default 128M; `disk: null` for none" in doc

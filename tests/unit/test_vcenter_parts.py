@@ -100,8 +100,13 @@ def test_destination_checks_each_rule() -> None:
     assert pg.status == "error" and "'DMZ'" in pg.message and pg.hint
     taken = next(c for c in prechecks.destination(VM, {}, _host(), "ds1", {"web01"}) if c.name == "vm-name")
     assert taken.status == "error"
-    lic = prechecks.license_check("esx-b1", "standard")
-    assert lic.status == "error" and "host-license" in (lic.hint or "")
+    lic = prechecks.license_check("esx-b1", "standard", vcenter="vc-b")
+    assert lic.status == "error" and "`testbed vcenter host-license vc-b esx-b1 enterprise-plus`" in (lic.hint or "")
+    # the hint's command is one the CLI takes as printed
+    from testbed.cli import build_parser
+    cmd = (lic.hint or "").split("`")[1].split()[1:]
+    ns = build_parser().parse_args(cmd)
+    assert (ns.name, ns.host, ns.edition) == ("vc-b", "esx-b1", "enterprise-plus")
     assert prechecks.license_check("esx-b1", "standard", cross=False).status == "ok"
 
 
