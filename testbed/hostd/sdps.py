@@ -90,11 +90,12 @@ def _find_hierarchy(private_dir: Path, controller: str, probe: str) -> Path:
 class FreezerStun:
     """The vCPU threads in their own freezer group, frozen for ``stun x slice`` of every slice by a thread."""
 
-    def __init__(self, root: Path, name: str, tids: list[int], slice_ms: int) -> None:
+    def __init__(self, root: Path, name: str, tids: list[int], slice_ms: int, max_frozen_ms: int = 50) -> None:
         self.root = root
         self.dir = root / name
         self.tids = tids
         self.slice_s = slice_ms / 1000
+        self.max_frozen_s = max(max_frozen_ms, slice_ms) / 1000
         self.stun = 0.0
         self.dir.mkdir(exist_ok=True)
         for tid in tids:
@@ -104,24 +105,25 @@ class FreezerStun:
         self._thread.start()
 
     def _cycle(self) -> None:
+        """Frozen ``s x slice``, then thawed ``(1 - s) x slice``. On a loaded host this thread wakes late and the
+        guest runs longer than planned: the next freeze is stretched so that the share holds
+        (frozen = run x s/(1-s)), never beyond ``max_frozen_s`` (the stall target)."""
         fd = os.open(self.dir / "freezer.state", os.O_WRONLY)
         try:
-            nxt = time.monotonic()
+            ran = 0.0                          # how long the guest ran since the last freeze
             while not self._stop.is_set():
                 stun = self.stun
                 if stun <= 0:
-                    nxt = time.monotonic() + self.slice_s
+                    ran = 0.0
                     self._stop.wait(self.slice_s)
                     continue
+                frozen = min(self.max_frozen_s, max(self.slice_s * stun, ran * stun / (1 - stun)))
                 os.write(fd, b"FROZEN")
-                nxt += self.slice_s * stun
-                time.sleep(max(0.0, nxt - time.monotonic()))
+                time.sleep(frozen)
                 os.write(fd, b"THAWED")
-                nxt += self.slice_s * (1 - stun)
-                now = time.monotonic()
-                if nxt < now:          # we were late (a loaded host): never stack up frozen time
-                    nxt = now + self.slice_s * (1 - stun)
-                time.sleep(max(0.0, nxt - now))
+                t = time.monotonic()
+                time.sleep(self.slice_s * (1 - stun))
+                ran = time.monotonic() - t
         finally:
             with contextlib.suppress(OSError):
                 os.write(fd, b"THAWED")
@@ -237,8 +239,9 @@ class SdpsLoop:
     it dirties by the clock (an open-loop service: it uses less CPU than it may, and stunning helps only
     once the CPU it may have falls below what it uses) or per CPU-second (a CPU-bound job). It then lets the
     vCPUs run the share that brings the dirty rate to ``target_ratio`` x the send rate, at once, up to the
-    ceiling. When the ceiling is reached and the guest still dirties as fast as the link sends, the loop
-    says so (``exhausted``): stunning cannot make this migration converge, measured, not assumed.
+    ceiling. When two rounds in a row ran at the ceiling with the stun in force (the vCPUs had no more than
+    about the share allowed) and the guest still dirtied as fast as the link sends, the loop says so
+    (``exhausted``): stunning cannot make this migration converge, measured, not assumed.
     """
 
     vm: VmProcess
@@ -253,6 +256,7 @@ class SdpsLoop:
     _prev_remaining: list[int] = field(default_factory=list)
     _tids: list[int] = field(default_factory=list)
     _pid: int = 0
+    _outpaced_rounds: int = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -276,7 +280,7 @@ class SdpsLoop:
                         froot = _find_hierarchy(self.run_dir / "cgroup-freezer", "freezer", "tasks")
                         sys.setswitchinterval(0.001)   # the stun thread must not wait 5 ms for the GIL
                         _remove_stale_groups(froot)
-                        freezer = FreezerStun(froot, name, tids, s.period_ms)
+                        freezer = FreezerStun(froot, name, tids, s.period_ms, s.stall_target_ms)
                     except (OSError, QemuError) as err:
                         if cfs is None:
                             raise
@@ -364,8 +368,13 @@ class SdpsLoop:
         if want_stun < 0.02:
             want_stun = 0.0
         at_ceiling = self.stun >= ceiling - 0.005
-        # measured: the round just ended ran at the ceiling, and the guest still kept pace with the link
-        self.exhausted = at_ceiling and (dirty >= 0.9 * send or not shrinking) and want_run <= floor + 1e-9
+        # the stun was in force: the vCPUs had no more than about the share allowed (a late freezer thread on a
+        # loaded host lets the guest run longer; that is not the guest outpacing the deepest stun)
+        honoured = used is None or used <= 2 * (1 - self.stun) + 0.01
+        outpaced = at_ceiling and honoured and (dirty >= 0.9 * send or not shrinking) and want_run <= floor + 1e-9
+        self._outpaced_rounds = self._outpaced_rounds + 1 if outpaced else 0
+        # measured, twice in a row: at the ceiling, with the stun in force, the guest still kept pace with the link
+        self.exhausted = self._outpaced_rounds >= 2
         applied = await self._apply(want_stun)
         self.stun = applied
         using, single_ms = self._in_force()
