@@ -51,6 +51,13 @@ FREEZER_MOUNT = "freezer"
 PAGE = 4096
 CGROUP_MOUNT = "cpu"               # the v1 hierarchy's name in /proc/self/mounts
 QEMU_THROTTLE_CEILING_PCT = 80     # 10 ms x 0.8/0.2 = 40 ms sleeps, the most we allow from QEMU's throttle
+CFS_MIN_QUOTA_US = 1000            # the kernel's smallest cpu.cfs_quota_us
+FREEZER_MAX_STUN = 0.99            # the freezer always lets the guest run 1 % of each slice
+
+
+def cfs_max_stun(period_us: int) -> float:
+    """The deepest stun CFS bandwidth can give with this period (the quota cannot go below 1 ms)."""
+    return 1 - CFS_MIN_QUOTA_US / period_us
 
 
 def _remove_stale_groups(root: Path) -> None:
@@ -130,7 +137,7 @@ class FreezerStun:
             os.close(fd)
 
     def set(self, stun: float) -> float:
-        self.stun = max(0.0, min(stun, 0.99))
+        self.stun = max(0.0, min(stun, FREEZER_MAX_STUN))
         return self.stun
 
     def release(self) -> None:
@@ -164,7 +171,7 @@ class CfsStun:
         if stun <= 0:
             (self.dir / "cpu.cfs_quota_us").write_text("-1")
             return 0.0
-        quota = max(1000, int((1 - stun) * self.period_us * len(self.tids)))
+        quota = max(CFS_MIN_QUOTA_US, int((1 - stun) * self.period_us * len(self.tids)))
         (self.dir / "cpu.cfs_quota_us").write_text(str(quota))
         return 1 - quota / (self.period_us * len(self.tids))
 
@@ -302,7 +309,7 @@ class SdpsLoop:
     def _cfs_limit(self) -> float:
         """The deepest CFS stun whose single stuns stay under the target (and whose quota is >= 1 ms)."""
         s = self.settings
-        return min(s.stall_target_ms / (s.stall_target_ms + s.tick_ms), 1 - 1 / s.period_ms)
+        return min(s.stall_target_ms / (s.stall_target_ms + s.tick_ms), cfs_max_stun(s.period_ms * 1000))
 
     def _ceiling(self) -> float:
         """The deepest stun the mechanism in use can give (the setting, or less where the mechanism cannot)."""
@@ -311,8 +318,8 @@ class SdpsLoop:
         if self.method == "qemu-throttle":
             return min(top, QEMU_THROTTLE_CEILING_PCT / 100)
         if self.method == "cfs" or (isinstance(self._cg, HybridStun) and self._cg.freezer is None):
-            return min(top, 1 - 1 / s.period_ms)
-        return min(top, 0.99)
+            return min(top, cfs_max_stun(s.period_ms * 1000))
+        return min(top, FREEZER_MAX_STUN)
 
     def _in_force(self) -> tuple[str, float | None]:
         """The mechanism stunning now and how long one stun lasts (ms)."""
@@ -331,13 +338,14 @@ class SdpsLoop:
         """Called with every ``query-migrate`` sample; acts when a new round (bitmap sync) began."""
         ram = info.get("ram", {})
         cur = {"t": t_s, "sync": ram.get("dirty-sync-count", 0), "tx": ram.get("transferred", 0),
-               "remaining": ram.get("remaining", 0), "dirty_pps": ram.get("dirty-pages-rate", 0),
-               "cpu_ns": self._cpu_ns()}
+               "remaining": ram.get("remaining", 0), "dirty_pps": ram.get("dirty-pages-rate", 0)}
         last = self._last
-        if last is None or info.get("status") != "active":
-            self._last = cur if info.get("status") == "active" else last
+        active = info.get("status") == "active"
+        if last is not None and (not active or cur["sync"] == last["sync"]):
             return None
-        if cur["sync"] == last["sync"]:
+        cur["cpu_ns"] = self._cpu_ns()      # read at round boundaries only (samples come every 100 ms)
+        if last is None:
+            self._last = cur if active else None
             return None
         self._last = cur
         dt = max(cur["t"] - last["t"], 1e-3)

@@ -103,7 +103,6 @@ class Controller:
     _step: int = 0
     _max_stun: float = 0.0
     _max_throttle: int = 0
-    _cannot: str = ""
 
     def __post_init__(self) -> None:
         self.mode = normalize(self.mode)
@@ -160,32 +159,31 @@ class Controller:
         need_ms = math.ceil(r.remaining_bytes / r.send_bps * 1000 * 1.25)   # send what is left, 25 % margin
         if need_ms <= self.downtime_now_ms and self._stalled < s.stalled_rounds:
             return []          # the limit already allows the switchover: give QEMU the rounds to take it
-        if need_ms > self.downtime_now_ms and need_ms <= s.downtime_max_ms:
+        if need_ms <= s.downtime_max_ms and self.downtime_now_ms < s.downtime_max_ms:
+            if need_ms > self.downtime_now_ms:
+                lim, why = need_ms, (f"SDPS at its ceiling ({r.stun_pct:.0f}%) and the guest still dirties "
+                                     f"{r.dirty_bps / 1e6:.1f} MB/s vs {r.send_bps / 1e6:.1f} MB/s sent: "
+                                     f"{r.remaining_bytes / 2**20:.1f} MiB left need {need_ms} ms at this link "
+                                     "(25 % margin)")
+            else:
+                lim, why = s.downtime_max_ms, (f"the switchover did not come at {need_ms} ms: the last step, "
+                                               f"{s.downtime_max_ms} ms")
             self._step += 1
-            self.downtime_now_ms = need_ms
+            self.downtime_now_ms = lim
             self._stalled = 0
-            return [Action("downtime-limit", need_ms, f"SDPS at its ceiling ({r.stun_pct:.0f}%) and the guest "
-                           f"still dirties {r.dirty_bps / 1e6:.1f} MB/s vs {r.send_bps / 1e6:.1f} MB/s sent: "
-                           f"{r.remaining_bytes / 2**20:.1f} MiB left need {need_ms} ms at this link "
-                           f"(25 % margin)")]
-        if self.downtime_now_ms < s.downtime_max_ms and need_ms <= s.downtime_max_ms:
-            self._step += 1
-            self.downtime_now_ms = s.downtime_max_ms
-            self._stalled = 0
-            return [Action("downtime-limit", s.downtime_max_ms, f"the switchover did not come at "
-                           f"{need_ms} ms: the last step, {s.downtime_max_ms} ms")]
+            return [Action("downtime-limit", lim, why)]
         if self.allow_postcopy:
             return [self._postcopy(f"SDPS at its ceiling cannot slow the guest enough and "
                                    f"{r.remaining_bytes / 2**20:.1f} MiB would need {need_ms} ms of downtime "
                                    f"(at most {s.downtime_max_ms} ms)")]
-        self._cannot = (f"pre-copy cannot converge: with SDPS at its ceiling ({r.stun_pct:.0f}% of each slice "
+        why = (f"pre-copy cannot converge: with SDPS at its ceiling ({r.stun_pct:.0f}% of each slice "
                         f"stunned) the guest still dirties {r.dirty_bps / 1e6:.1f} MB/s, the link sends "
                         f"{r.send_bps / 1e6:.1f} MB/s, and the {r.remaining_bytes / 2**20:.1f} MiB left would need "
                         f"{need_ms} ms of downtime (at most {s.downtime_max_ms} ms allowed); post-copy not allowed "
                         f"(allow_postcopy is off). Rolled back after {r.elapsed_s:.0f} s: the VM keeps running on "
                         "the source. To move it, allow post-copy (--converge adaptive --allow-postcopy), allow a "
                         "longer downtime, or give the vMotion link more bandwidth")
-        return [Action("abort", None, self._cannot)]
+        return [Action("abort", None, why)]
 
     def on_timeout(self) -> Action | None:
         """The completion timeout passed: the fallback if one is allowed, else None (abort)."""
