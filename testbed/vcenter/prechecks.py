@@ -64,7 +64,7 @@ def _version(v: str) -> tuple[int, ...]:
 # --- checks the destination vCenter runs on its own host ---------------------------------
 
 def destination(vm: dict[str, Any], source_facts: dict[str, Any], host: dict[str, Any], datastore: str,
-                registered: set[str], cross: bool = True, vcenter: str = "VCENTER") -> list[Check]:
+                registered: set[str], *, vcenter: str, cross: bool = True) -> list[Check]:
     """``vm``: name, machine, cpu_model, port_groups, disk_bytes; ``host``: the inventory row of the target."""
     facts, name, out = host["facts"], host["name"], []
     problems = []
@@ -106,7 +106,7 @@ def destination(vm: dict[str, Any], source_facts: dict[str, Any], host: dict[str
         out.append(Check("datastore-space", "ok",
                          f"{datastore} on {name}: {ds['free_bytes'] / 2**30:.1f} GiB free, "
                          f"{vm['disk_bytes'] / 2**30:.1f} GiB needed"))
-    out.append(license_check(name, host["license"], cross, vcenter))
+    out.append(license_check(name, host["license"], vcenter=vcenter, cross=cross))
     if vm["name"] in registered:
         out.append(Check("vm-name", "error", f"a VM named {vm['name']!r} is already in the destination inventory",
                          "rename or remove one of them first"))
@@ -115,7 +115,7 @@ def destination(vm: dict[str, Any], source_facts: dict[str, Any], host: dict[str
     return out
 
 
-def license_check(host: str, edition: str, cross: bool = True, vcenter: str = "VCENTER") -> Check:
+def license_check(host: str, edition: str, *, vcenter: str, cross: bool = True) -> Check:
     """``vcenter``: the vCenter the host is in, so the hint's command runs as printed."""
     if not cross:
         return Check("license", "ok", f"{host}: {edition} (a move within one vCenter needs no cross-vCenter licence)")

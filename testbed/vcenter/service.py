@@ -634,7 +634,7 @@ class VCenter:
             out.append(prechecks.Check("vm-state", "ok", f"VM {name} is running on {v['host']}"))
         h = self.inv.host(v["host"])
         assert h is not None
-        out.append(prechecks.license_check(v["host"], h["license"], cross, self.cfg.name))
+        out.append(prechecks.license_check(v["host"], h["license"], vcenter=self.cfg.name, cross=cross))
         encrypted = []
         for d in spec.disks:
             with contextlib.suppress(NotFound):

@@ -86,19 +86,24 @@ VM = {"name": "web01", "machine": "pc-q35-10.0", "cpu_model": "qemu64", "port_gr
 
 
 def test_destination_checks_each_rule() -> None:
-    ok = {c.name: c for c in prechecks.destination(VM, {"qemu_version": "10.0.2"}, _host(), "ds1", set())}
+    ok = {c.name: c for c in prechecks.destination(VM, {"qemu_version": "10.0.2"}, _host(), "ds1", set(),
+                                                   vcenter="vc-b")}
     assert all(c.status == "ok" for c in ok.values()), ok
     older = prechecks.destination(VM, {"qemu_version": "10.0.2"},
-                                  _host(qemu_version="9.2.0", machine_types=["pc-q35-9.2"]), "ds1", set())
+                                  _host(qemu_version="9.2.0", machine_types=["pc-q35-9.2"]), "ds1", set(),
+                                  vcenter="vc-b")
     hc = next(c for c in older if c.name == "host-compatibility")
     assert hc.status == "error" and "older than QEMU 10.0.2" in hc.message and "pc-q35-10.0" in hc.message
-    full = next(c for c in prechecks.destination({**VM, "disk_bytes": 2 * 2**30}, {}, _host(), "ds1", set())
+    full = next(c for c in prechecks.destination({**VM, "disk_bytes": 2 * 2**30}, {}, _host(), "ds1", set(),
+                                                 vcenter="vc-b")
                 if c.name == "datastore-space")
     assert full.status == "error" and "1.0 GiB free" in full.message
-    pg = next(c for c in prechecks.destination({**VM, "port_groups": ["DMZ"]}, {}, _host(), "ds1", set())
+    pg = next(c for c in prechecks.destination({**VM, "port_groups": ["DMZ"]}, {}, _host(), "ds1", set(),
+                                               vcenter="vc-b")
               if c.name == "port-groups")
     assert pg.status == "error" and "'DMZ'" in pg.message and pg.hint
-    taken = next(c for c in prechecks.destination(VM, {}, _host(), "ds1", {"web01"}) if c.name == "vm-name")
+    taken = next(c for c in prechecks.destination(VM, {}, _host(), "ds1", {"web01"}, vcenter="vc-b")
+                 if c.name == "vm-name")
     assert taken.status == "error"
     lic = prechecks.license_check("esx-b1", "standard", vcenter="vc-b")
     assert lic.status == "error" and "`testbed vcenter host-license vc-b esx-b1 enterprise-plus`" in (lic.hint or "")
@@ -107,7 +112,7 @@ def test_destination_checks_each_rule() -> None:
     cmd = (lic.hint or "").split("`")[1].split()[1:]
     ns = build_parser().parse_args(cmd)
     assert (ns.name, ns.host, ns.edition) == ("vc-b", "esx-b1", "enterprise-plus")
-    assert prechecks.license_check("esx-b1", "standard", cross=False).status == "ok"
+    assert prechecks.license_check("esx-b1", "standard", vcenter="vc-b", cross=False).status == "ok"
 
 
 def test_bandwidth_estimate_warns_when_dirtying_near_the_link() -> None:
