@@ -73,7 +73,7 @@ experiments: setup image
 bench: setup image
 	COLUMNS=200 $(VENV)/bin/testbed bench --runs 5 --json bench-libvirt.json --markdown bench-libvirt.md
 
-## the convergence controllers side by side (about 20 min; table in docs/benchmarks.md)
+## the convergence controllers side by side, then issue 14's pair 10 times each (about 20 min + an estimated 15 min, not yet timed; tables in docs/benchmarks.md)
 bench-convergence: setup image
 	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 2 --allow-postcopy --json convergence.json
 	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 10 --link 30MiB/s --vm-memory 256M \
