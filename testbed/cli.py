@@ -127,6 +127,14 @@ def _vm_console(a: argparse.Namespace) -> int:
     return vm_console(a)
 
 
+def _vcenter_fn(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(a: argparse.Namespace) -> int:
+        from testbed import cli_vcenter
+        fn: Callable[[argparse.Namespace], int] = getattr(cli_vcenter, name)
+        return fn(a)
+    return run
+
+
 def _vm_heartbeat(a: argparse.Namespace) -> int:
     import time
 
@@ -305,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = vm.add_parser("console-log", help="the VM's whole serial console so far")
     s.add_argument("name")
     s.set_defaults(fn=_vm_console)
+    s = vm.add_parser("source-copies", help="source copies (paused QEMU and disks) that unverified moves kept")
+    s.add_argument("--vcenter")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_vcenter_fn("source_copies"))
+    s = vm.add_parser("discard-source", help="remove the source copy an unverified (or failed) move kept")
+    s.add_argument("name")
+    s.add_argument("--vcenter", help="the vCenter that keeps it (default: found by asking each)")
+    s.set_defaults(fn=_vcenter_fn("discard_source"))
     s = vm.add_parser("heartbeat", help="what the observer has seen of the VM's heartbeat")
     s.add_argument("name")
     s.add_argument("--last", type=float, help="only the last N seconds")
@@ -330,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
     s.add_argument("--downtime-limit", type=int, default=100,
                    help="QEMU's downtime limit in ms (default 100; QEMU's own default is 300)")
-    s.add_argument("--json", help="write the migration report to this file")
+    from testbed.cli_vcenter import add_verdict_options
+    add_verdict_options(s)
     s.set_defaults(fn=_migrate)
 
     link = sub.add_parser("link", help="the site-to-site link").add_subparsers(dest="sub", required=True)

@@ -132,6 +132,8 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
                          "downtime_limit_ms": a.downtime_limit, "completion_timeout_s": a.completion_timeout}
     if a.bandwidth:
         o["bandwidth"] = parse_rate_bytes(a.bandwidth, what="--bandwidth")
+    if a.accept_unverified:
+        o["accept_unverified"] = True
     return {k: v for k, v in o.items() if v is not None}
 
 
@@ -162,8 +164,15 @@ def watch(c: VcClient, task_id: str, vm: str, json_path: str | None = None) -> i
             out.print(f"report written to {json_path}")
     for n in t.get("notes", []):
         out.print(f"  note: {n}")
+    if t["status"] == "SUCCEEDED" and t.get("verdict") == "unverified":
+        kept = not (t.get("result") or {}).get("accepted_unverified")
+        out.print(f"[bold yellow]task {task_id} succeeded, unverified:[/] {vm} runs on the destination, but a check "
+                  "could not be made" + (f"; its source copy is kept paused (`testbed vm discard-source {vm}` "
+                                         "removes it)" if kept else "; committed anyway (--accept-unverified)"),
+                  highlight=False)
+        return 2
     if t["status"] == "SUCCEEDED":
-        out.print(f"[bold green]task {task_id} succeeded[/]")
+        out.print(f"[bold green]task {task_id} succeeded, verified[/]")
         return 0
     e = t.get("error") or {}
     out.print(f"[bold red]task {task_id} failed:[/] {e.get('message')}", highlight=False)
@@ -351,7 +360,43 @@ def add_engine_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--completion-timeout", type=float, default=None, metavar="SECONDS")
     s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s")
     s.add_argument("--downtime-limit", type=int, default=None, help="QEMU's downtime limit in ms (default 100)")
+    add_verdict_options(s)
+
+
+def add_verdict_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="write the migration report to this file")
+    s.add_argument("--accept-unverified", action="store_true",
+                   help="remove the source copy even when memory or a disk could not be verified (default: keep "
+                        "it paused until `testbed vm discard-source`). Exit code: 0 verified, 2 unverified, 1 failed")
+
+
+def source_copies(a: argparse.Namespace) -> int:
+    rows = []
+    for n in ([a.vcenter] if a.vcenter else _vcenters(a.lab)):
+        with _client(a, n) as c:
+            rows += [{**r, "vcenter": n} for r in c.get("/api/testbed/source-copies")]
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = Table("VM", "kept by", "on host", "moved to", "task", "why")
+    for r in rows:
+        table.add_row(r["vm"], r["vcenter"], r["host"], f"{r.get('moved_to')} ({r.get('destination_vcenter')})",
+                      r["task"], r.get("why", ""))
+    out.print(table if rows else "no source copies kept")
+    return 0
+
+
+def discard_source(a: argparse.Namespace) -> int:
+    names = [a.vcenter] if a.vcenter else _vcenters(a.lab)
+    for n in names:
+        with _client(a, n) as c:
+            if any(r["vm"] == a.name for r in c.get("/api/testbed/source-copies")):
+                r = c.delete(f"/api/testbed/source-copies/{a.name}")
+                out.print(f"source copy of {a.name} on {r['host']} (vCenter {n}) discarded: "
+                          f"{', '.join(r['removed']) or 'nothing was left there'}", highlight=False)
+                return 0
+    raise NotFound(f"no vCenter of lab {a.lab} ({', '.join(names)}) keeps a source copy of VM {a.name!r}",
+                   hint="`testbed vm source-copies` lists them")
 
 
 def register(sub: Any) -> None:

@@ -49,6 +49,9 @@ class VmRecord(BaseModel):
     builtin_guest: bool = True
     created_s: float
     history: list[Residence] = Field(default_factory=list)
+    # a move that was not verified (or failed after the switchover) left the source QEMU, paused, and its
+    # disks here: host and spec of that copy, removed by ``discard_source`` or with the VM
+    source_copy: tuple[str, VmSpec] | None = None
 
 
 class Registry:
@@ -242,16 +245,33 @@ class VmManager:
 
     async def delete(self, name: str) -> None:
         r = self.get(name)
-        async with self.agent(r.host) as agent:
-            with contextlib.suppress(NotFound):
-                await agent.call("vm.stop", name=name)
-            with contextlib.suppress(NotFound):
-                await agent.call("vm.remove", name=name)
-            for d in r.spec.disks:
-                with contextlib.suppress(NotFound):
-                    await agent.call("disk.delete", datastore=d.datastore, file=d.file)
+        await self._remove_from(r.host, r.spec)
+        if r.source_copy is not None:
+            await self._remove_from(*r.source_copy)
         with self.registry.edit() as vms:
             vms.pop(name, None)
+
+    async def discard_source(self, name: str) -> str:
+        """Remove the source copy an unverified or failed move kept; which host it was on."""
+        r = self.get(name)
+        if r.source_copy is None:
+            raise NotFound(f"VM {name} has no kept source copy", hint="only a move that was not verified keeps one")
+        await self._remove_from(*r.source_copy)
+        with self.registry.edit() as vms:
+            vms[name].source_copy = None
+        return r.source_copy[0]
+
+    async def _remove_from(self, host: str, spec: VmSpec) -> None:
+        async with self.agent(host) as agent:
+            with contextlib.suppress(NotFound):
+                await agent.call("migration.finish", name=spec.name)
+            with contextlib.suppress(NotFound):
+                await agent.call("vm.stop", name=spec.name)
+            with contextlib.suppress(NotFound):
+                await agent.call("vm.remove", name=spec.name)
+            for d in spec.disks:
+                with contextlib.suppress(NotFound):
+                    await agent.call("disk.delete", datastore=d.datastore, file=d.file)
 
     async def list(self) -> list[dict[str, Any]]:
         vms = self.registry.load()
@@ -321,14 +341,18 @@ class VmManager:
                       allow_postcopy: bool = False, convergence: ConvergenceSettings | None = None,
                       postcopy_recovery_timeout_s: float = 120.0,
                       mirror_mode: str = "write-blocking",
-                      mirror_granularity: int | None = None,
+                      mirror_granularity: int | None = None, accept_unverified: bool = False,
                       agents: tuple[AgentClient, AgentClient] | None = None) -> MigrationReport:
-        """Live-migrate ``name`` with its disks to ``to_host``; the registry follows on success.
+        """Live-migrate ``name`` with its disks to ``to_host``; the registry follows wherever the VM runs after it
+        (a move that was not verified, or failed after the switchover, keeps the source copy: ``source_copy``).
 
         ``converge``: auto-converge (alias auto) | sdps | postcopy | adaptive | off;
         ``completion_timeout_s`` None: per GiB of RAM (``ConvergenceSettings``); ``agents``: open connections
         to the source's and destination's agents, kept by the caller (None: the engine connects)."""
         r = self.get(name)
+        if r.source_copy is not None:
+            raise Conflict(f"VM {name}: the source copy of its last move is still kept on {r.source_copy[0]}",
+                           hint=f"discard it first (VmManager.discard_source({name!r})) or delete the VM")
         t = self.state.topology
         _, ssite, _, _ = t.host(r.host)
         _, dsite, _, dspec = t.host(to_host)
@@ -347,14 +371,16 @@ class VmManager:
             link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
             hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
             mirror_mode=mirror_mode, mirror_granularity=mirror_granularity,
-            stall_timeout_s=stall_timeout_s, agents=agents,
+            stall_timeout_s=stall_timeout_s, agents=agents, accept_unverified=accept_unverified,
             source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
                          r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),
             destination=Place(labctl.host(self.state, to_host), dsite.vcenter.name, ds))
         report = await Migration(req, on_progress=on_progress, fault=fault).run()
-        if report.result == "succeeded":
+        if report.result in ("succeeded", "unverified") or report.source_kept:   # the VM runs on the destination
             with self.registry.edit() as vms:
                 rec = vms[name]
+                if report.source_kept:
+                    rec.source_copy = (rec.host, rec.spec)
                 rec.host = to_host
                 rec.spec = rec.spec.model_copy(update={"disks": tuple(
                     d.model_copy(update={"datastore": ds}) for d in rec.spec.disks)})

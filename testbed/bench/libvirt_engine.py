@@ -272,11 +272,12 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
         verdicts = [integrity.judge_disk(d.file, a, b, builtin_guest=True, workload=workload, hb0=hb0,
                                          details=integ.details)
                     for d, (a, b) in zip(spec.disks, await digests, strict=True)]
-        integ.disk = ("failed" if "failed" in verdicts else "unverified" if "unverified" in verdicts or not verdicts
-                      else "verified")
+        integ.disk = ("none" if not verdicts else "failed" if "failed" in verdicts else
+                      "unverified" if "unverified" in verdicts else "verified")
         if not (await asyncio.to_thread(ddom.isActive)):
             integ.details.append(f"the domain is not running on {dst.name}")
-        res.ok = integ.memory == "verified" and integ.disk == "verified" and integ.guest_running
+            integ.guest_running = False
+        res.ok = integrity.verdict(integ) == "verified"
         # the source keeps its copy of the disk (libvirt leaves it): remove it, as the engine's commit does
         for d in spec.disks:
             await src_agent.call("disk.delete", datastore=sds, file=d.file)

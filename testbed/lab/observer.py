@@ -50,6 +50,12 @@ class Track:
             return None
         return self.recent[i - 1][1]
 
+    def first_after(self, since_s: float) -> Heartbeat | None:
+        """The oldest heartbeat received at or after ``since_s`` that is still kept whole."""
+        import bisect
+        i = bisect.bisect_left(self.recent, since_s, key=lambda e: e[0])
+        return self.recent[i][1] if i < len(self.recent) else None
+
     def add(self, t: float, hb: Heartbeat, src: str) -> None:
         if len(self.t) >= MAX_SAMPLES:
             del self.t[: MAX_SAMPLES // 2]
@@ -90,8 +96,10 @@ class Track:
         n = hi - lo
         # "last": the newest heartbeat of the window (with until_s), else the newest of all
         last = self.last if until_s is None else self.last_before(until_s)
+        first = self.first_after(since_s) if since_s is not None and n else None
         out: dict[str, Any] = {"count": n, "violations_seen": self.violations,
                                "last": last.as_dict() if last else None,
+                               "first": first.as_dict() if first else None,
                                "sources": self.sources}
         if n == 0:
             out.update(first_s=None, last_s=None, max_gap_ms=None, gaps=[], lost=0)

@@ -7,9 +7,14 @@ until every job has copied its disk (READY follows once the destination has
 flushed; the source agent holds the switchover until then). Phase 2 (MEMORY_PRECOPY): ``migrate`` with multifd
 streams and auto-converge; every pre-copy round recorded. Phase 3 (SWITCHOVER):
 the agents switch over on their own (see ``testbed.hostd.migration``); the
-engine watches. Then VERIFY (the guest's own checks, disk digests), COMMIT
-(source QEMU and disk removed only now), or ROLLBACK: the destination is
-removed first, then the source resumes: never two running copies, never none.
+engine watches. Then VERIFY (the guest's own checks, disk digests), and the
+verdict rule (``verdict``): COMMIT (source QEMU and disks removed) only when
+memory and every disk are verified; FAILED when a check failed, UNVERIFIED
+when one could not be made: in both the VM runs on the destination and the
+source copy is kept, paused, disks untouched, until the user decides (unless
+the caller passed ``accept_unverified``). Before the switchover a failure is a
+ROLLBACK: the destination is removed first, then the source resumes: never
+two running copies, never none.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class MigrationRequest:
     allow_postcopy: bool = False           # adaptive: post-copy as the last resort
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     postcopy_recovery_timeout_s: float = 120.0   # a post-copy whose channel broke: reconnect within this
+    accept_unverified: bool = False        # commit (remove the source copy) although a check could not be made
     # Open connections to the source's and destination's agents that the caller keeps (a management plane
     # holds its host connections, as a vCenter does); None: the engine connects to both and closes them.
     agents: tuple[AgentClient, AgentClient] | None = None
@@ -145,6 +151,8 @@ class Migration:
         self.downtime = Downtime(reported=None, observed=None)
         self.stalls = Stalls()
         self.integrity = Integrity()
+        self.source_kept = False            # FAILED/UNVERIFIED: the source QEMU and disks are still there
+        self.accepted_unverified = False
         self.rollback_log: list[str] = []
         self.error: str | None = None
         self.progress = Progress(Phase.CREATED)
@@ -220,12 +228,22 @@ class Migration:
         if wire0 is not None and (wire1 := await self._vmk_tx()) is not None:
             self.bytes.wire = wire1 - wire0
         self._enter(Phase.VERIFY)
-        ok = await self._verify()
-        if not ok:
+        await self._verify()
+        v = integrity.verdict(self.integrity)
+        if v == "failed":
             self._enter(Phase.FAILED)
+            await self._keep_source()
             raise MigrationError("integrity check failed after the move: " + "; ".join(self.integrity.details)
                                  + ". The destination keeps running; the source VM and disk were kept "
                                  "(paused) for inspection; nothing was committed.")
+        if v == "unverified" and not self.req.accept_unverified:
+            self._enter(Phase.UNVERIFIED)
+            await self._keep_source()
+            why = [d for d in self.integrity.details if "unverified" in d or "cannot tell" in d]
+            self.error = ("moved, but not verified: " + "; ".join(why or self.integrity.details)
+                          + ". The source copy is kept paused with its disks until it is discarded")
+            return
+        self.accepted_unverified = v == "unverified"
         self._enter(Phase.COMMIT)
         await self._commit()
         self._enter(Phase.DONE)
@@ -608,7 +626,7 @@ class Migration:
             "(migrate-recover on the destination, migrate resume=true on the source), or delete the VM")
 
     # --- VERIFY ------------------------------------------------------------------------------------
-    async def _verify(self) -> bool:
+    async def _verify(self) -> None:
         assert self.src and self.dst
         await self._checkpoint("verify")
         integ = self.integrity
@@ -635,7 +653,6 @@ class Migration:
             await asyncio.gather(disk_task, return_exceptions=True)
             raise
         await disk_task
-        return integ.memory != "failed" and integ.disk != "failed" and integ.guest_running
 
     async def _verify_guest(self, paused: float, resumed: float) -> None:
         times = await integrity.check_guest(
@@ -644,6 +661,7 @@ class Migration:
             threshold_ms=self.stalls.threshold_ms)
         self.stalls = times.stalls
         self.downtime.observed = times.observed_ms
+        self.downtime.observed_naive = times.naive_ms
         if times.gap_start_s is not None and times.gap_end_s is not None:
             self.switch.heartbeat_gap_start_s = round(times.gap_start_s - self.machine.t0, 4)
             self.switch.heartbeat_gap_end_s = round(times.gap_end_s - self.machine.t0, 4)
@@ -653,8 +671,8 @@ class Migration:
         integ = self.integrity
         spec = self.req.spec
         if not spec.disks:
-            integ.disk = "unverified"
-            integ.details.append("disk unverified: the VM has no disks")
+            integ.disk = "none"
+            integ.details.append("disk: none, the VM has no disks")
             return
         verdicts = []
         for s_disk, d_disk in zip(spec.disks, self.dest_spec.disks, strict=True):
@@ -667,6 +685,14 @@ class Migration:
     def _judge_disk(self, file: str, src: dict[str, Any], dst: dict[str, Any]) -> str:
         return integrity.judge_disk(file, src, dst, builtin_guest=self.req.builtin_guest, workload=self.req.workload,
                                     hb0=self.hb_before, details=self.integrity.details)
+
+    async def _keep_source(self) -> None:
+        """FAILED or UNVERIFIED: the destination runs the VM; the source QEMU stays, paused, with its disks."""
+        assert self.src and self.dst
+        self.source_kept = True
+        for side in (self.src, self.dst):
+            with contextlib.suppress(TestbedError, TimeoutError):
+                await side.call("migration.finish", name=self.name, timeout_s=ROLLBACK_CALL_S)
 
     # --- COMMIT ---------------------------------------------------------------------------------------
     async def _commit(self) -> None:
@@ -700,6 +726,7 @@ class Migration:
                     log.append("the destination already runs the VM: not rolled back; the source VM and disk "
                                "are kept, paused, for inspection")
                     self._enter(Phase.FAILED)
+                    self.source_kept = True
                     return
         self._enter(Phase.ROLLBACK)
         if self.dest_started:
@@ -734,7 +761,8 @@ class Migration:
     # --- the report --------------------------------------------------------------------------------------------
     def _report(self, started: str) -> MigrationReport:
         m, req = self.machine, self.req
-        result = {Phase.DONE: "succeeded", Phase.ROLLED_BACK: "rolled_back"}.get(m.phase, "failed")
+        result = {Phase.DONE: "succeeded", Phase.ROLLED_BACK: "rolled_back",
+                  Phase.UNVERIFIED: "unverified"}.get(m.phase, "failed")
         end = m.timeline[-1].end_s if m.timeline else 0.0
         return MigrationReport(
             vm=self.name,
@@ -751,4 +779,5 @@ class Migration:
                           else m.timeline[-2].phase.value if m.phase is Phase.FAILED else None),
             error=self.error, rollback=self.rollback_log, switchover=self.switch, started_at=started,
             allow_postcopy=req.allow_postcopy, completion_timeout_s=round(self.timeout_s, 1),
-            decisions=self.decisions, postcopy=self.postcopy)
+            decisions=self.decisions, postcopy=self.postcopy, source_kept=self.source_kept,
+            accepted_unverified=self.accepted_unverified)

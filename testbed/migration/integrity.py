@@ -5,16 +5,24 @@ verifies its memory pattern and its disk block ring and says so in every heartbe
 (docs/guest-agent.md). Disks are compared per MiB (``disk.digest`` of the host agents):
 the source image, frozen at the switchover, against the destination's, which the guest
 may already have written to. The same heartbeats give the downtime the VM's users felt
-(the gap that spans the switchover) and the stalls during pre-copy.
+and the stalls during pre-copy.
+
+Observed downtime (``outage``) is counted in sequence numbers, not in raw packet gaps: the
+outage runs from the last heartbeat that brought news before the switchover (the highest
+sequence number so far) to the first one after it with a higher number. A duplicate of the
+last pre-pause heartbeat arriving after the resume, or an old packet arriving late, is no
+news, so it cannot split the outage in two (the earlier rule, the largest single gap, then
+reported only the larger half).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from testbed.guest.heartbeat import FLAG_MEM_VIOLATION
 from testbed.guest.workload import IDLE_WSS, Workload
@@ -22,6 +30,20 @@ from testbed.lab import observer as obs
 from testbed.migration.report import Integrity, Stalls
 
 PAGE = 4096
+
+
+def verdict(integ: Integrity) -> Literal["verified", "unverified", "failed"]:
+    """The rule every move is judged by, in one place (docs/migration.md, "Verdicts").
+
+    ``failed``: a check failed, or the guest does not run on the destination. ``verified``: memory verified and
+    every disk verified (or no disks: ``none``). Anything else is ``unverified``: a check could not be made.
+    Only ``verified`` lets the source copy go without the user's word.
+    """
+    if "failed" in (integ.memory, integ.disk) or not integ.guest_running:
+        return "failed"
+    if integ.memory == "verified" and integ.disk in ("verified", "none"):
+        return "verified"
+    return "unverified"
 
 
 async def heartbeat_before(sock: Path, vm: str, paused_s: float) -> dict[str, Any] | None:
@@ -38,11 +60,47 @@ async def guest_back(sock: Path, vm: str, resumed_s: float, timeout_s: float = 3
     return await obs.first_heartbeat(sock, vm, since_s=resumed_s, timeout_s=timeout_s) is not None
 
 
+def outage(samples: Sequence[Sequence[float]], paused_s: float,
+           resumed_s: float) -> dict[str, Any] | None:
+    """The outage the VM's users felt across the switchover, from (receive time, seq, ...) in receive order.
+
+    A heartbeat is news when its sequence number is above every one received before it; duplicates and
+    reordered (older) packets are ignored. The outage is the interval between the two consecutive pieces of news
+    that holds the middle of [``paused_s``, ``resumed_s``] (a heartbeat sent just before the pause may arrive just
+    after it, so the edges cannot decide); None when there is no news on one side of it (a guest that stayed
+    silent or restarted). ``naive_ms`` is the largest raw packet gap overlapping the window: the old rule.
+    """
+    news: list[tuple[float, int]] = []
+    ignored = 0
+    top = -1
+    for t, seq, *_ in samples:
+        if seq > top:
+            news.append((float(t), int(seq)))
+            top = int(seq)
+        else:
+            ignored += 1
+    mid = (paused_s + resumed_s) / 2
+    best: dict[str, Any] | None = None
+    for (t0, s0), (t1, s1) in zip(news, news[1:], strict=False):
+        if t0 <= mid < t1:
+            best = {"start_s": t0, "end_s": t1, "seq_before": s0, "seq_after": s1}
+            break
+    if best is None:
+        return None
+    times = [float(x[0]) for x in samples]
+    naive = max((b - a for a, b in zip(times, times[1:], strict=False) if b >= paused_s and a <= resumed_s),
+                default=0.0)
+    best.update(gap_ms=round((best["end_s"] - best["start_s"]) * 1000, 3), lost=best["seq_after"] -
+                best["seq_before"] - 1, ignored=ignored, naive_ms=round(naive * 1000, 3))
+    return best
+
+
 @dataclass
 class GuestTimes:
     """What the heartbeats say about the move: observed downtime and stalls (ms), the gap's instants."""
 
     observed_ms: float | None = None
+    naive_ms: float | None = None       # the largest raw packet gap (the rule before sequence numbers)
     gap_start_s: float | None = None    # CLOCK_MONOTONIC
     gap_end_s: float | None = None
     stalls: Stalls = field(default_factory=Stalls)
@@ -79,8 +137,8 @@ async def check_guest(sock: Path, vm: str, hb0: dict[str, Any] | None, *, precop
             break
         if last is not None:
             integ.guest_running = True
-            if verified_at_resume is None:
-                verified_at_resume = last["mem_pages_verified"]
+            if verified_at_resume is None:   # the guest's count at its first heartbeat after the resume
+                verified_at_resume = (after.get("first") or last)["mem_pages_verified"]
             if last["mem_errors"] > hb0["mem_errors"] or last["flags"] & FLAG_MEM_VIOLATION:
                 integ.memory = "failed"
                 integ.details.append(f"the guest agent found {last['mem_errors']} bad memory pages after the move")
@@ -102,12 +160,13 @@ async def check_guest(sock: Path, vm: str, hb0: dict[str, Any] | None, *, precop
                                      f"{verify_timeout_s:.0f} s")
             break
         await asyncio.sleep(0.2)
-    # the gap that spans the switchover is what a user of the VM felt
-    spanning = (await obs.query(sock, {"op": "overlapping", "vm": vm, "a_s": paused_s, "b_s": resumed_s}))["gaps"]
-    if spanning:
-        g = max(spanning, key=lambda g: g["gap_ms"])
-        times.observed_ms = round(g["gap_ms"], 2)
-        times.gap_start_s, times.gap_end_s = g["start_s"], g["end_s"]
+    # the outage across the switchover, in sequence numbers, is what a user of the VM felt
+    window = await obs.query(sock, {"op": "samples", "vm": vm, "since_s": paused_s - 2.0,
+                                    "until_s": resumed_s + 5.0})
+    out = outage(window["samples"], paused_s, resumed_s)
+    if out is not None:
+        times.observed_ms, times.naive_ms = out["gap_ms"], out["naive_ms"]
+        times.gap_start_s, times.gap_end_s = out["start_s"], out["end_s"]
     pre = [g for g in around["gaps"] if g["end_s"] <= paused_s]
     times.stalls.max = round(max((g["gap_ms"] for g in pre), default=0.0), 2)
     times.stalls.total = round(sum(g["gap_ms"] for g in pre), 2)
@@ -120,7 +179,10 @@ def judge_disk(file: str, src: dict[str, Any], dst: dict[str, Any], *, builtin_g
                hb0: dict[str, Any] | None, details: list[str]) -> str:
     """Source (frozen at the switchover) vs destination (live) ``disk.digest`` results: a verdict.
 
-    Verified when identical, or when they differ only by ring blocks the guest wrote after the move.
+    Verified when identical, or when they differ only by ring blocks the guest wrote after the move. Failed
+    when the built-in guest writes nothing to its disks (disk workload off) and they differ anyway, or when
+    they differ where its ring cannot explain it. Unverified only when a difference cannot be judged: a
+    guest of the user's own, which may write anywhere.
     """
     if src["size_bytes"] != dst["size_bytes"]:
         details.append(f"disk {file}: sizes differ ({src['size_bytes']} vs {dst['size_bytes']})")
@@ -130,7 +192,11 @@ def judge_disk(file: str, src: dict[str, Any], dst: dict[str, Any], *, builtin_g
         details.append(f"disk {file}: source and destination identical ({len(src['chunks'])} MiB compared)")
         return "verified"
     sr, dr = src.get("ring"), dst.get("ring")
-    if not (builtin_guest and workload.disk_rate_bps and sr and dr):
+    if builtin_guest and not workload.disk_rate_bps:
+        details.append(f"disk {file}: {len(diff)} MiB differ (first at {diff[0]} MiB) although the guest writes "
+                       "nothing to its disk (disk workload off): the destination copy is not the source's")
+        return "failed"
+    if not (builtin_guest and sr and dr):
         details.append(f"disk {file}: {len(diff)} MiB differ and the guest wrote after the move; "
                        "cannot tell them apart without the agent's block ring")
         return "unverified"

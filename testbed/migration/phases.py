@@ -4,6 +4,8 @@
     any phase before COMMIT -> ROLLBACK -> ROLLED_BACK
     SWITCHOVER or VERIFY -> FAILED once the destination runs the guest (an integrity check failed, or
     an error after the resume): the source is kept paused, nothing is committed
+    VERIFY -> UNVERIFIED: the destination runs the guest, nothing failed, but memory or a disk could not
+    be checked: the source is kept paused until the user discards it (or the caller accepted unverified)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Phase(enum.Enum):
     ROLLBACK = "rollback"
     ROLLED_BACK = "rolled-back"
     FAILED = "failed"
+    UNVERIFIED = "unverified"
 
 
 _ROLLBACK_FROM = {Phase.PRECHECK, Phase.DISK_SYNC, Phase.MEMORY_PRECOPY, Phase.SWITCHOVER, Phase.VERIFY}
@@ -35,10 +38,10 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.DISK_SYNC: frozenset({Phase.MEMORY_PRECOPY, Phase.ROLLBACK}),
     Phase.MEMORY_PRECOPY: frozenset({Phase.SWITCHOVER, Phase.ROLLBACK}),
     Phase.SWITCHOVER: frozenset({Phase.VERIFY, Phase.ROLLBACK, Phase.FAILED}),
-    Phase.VERIFY: frozenset({Phase.COMMIT, Phase.FAILED, Phase.ROLLBACK}),
+    Phase.VERIFY: frozenset({Phase.COMMIT, Phase.FAILED, Phase.UNVERIFIED, Phase.ROLLBACK}),
     Phase.COMMIT: frozenset({Phase.DONE}),
     Phase.ROLLBACK: frozenset({Phase.ROLLED_BACK}),
-    Phase.DONE: frozenset(), Phase.ROLLED_BACK: frozenset(), Phase.FAILED: frozenset(),
+    Phase.DONE: frozenset(), Phase.ROLLED_BACK: frozenset(), Phase.FAILED: frozenset(), Phase.UNVERIFIED: frozenset(),
 }
 assert all(Phase.ROLLBACK in TRANSITIONS[p] for p in _ROLLBACK_FROM)
 

@@ -1,8 +1,12 @@
 """The migration report: what ``--json FILE`` writes, one per migration.
 
 Times are seconds since the migration started; sizes are bytes; rates are per
-second. ``integrity`` values are ``verified``, ``failed`` or ``unverified``
-(``unverified`` means it could not be checked: never a pass in disguise).
+second. ``integrity`` values are ``verified``, ``failed``, ``unverified`` (it could not be
+checked: never a pass in disguise) or, for the disk of a VM without disks, ``none``.
+``result`` is ``succeeded`` (verified and committed: the source copy removed), ``unverified``
+(the VM runs on the destination, a check could not be made, the source copy is kept paused),
+``failed`` (the VM runs on the destination, a check failed or an error came after the resume,
+the source copy is kept paused) or ``rolled_back`` (the VM runs on the source only).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Verdict = Literal["verified", "failed", "unverified"]
+Verdict = Literal["verified", "failed", "unverified", "none"]
 
 
 class Endpoint(BaseModel):
@@ -53,7 +57,8 @@ class Decision(BaseModel):
 
 class Downtime(BaseModel):
     reported: float | None         # QEMU's downtime (ms)
-    observed: float | None         # largest heartbeat gap around the switchover (ms)
+    observed: float | None         # the heartbeat outage across the switchover, in sequence numbers (ms)
+    observed_naive: float | None = None   # the largest raw packet gap there (the rule before sequence numbers)
 
 
 class Stalls(BaseModel):
@@ -100,7 +105,7 @@ class MigrationReport(BaseModel):
     vm: str
     source: Endpoint
     destination: Endpoint
-    result: Literal["succeeded", "failed", "rolled_back"]
+    result: Literal["succeeded", "unverified", "failed", "rolled_back"]
     phases: list[PhaseSpan]
     rounds: list[Round]
     downtime_ms: Downtime
@@ -121,3 +126,5 @@ class MigrationReport(BaseModel):
     completion_timeout_s: float | None = None
     decisions: list[Decision] = Field(default_factory=list)
     postcopy: Postcopy | None = None      # set when the move switched to post-copy
+    source_kept: bool = False             # the source QEMU (paused) and its disks are still on the source host
+    accepted_unverified: bool = False     # committed unverified because the caller said so

@@ -17,6 +17,8 @@ that does not answer.
     POST   /api/vcenter/vm/{vm}?action=relocate  -> {"task": id}
     GET    /api/cis/tasks | /api/cis/tasks/{task}
     GET    /api/testbed/events | about | trust;  POST /api/testbed/reconcile
+    GET    /api/testbed/source-copies | DELETE /api/testbed/source-copies/{vm}   what an unverified
+           (or after-switchover failed) move kept on its source host | discard it
     peer vCenters (signed requests): /api/testbed/trust/challenge, /api/testbed/trust,
     /api/testbed/xvmotion/precheck | admit | {id} | {id}/commit | {id}/abort
 """
@@ -98,6 +100,7 @@ class RelocateOptions(_In):
     bandwidth: str | int | None = None
     downtime_limit_ms: int | None = Field(default=None, ge=1, le=60000)
     completion_timeout_s: float | None = Field(default=None, gt=0)
+    accept_unverified: bool | None = None   # remove the source copy even when a check could not be made
 
 
 class RelocateSpec(_In):
@@ -317,6 +320,15 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     @app.get("/api/testbed/events")
     def events(s: Session, vm: str | None = None, since: int = 0) -> list[dict[str, Any]]:
         return vc.inv.events(vm=vm, since_id=since)
+
+    @app.get("/api/testbed/source-copies")
+    def source_copies(s: Session) -> list[dict[str, Any]]:
+        return [{k: c[k] for k in ("vm", "host", "task", "kept_s", "moved_to", "destination_vcenter", "why")
+                 if k in c} for c in vc.inv.source_copies()]
+
+    @app.delete("/api/testbed/source-copies/{vm}")
+    async def discard_source(s: Session, vm: str) -> dict[str, Any]:
+        return await vc.discard_source(vm, user=s.user)
 
     @app.post("/api/testbed/reconcile")
     async def reconcile(s: Session) -> dict[str, Any]:

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS trusts (
     name TEXT PRIMARY KEY, url TEXT NOT NULL, thumbprint TEXT NOT NULL, cert_pem TEXT NOT NULL,
     added_s REAL NOT NULL, how TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS source_copies (
+    vm TEXT PRIMARY KEY, host TEXT NOT NULL, task TEXT NOT NULL, data TEXT NOT NULL, kept_s REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS admissions (
     id TEXT PRIMARY KEY, vm TEXT NOT NULL, host TEXT NOT NULL, peer TEXT NOT NULL, state TEXT NOT NULL,
     data TEXT NOT NULL, created_s REAL NOT NULL);
@@ -201,6 +203,29 @@ class Inventory:
         rows = self.query("SELECT * FROM admissions WHERE state=?", state) if state else \
             self.query("SELECT * FROM admissions")
         return [_admission(r) for r in rows]
+
+
+    # --- source copies: what a move that was not verified (or failed after the switchover) kept -----
+    def put_source_copy(self, c: dict[str, Any]) -> None:
+        data = {k: v for k, v in c.items() if k not in ("vm", "host", "task", "kept_s")}
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO source_copies VALUES (?,?,?,?,?)",
+                       (c["vm"], c["host"], c["task"], json.dumps(data), c["kept_s"]))
+
+    def source_copy(self, vm: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM source_copies WHERE vm=?", vm)
+        return _source_copy(rows[0]) if rows else None
+
+    def source_copies(self) -> list[dict[str, Any]]:
+        return [_source_copy(r) for r in self.query("SELECT * FROM source_copies ORDER BY vm")]
+
+    def delete_source_copy(self, vm: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM source_copies WHERE vm=?", (vm,))
+
+
+def _source_copy(r: sqlite3.Row) -> dict[str, Any]:
+    return {"vm": r["vm"], "host": r["host"], "task": r["task"], "kept_s": r["kept_s"], **json.loads(r["data"])}
 
 
 def _host(r: sqlite3.Row) -> dict[str, Any]:

@@ -78,6 +78,19 @@ def _mac(seed: str) -> str:
     return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
+def task_verdict(t: dict[str, Any]) -> str | None:
+    """A relocate's outcome in one word: verified | unverified | failed | rolled_back (None: not a finished move).
+
+    ``unverified``: the VM runs on the destination and its source copy is kept (the task SUCCEEDED).
+    """
+    if t.get("verdict"):
+        return str(t["verdict"])
+    r = t.get("result") or {}
+    if not isinstance(r, dict) or "integrity" not in r:
+        return None
+    return {"succeeded": "unverified" if r.get("accepted_unverified") else "verified"}.get(r["result"], r["result"])
+
+
 class VCenter:
     def __init__(self, cfg: VcenterConfig) -> None:
         self.cfg = cfg
@@ -493,6 +506,8 @@ class VCenter:
         with self.claim(name, "being deleted"):
             await self._remove_from_host(v["host"], VmSpec.model_validate(v["spec"]))
             self.inv.delete_vm(name)
+        if self.inv.source_copy(name) is not None:   # the VM goes, and with it what its last move kept
+            await self.discard_source(name, user)
         self.inv.event("VmRemovedEvent", f"VM {name} deleted from {v['host']} by {user or 'system'}",
                        vm=name, host=v["host"])
 
@@ -519,7 +534,7 @@ class VCenter:
                 "description": t["description"], "user": t.get("user"), "vcenter": self.cfg.name,
                 "start_time": t["started_s"], "end_time": t["ended_s"], "progress": t.get("progress"),
                 "prechecks": t.get("prechecks", []), "result": t.get("result"), "error": t.get("error"),
-                "notes": t.get("notes", [])}
+                "notes": t.get("notes", []), "verdict": task_verdict(t)}
 
     def _finish(self, t: dict[str, Any], ok: bool, *, error: TestbedError | str | None = None,
                 result: Any = None) -> None:
@@ -555,6 +570,9 @@ class VCenter:
         v = self.vm(name)
         if name in self.busy:
             raise Conflict(f"VM {name} is busy: {self.busy[name]}", hint="wait for that to finish")
+        if (kept := self.inv.source_copy(name)) is not None:
+            raise Conflict(f"VM {name}: the source copy of its last move is still kept on {kept['host']} "
+                           f"({kept['why']})", hint=f"decide about it first: `testbed vm discard-source {name}`")
         host = placement.get("host")
         if not host:
             raise InputError("relocate needs placement.host (the destination host)")
@@ -684,8 +702,14 @@ class VCenter:
         registered = {x["name"] for x in self.inv.vms()}
         if moving_within:
             registered.discard(vm["name"])
-        return prechecks.destination(vm, source_facts, h, datastore, registered, cross=not moving_within,
-                                     vcenter=self.cfg.name)
+        out = prechecks.destination(vm, source_facts, h, datastore, registered, cross=not moving_within,
+                                    vcenter=self.cfg.name)
+        if (kept := self.inv.source_copy(vm["name"])) is not None:
+            out.append(prechecks.Check(
+                "source-copy", "error", f"vCenter {self.cfg.name} still keeps the source copy of VM {vm['name']!r} "
+                f"on {kept['host']} from an earlier move that was not verified",
+                f"`testbed vm discard-source {vm['name']} --vcenter {self.cfg.name}` once you have decided"))
+        return out
 
     async def incoming_precheck(self, vm: dict[str, Any], source_facts: dict[str, Any], host: str,
                                 datastore: str, source_names: list[str],
@@ -797,19 +821,27 @@ class VCenter:
             if isinstance(dest, hostconn.TicketHost):
                 dest.discard()
             t["result"] = report.model_dump(mode="json")
-            # 5. commit or abort
+            # 5. commit or abort (the verdict rule: testbed.migration.integrity.verdict)
             if report.result == "succeeded":
-                verified = report.integrity.memory != "failed" and report.integrity.disk != "failed"
-                await self._commit_move(t, v, spec, dest_host, dest_ds or "", peer, dest_name, verified)
+                await self._commit_move(t, v, spec, dest_host, dest_ds or "", peer, dest_name,
+                                        "accepted unverified" if report.accepted_unverified else "verified")
+                self._finish(t, True)
+            elif report.result == "unverified":
+                # The VM runs on the destination (the inventory follows it); a check could not be made, so the
+                # source copy stays, paused, until the user decides: discard-source, or inspect and delete.
+                await self._commit_move(t, v, spec, dest_host, dest_ds or "", peer, dest_name, "unverified")
+                self._keep_source_copy(t, name, src_host, spec, dest_host, dest_name, report.error or "")
                 self._finish(t, True)
             elif report.result == "failed":
                 # The engine found a problem after the switchover: the VM runs on the destination (that is
                 # where the inventory must say it is) and the source copy was kept, paused, for inspection.
-                await self._commit_move(t, v, spec, dest_host, dest_ds or "", peer, dest_name, False)
+                await self._commit_move(t, v, spec, dest_host, dest_ds or "", peer, dest_name, "failed")
+                if report.source_kept:
+                    self._keep_source_copy(t, name, src_host, spec, dest_host, dest_name, report.error or "")
                 raise TestbedError(
                     f"VM {name} moved to {dest_host} ({dest_name}) and runs there, but {report.error}",
                     hint=f"the source copy of {name} is kept paused on {src_host} for inspection; compare, "
-                         "then delete it from the host; the inventory follows the running VM")
+                         f"then `testbed vm discard-source {name}` removes it; the inventory follows the running VM")
             else:
                 if peer is not None:
                     await self._peer_abort(peer, t)
@@ -846,7 +878,7 @@ class VCenter:
         src_ds = spec.disks[0].datastore if spec.disks else ""
         kw: dict[str, Any] = {}
         for k in ("streams", "bandwidth_bps", "downtime_limit_ms", "completion_timeout_s", "stall_timeout_s",
-                  "converge", "allow_postcopy"):
+                  "converge", "allow_postcopy", "accept_unverified"):
             if options.get(k) is not None:
                 kw[k] = options[k]
         return MigrationRequest(
@@ -891,8 +923,52 @@ class VCenter:
         t.setdefault("notes", []).append("the destination vCenter did not confirm the abort; its reconcile "
                                          "will find the placeholder")
 
+    def _keep_source_copy(self, t: dict[str, Any], name: str, host: str, spec: VmSpec, dest_host: str,
+                          dest_name: str, why: str) -> None:
+        """Record the paused source QEMU and disks a move left on ``host``, for ``discard_source``."""
+        self.inv.put_source_copy({"vm": name, "host": host, "task": t["id"], "kept_s": time.time(),
+                                  "spec": spec.model_dump(mode="json"), "moved_to": dest_host,
+                                  "destination_vcenter": dest_name, "why": why})
+        t.setdefault("notes", []).append(
+            f"the source copy of {name} (paused QEMU and its disks) is kept on {host}: {why}. "
+            f"`testbed vm discard-source {name}` removes it once you have decided")
+        self.inv.put_task(t)
+        self.inv.event("VmSourceCopyKeptEvent", f"source copy of VM {name} kept on {host} after its move to "
+                       f"{dest_host} ({dest_name}): {why}", vm=name, host=host, task=t["id"])
+
+    async def discard_source(self, name: str, user: str = "") -> dict[str, Any]:
+        """Remove the source copy a move kept (the user decided): its QEMU, run directory and disks."""
+        c = self.inv.source_copy(name)
+        if c is None:
+            raise NotFound(f"vCenter {self.cfg.name} keeps no source copy of VM {name!r}",
+                           hint="only a move that was not verified, or failed after the switchover, keeps one; "
+                                "`testbed vm source-copies` lists them")
+        spec = VmSpec.model_validate(c["spec"])
+        with self.claim(f"source copy of {name}", "being discarded"):
+            async with self.agent(c["host"]) as agent:
+                try:
+                    st = await agent.call("vm.status", name=name)
+                except NotFound:
+                    st = {}
+                row = self.inv.vm(name)
+                if guest_running(st) and row is not None and row["host"] == c["host"]:
+                    raise Conflict(f"VM {name} runs on {c['host']} again: that is the VM, not a kept copy",
+                                   hint="nothing to discard; the inventory says it runs there")
+                if guest_running(st):
+                    raise Conflict(f"the source copy of VM {name} on {c['host']} is running, not paused: someone "
+                                   "resumed it; discarding it would stop a running guest",
+                                   hint=f"stop it first (on the host), or delete the VM {name} where it runs now")
+                with contextlib.suppress(NotFound, TestbedError):
+                    await agent.call("migration.finish", name=name)
+            done = await self._remove_from_host(c["host"], spec)
+            self.inv.delete_source_copy(name)
+        self.inv.event("VmSourceCopyDiscardedEvent", f"source copy of VM {name} on {c['host']} discarded by "
+                       f"{user or 'system'}: {', '.join(done) or 'nothing was left there'}", vm=name, host=c["host"],
+                       task=c["task"])
+        return {"vm": name, "host": c["host"], "removed": done}
+
     async def _commit_move(self, t: dict[str, Any], v: dict[str, Any], spec: VmSpec, dest_host: str, dest_ds: str,
-                           peer: VcClient | None, dest_name: str, verified: bool) -> None:
+                           peer: VcClient | None, dest_name: str, verdict: str) -> None:
         name = v["name"]
         moved_spec = spec.model_copy(update={"disks": tuple(d.model_copy(update={"datastore": dest_ds})
                                                             for d in spec.disks)})
@@ -903,7 +979,7 @@ class VCenter:
                 try:
                     await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/commit",
                                             {"spec": moved_spec.model_dump(mode="json"), "history": history,
-                                             "verified": verified}, signed=True)
+                                             "verdict": verdict}, signed=True)
                     err = None
                     break
                 except TestbedError as e:
@@ -920,7 +996,7 @@ class VCenter:
         t["stage"] = "committed"
         self.inv.put_task(t)
         self.inv.event("VmMigratedEvent", f"VM {name} moved from {t['source_host']} to "
-                       f"{dest_host} ({dest_name}); integrity verified: {verified}", vm=name, host=dest_host,
+                       f"{dest_host} ({dest_name}); integrity: {verdict}", vm=name, host=dest_host,
                        task=t["id"], destination_vcenter=dest_name)
 
     # --- the destination side of a cross-vCenter move ---------------------------------------------
@@ -977,7 +1053,7 @@ class VCenter:
         with contextlib.suppress(TestbedError):
             await asyncio.to_thread(hostconn.revoke_ticket, self.managed(a["host"]), aid)
         self.inv.event("VmMigratedEvent", f"VM {a['vm']} arrived from vCenter {peer} on {a['host']} and is "
-                       f"registered here (integrity verified: {body.get('verified')})", vm=a["vm"], host=a["host"])
+                       f"registered here (integrity: {body.get('verdict', 'not said')})", vm=a["vm"], host=a["host"])
         return {"state": "committed"}
 
     async def abort_incoming(self, peer: str, aid: str) -> dict[str, Any]:
@@ -1051,14 +1127,20 @@ class VCenter:
                     st = await agent.call("vm.status", name=name)
                 dest_running = guest_running(st)
         if dest_running and v is not None and spec is not None:
-            # the move completed: commit it, then clean up the source
+            # the move completed: the inventory follows the VM; the source copy stays (see below)
             dest_name = dvc["name"] if dvc else self.cfg.name
             dest_ds = t.get("dest_datastore") or t["placement"].get("datastore") or \
                 (spec.disks[0].datastore if spec.disks else "")
-            await self._commit_move(t, v, spec, dest_host, dest_ds, peer, dest_name, verified=False)
-            cleaned = await self._remove_from_host(src_host, spec)
-            t["notes"].append(f"the VM had switched over to {dest_host} and runs there; committed after the restart "
-                              f"(the engine's integrity checks did not run); source cleaned up: {', '.join(cleaned)}")
+            # The engine's checks never ran: the move is unverified, so the source copy stays (paused).
+            with contextlib.suppress(NotFound, TestbedError, HostUnreachable):
+                async with self.agent(src_host) as agent:
+                    await agent.call("migration.finish", name=name)
+            await self._commit_move(t, v, spec, dest_host, dest_ds, peer, dest_name, "unverified")
+            why = (f"vCenter {self.cfg.name} restarted during the move, after the switchover: the engine's "
+                   "integrity checks did not run")
+            self._keep_source_copy(t, name, src_host, spec, dest_host, dest_name, why)
+            t["notes"].append(f"the VM had switched over to {dest_host} and runs there; the inventory follows it")
+            t["verdict"] = "unverified"
             self._finish(t, True)
         else:
             # it did not switch over: roll back to the source

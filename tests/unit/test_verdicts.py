@@ -1,0 +1,236 @@
+"""The verdict logic on recorded traces, without root: the outage in sequence numbers, the disk judge, the guest
+check against a real observer (its control socket, fed with heartbeats), and the rule that decides a commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.guest.heartbeat import FLAG_MEM_VIOLATION, Heartbeat
+from testbed.guest.workload import IDLE_WSS, parse_workload
+from testbed.lab.observer import Observer, Track
+from testbed.migration import integrity
+from testbed.migration.report import Integrity
+
+PAUSED, RESUMED = 10.0, 10.060        # the switchover: source paused, destination resumed (60 ms)
+
+
+def beats(*runs: tuple[float, float, range]) -> list[tuple[float, int, int]]:
+    """Heartbeats at 1 kHz: each run is (first receive time, spacing, seqs)."""
+    out = []
+    for t0, dt, seqs in runs:
+        out += [(t0 + i * dt, s, 0) for i, s in enumerate(seqs)]
+    return out
+
+
+# --- the outage, in sequence numbers ----------------------------------------------------------------
+def test_plain_outage_runs_from_the_last_news_before_to_the_first_after() -> None:
+    tr = beats((9.0, 0.001, range(1, 1001)), (10.080, 0.001, range(1001, 1100)))   # last before: 9.999
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None
+    assert o["seq_before"] == 1000 and o["seq_after"] == 1001
+    assert o["gap_ms"] == pytest.approx(81.0, abs=0.01)
+    assert o["gap_ms"] == o["naive_ms"] and o["ignored"] == 0
+
+
+def test_a_duplicate_after_the_resume_does_not_split_the_outage() -> None:
+    """The last heartbeat before the pause arrives again 5 ms after the resume (seen at 0 ms RTT): the old rule
+    (largest raw gap) reported only the larger half."""
+    tr = beats((9.0, 0.001, range(1, 1001)))
+    tr.append((10.065, 1000, 0))                                   # the duplicate
+    tr += beats((10.120, 0.001, range(1001, 1050)))
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None and o["ignored"] == 1
+    assert o["gap_ms"] == pytest.approx(121.0, abs=0.01)           # 9.999 -> 10.120
+    assert o["naive_ms"] == pytest.approx(66.0, abs=0.01)          # 9.999 -> 10.065: the under-report
+    assert o["seq_before"] == 1000 and o["seq_after"] == 1001
+
+
+def test_reordered_and_lost_heartbeats() -> None:
+    tr = beats((9.0, 0.001, range(1, 1001)))
+    tr.append((10.100, 1003, 0))          # 1001, 1002 lost; 1003 is the first news
+    tr.append((10.101, 1002, 0))          # arrives late: no news
+    tr += beats((10.102, 0.001, range(1004, 1010)))
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None
+    assert o["seq_after"] == 1003 and o["lost"] == 2 and o["ignored"] == 1
+    assert o["gap_ms"] == pytest.approx(101.0, abs=0.01)
+
+
+def test_a_heartbeat_in_flight_at_the_pause_is_news_from_before_it() -> None:
+    """Sent before the pause, received 0.4 ms after it: the outage starts there, not at an earlier one."""
+    tr = beats((9.0, 0.001, range(1, 1001)))
+    tr.append((10.0004, 1001, 0))
+    tr += beats((10.070, 0.001, range(1002, 1010)))
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None and o["seq_before"] == 1001
+    assert o["gap_ms"] == pytest.approx(69.6, abs=0.01)
+
+
+def test_a_restarted_or_silent_guest_has_no_outage_to_report() -> None:
+    restarted = beats((9.0, 0.001, range(500, 1001)), (10.2, 0.001, range(1, 100)))   # seq starts again at 1
+    assert integrity.outage(restarted, PAUSED, RESUMED) is None
+    silent = beats((9.0, 0.001, range(1, 1001)))
+    assert integrity.outage(silent, PAUSED, RESUMED) is None
+    assert integrity.outage([], PAUSED, RESUMED) is None
+
+
+# --- the disk judge -------------------------------------------------------------------------------------
+def digest(chunks: list[str], ring: dict[str, Any] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {"size_bytes": len(chunks) * 2**20, "chunk_bytes": 2**20, "chunks": chunks}
+    if ring is not None:
+        d["ring"] = ring
+    return d
+
+
+def ring(max_seq: int, bad: int = 0, holes: int = 0) -> dict[str, Any]:
+    return {"nblocks": 256, "max_seq": max_seq, "bad_blocks": bad, "holes": holes, "bad": []}   # 1 MiB of ring
+
+
+IDLE, WRITING = parse_workload("idle"), parse_workload("disk:5MB/s")
+SRC = ["a", "b", "c", "d"]
+
+
+def judge(src: dict[str, Any], dst: dict[str, Any], *, builtin: bool = True, workload: Any = IDLE,
+          hb0: dict[str, Any] | None = None) -> tuple[str, list[str]]:
+    details: list[str] = []
+    v = integrity.judge_disk("vm-disk0.qcow2", src, dst, builtin_guest=builtin, workload=workload, hb0=hb0,
+                             details=details)
+    return v, details
+
+
+def test_identical_disks_are_verified() -> None:
+    assert judge(digest(SRC), digest(SRC))[0] == "verified"
+
+
+def test_an_idle_builtin_guest_whose_disks_differ_is_failed_not_unverified() -> None:
+    """It writes nothing: any difference is a corrupted copy (it used to be 'unverified', then committed)."""
+    v, details = judge(digest(SRC), digest(["a", "b", "X", "d"]))
+    assert v == "failed"
+    assert "writes nothing" in details[0] and "first at 2 MiB" in details[0]
+
+
+def test_differences_a_writing_guest_explains_by_its_ring_are_verified() -> None:
+    v, details = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(140)), workload=WRITING,
+                       hb0={"disk_seq": 100})
+    assert v == "verified", details
+    assert "40 blocks written after the move" in details[0]
+
+
+def test_writing_guest_failures_outside_ring_holes_lost_writes() -> None:
+    outside = judge(digest(SRC, ring(100)), digest(["a", "b", "X", "d"], ring(120)), workload=WRITING)
+    assert outside[0] == "failed" and "outside the guest's block ring" in outside[1][0]
+    holes = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(120, holes=18)), workload=WRITING)
+    assert holes[0] == "failed" and "18 missing sequence numbers" in holes[1][0]
+    behind = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(90)), workload=WRITING)
+    assert behind[0] == "failed" and "before the source's" in behind[1][0]
+    lost = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(120)), workload=WRITING,
+                 hb0={"disk_seq": 105})
+    assert lost[0] == "failed" and "lacks writes the guest had completed" in lost[1][0]
+
+
+def test_a_users_guest_whose_disks_differ_is_unverified_and_sizes_that_differ_fail() -> None:
+    assert judge(digest(SRC), digest(["X", "b", "c", "d"]), builtin=False)[0] == "unverified"
+    assert judge(digest(SRC), digest(SRC[:3]))[0] == "failed"
+
+
+# --- the rule that decides a commit -----------------------------------------------------------------------
+@pytest.mark.parametrize(("memory", "disk", "running", "expected"), [
+    ("verified", "verified", True, "verified"),
+    ("verified", "none", True, "verified"),             # no disks: nothing to lose
+    ("unverified", "verified", True, "unverified"),     # the user's own guest: memory cannot be checked
+    ("verified", "unverified", True, "unverified"),
+    ("failed", "verified", True, "failed"),
+    ("verified", "failed", True, "failed"),
+    ("unverified", "failed", True, "failed"),
+    ("verified", "verified", False, "failed"),          # not running on the destination
+])
+def test_verdict_rule(memory: str, disk: str, running: bool, expected: str) -> None:
+    integ = Integrity(memory=memory, disk=disk, guest_running=running)  # type: ignore[arg-type]
+    assert integrity.verdict(integ) == expected
+
+
+# --- check_guest against a real observer, fed a recorded switchover ---------------------------------------
+def hb(seq: int, verified: int, errors: int = 0, flags: int = 0) -> Heartbeat:
+    return Heartbeat(version=1, flags=flags, seq=seq, guest_ns=seq * 10**6, mem_pages_written=0,
+                     mem_pages_verified=verified, mem_errors=errors, disk_seq=0, disk_errors=0, vm="web01")
+
+
+@pytest.fixture
+async def observer(tmp_path: Path) -> AsyncIterator[tuple[Path, Track]]:
+    obs = Observer()
+    tr = obs.tracks["web01"] = Track()
+    sock = tmp_path / "obs.sock"
+    server = await asyncio.start_unix_server(obs.control, path=str(sock))
+    try:
+        yield sock, tr
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def record(tr: Track, *, after_verified: int, duplicate: bool = False, errors: int = 0, flags: int = 0) -> None:
+    """A guest at 1 kHz, paused at 10.0 s, running again at 10.08 s; 9.999 is its last heartbeat before."""
+    for i in range(1000):
+        tr.add(9.0 + i * 0.001, hb(1 + i, verified=i), "198.19.1.1")
+    if duplicate:
+        tr.add(10.065, hb(1000, verified=999), "198.19.1.1")
+    for i in range(200):
+        tr.add(10.080 + i * 0.001, hb(1001 + i, verified=1000 + after_verified * i // 199, errors=errors,
+                                      flags=flags), "198.19.2.1")
+
+
+async def guest(sock: Path, tr: Track, integ: Integrity) -> integrity.GuestTimes:
+    hb0 = (await integrity.heartbeat_before(sock, "web01", PAUSED))
+    return await integrity.check_guest(sock, "web01", hb0, precopy_s=9.0, paused_s=PAUSED, resumed_s=RESUMED,
+                                       workload=IDLE, integ=integ, verify_timeout_s=0.5)
+
+
+async def test_check_guest_verifies_memory_and_measures_the_outage(observer: tuple[Path, Track]) -> None:
+    sock, tr = observer
+    record(tr, after_verified=IDLE_WSS // 4096, duplicate=True)
+    integ = Integrity()
+    times = await guest(sock, tr, integ)
+    assert integ.memory == "verified" and integ.guest_running, integ.details
+    assert times.observed_ms == pytest.approx(81.0, abs=0.01)          # 9.999 -> 10.080, the duplicate ignored
+    assert times.naive_ms == pytest.approx(66.0, abs=0.01)             # what the split-gap rule said
+
+
+async def test_check_guest_fails_memory_on_errors(observer: tuple[Path, Track]) -> None:
+    sock, tr = observer
+    record(tr, after_verified=IDLE_WSS // 4096, errors=3, flags=FLAG_MEM_VIOLATION)
+    integ = Integrity()
+    await guest(sock, tr, integ)
+    assert integ.memory == "failed" and "3 bad memory pages" in integ.details[-1]
+
+
+async def test_check_guest_leaves_a_short_verification_pass_unverified(observer: tuple[Path, Track]) -> None:
+    sock, tr = observer
+    record(tr, after_verified=10)               # the guest verified 10 pages only: not a whole pass
+    integ = Integrity()
+    await guest(sock, tr, integ)
+    assert integ.memory == "unverified" and "did not finish a verification pass" in integ.details[-1]
+
+
+async def test_check_guest_fails_a_guest_that_restarted(observer: tuple[Path, Track]) -> None:
+    sock, tr = observer
+    for i in range(1000):
+        tr.add(9.0 + i * 0.001, hb(1 + i, verified=i), "198.19.1.1")
+    for i in range(50):                          # booted again: its sequence numbers start from 1
+        tr.add(12.0 + i * 0.001, hb(1 + i, verified=0), "198.19.2.1")
+    integ = Integrity()
+    times = await guest(sock, tr, integ)
+    assert integ.memory == "failed" and "restarted" in integ.details[-1]
+    assert times.observed_ms is None
+
+
+async def test_check_guest_without_a_heartbeat_before_the_pause_fails(observer: tuple[Path, Track]) -> None:
+    sock, _ = observer
+    integ = Integrity()
+    times = await integrity.check_guest(sock, "web01", None, precopy_s=9.0, paused_s=PAUSED, resumed_s=RESUMED,
+                                        workload=IDLE, integ=integ)
+    assert integ.memory == "failed" and times.observed_ms is None
