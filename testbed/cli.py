@@ -229,6 +229,8 @@ def _experiment(a: argparse.Namespace) -> int:
         raise InputError(f"no experiment named {a.name!r}",
                          hint="experiments: " + "; ".join(f"{k} ({d})" for k, (_, d) in experiments.items()))
     fn, _ = experiments[a.name]
+    from testbed.lab import quality
+    quality.refuse_if_busy(f"testbed experiment {a.name}", a.force)
     kw: dict[str, Any] = {}
     if a.rtts:
         kw["rtts"] = [float(x) for x in a.rtts.split(",")]
@@ -236,14 +238,18 @@ def _experiment(a: argparse.Namespace) -> int:
         kw["streams_list"] = [int(x) for x in a.streams.split(",")]
     if a.bandwidth:
         kw["bandwidth_bps"] = parse_rate_bytes(a.bandwidth, what="--bandwidth")
-    outcome = asyncio.run(fn(lambda msg: err.print(f"[dim]{msg}[/]", highlight=False), **kw))
+    with quality.Watch() as watch:
+        outcome = asyncio.run(fn(lambda msg: err.print(f"[dim]{msg}[/]", highlight=False), **kw))
+    outcome.context["quality"] = q = watch.summary()
     table = Table(*(h for _, h in outcome.columns), title=outcome.title)
     for row in outcome.rows:
         table.add_row(*("-" if row.get(k) is None else str(row.get(k)) for k, _ in outcome.columns))
     out.print(table)
     ctx = outcome.context
     out.print(f"{ctx.get('date')}, {ctx.get('cpus')} x {ctx.get('cpu')}, kernel {ctx.get('kernel')}, "
-              f"{ctx.get('qemu')}; load {ctx.get('load_at_start')} -> {ctx.get('load_at_end')}")
+              f"{ctx.get('qemu')}; load {ctx.get('load_at_start')} -> {ctx.get('load_at_end')}, max 1-minute "
+              f"{q['max_load_1m']}, CPU steal {q['steal_pct']}%" + (" [bold red]LOADED: retake on a quiet machine[/]"
+                                                                    if q["loaded"] else ""))
     for note in outcome.notes:
         out.print(note)
     if a.json:
@@ -384,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtts", help="RTTs in ms, comma-separated (default: the experiment's)")
     s.add_argument("--streams", help="multifd channel counts, comma-separated (streams experiment)")
     s.add_argument("--bandwidth", help="the link's bandwidth cap (default 1Gbit)")
+    s.add_argument("--force", action="store_true",
+                   help="start even when the machine is busy (1-minute load above 0.75 per CPU); the report "
+                        "marks a run whose load rose above 1.5 per CPU as LOADED either way")
     s.set_defaults(fn=_experiment)
     _lab_everywhere(p)
     return p

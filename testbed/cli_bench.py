@@ -30,6 +30,8 @@ def bench(a: argparse.Namespace) -> int:
         raise InputError("--runs must be at least 1")
     if not 1 <= a.streams <= 16:
         raise InputError(f"--streams {a.streams}: use 1 to 16")
+    from testbed.lab import quality
+    quality.refuse_if_busy("testbed bench", a.force)
     s = BenchSettings(runs=a.runs, workloads=workloads, link_bps=parse_rate_bytes(a.link), streams=a.streams,
                       downtime_limit_ms=a.downtime_limit, lab=a.lab if a.lab_given else "bench", engines=engines,
                       libvirt_debug=a.libvirt_debug)
@@ -60,6 +62,9 @@ def register(sub: Any) -> None:
     s.add_argument("--downtime-limit", type=int, default=30, help="ms, both engines (default 30)")
     s.add_argument("--json", help="write every run and the settings to this file")
     s.add_argument("--markdown", help="write the tables as Markdown to this file")
+    s.add_argument("--force", action="store_true",
+                   help="start even when the machine is busy (1-minute load above 0.75 per CPU); runs whose load "
+                        "rose above 1.5 per CPU are marked LOADED either way")
     s.add_argument("--libvirt-debug", action="store_true",
                    help="libvirtd logs its QMP traffic; the logs are kept in ./libvirtd-logs-LAB")
     s.set_defaults(fn=bench)

@@ -35,8 +35,9 @@ from testbed.errors import InputError, TestbedError
 from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.netns import NetnsHost
-from testbed.lab import builder, libvirtd
+from testbed.lab import builder, libvirtd, quality
 from testbed.lab.topology import LinkSpec, Topology, default_topology
+from testbed.migration import integrity
 from testbed.qemu.spec import VmSpec
 from testbed.vms import VmManager
 
@@ -85,13 +86,18 @@ class Run:
     disk_data_bytes: int | None = None     # data allocated on the source disk when the move started
     error: str | None = None
     details: list[str] = field(default_factory=list)
-    load: str = ""
+    load: str = ""                          # 1-minute load at start -> end (max during the run)
+    loaded: bool = False                    # the load rose above quality.LOADED_PER_CPU per CPU during it
+    quality: dict[str, Any] = field(default_factory=dict)   # testbed.lab.quality.Watch.summary()
     raw: dict[str, Any] = field(default_factory=dict)   # ours: the migration report; libvirt: its job statistics
 
 
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+def _quality(run: Run, w: quality.Watch) -> Run:
+    q = w.summary()
+    run.quality, run.loaded = q, q["loaded"]
+    run.load = (f"{q['load_at_start'][0]:.2f}->{q['load_at_end'][0]:.2f} (max {q['max_load_1m']:.2f}, steal "
+                f"{q['steal_pct']:g}%)" + (" LOADED" if q["loaded"] else ""))
+    return run
 
 
 def prefill(path: Path) -> int:
@@ -192,15 +198,14 @@ class Bench:
         for i in range(self.s.runs):
             src = self.m.get(name).host
             dst = HOSTS[1] if src == HOSTS[0] else HOSTS[0]
-            load = _load()
             data = await self._disk_data(src, self.m.get(name).spec.disks[0].file)
-            r = await self.m.migrate(name, dst, streams=self.s.streams, converge="auto-converge",
-                                     downtime_limit_ms=self.s.downtime_limit_ms, agents=(ag[src], ag[dst]))
+            with quality.Watch() as watch:
+                r = await self.m.migrate(name, dst, streams=self.s.streams, converge="auto-converge",
+                                         downtime_limit_ms=self.s.downtime_limit_ms, agents=(ag[src], ag[dst]))
             sw = r.switchover
             ph = {p.name: p for p in r.phases}
             run = Run(engine="ours", workload=w, n=i + 1, direction=f"{src}->{dst}",
-                      ok=r.result == "succeeded" and r.integrity.memory == "verified"
-                      and r.integrity.disk == "verified",
+                      ok=r.result == "succeeded" and integrity.verdict(r.integrity) == "verified",
                       total_s=sw.destination_resumed_s,
                       disk_s=(ph["disk-sync"].end_s - ph["disk-sync"].start_s) if "disk-sync" in ph else None,
                       memory_s=(sw.destination_resumed_s - ph["memory-precopy"].start_s)
@@ -209,8 +214,8 @@ class Bench:
                       observed_ms=r.downtime_ms.observed, stall_max_ms=r.stalls_ms.max,
                       memory_integrity=r.integrity.memory, disk_integrity=r.integrity.disk,
                       memory_bytes=r.bytes.memory, disk_data_bytes=data,
-                      error=r.error, details=r.integrity.details, load=load, raw=r.model_dump(mode="json"))
-            self._record(run)
+                      error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"))
+            self._record(_quality(run, watch))
             if r.result != "succeeded":
                 break
             await asyncio.sleep(2)
@@ -245,18 +250,19 @@ class Bench:
         where = HOSTS[0]
         for i in range(self.s.runs):
             dst = HOSTS[1] if where == HOSTS[0] else HOSTS[0]
-            load = _load()
             data = await self._disk_data(where, spec.disks[0].file)
-            r = await lv.migrate(spec, lvh[where], lvh[dst], ag[where], ag[dst], observer=labctl.observer_socket(
-                self.s.lab), workload=parse_workload(WORKLOADS[w]), settings=settings)
+            with quality.Watch() as watch:
+                r = await lv.migrate(spec, lvh[where], lvh[dst], ag[where], ag[dst],
+                                     observer=labctl.observer_socket(self.s.lab),
+                                     workload=parse_workload(WORKLOADS[w]), settings=settings)
             run = Run(engine="libvirt", workload=w, n=i + 1, direction=f"{where}->{dst}", ok=r.ok,
                       total_s=r.total_s, disk_s=r.disk_s, memory_s=r.memory_s, rounds=r.rounds,
                       wire_bytes=r.wire_bytes, memory_bytes=r.memory_bytes, reported_ms=r.reported_ms,
                       observed_ms=r.observed_ms, disk_data_bytes=data,
                       stall_max_ms=r.stalls.max, memory_integrity=r.integrity.memory,
-                      disk_integrity=r.integrity.disk, error=r.error, details=r.integrity.details, load=load,
+                      disk_integrity=r.integrity.disk, error=r.error, details=r.integrity.details,
                       raw=r.stats)
-            self._record(run)
+            self._record(_quality(run, watch))
             if r.total_s is None:
                 break
             where = dst
@@ -370,6 +376,12 @@ def table(w: str, runs: list[Run], limit: float | None, s: BenchSettings) -> Tab
         tb.add_row(*cells)
     ok = {e: f"{sum(r.ok for r in by[e])}/{len(by[e])} verified" for e in ENGINES}
     tb.add_row("integrity (memory and disk)", "", ok["ours"], "", "", ok["libvirt"], "", "")
+    loads = {e: [r.quality["max_load_1m"] for r in by[e] if r.quality] for e in ENGINES}
+    cells = []
+    for e in ENGINES:
+        marked = sum(r.loaded for r in by[e])
+        cells += ["", f"{max(loads[e]):.2f}" if loads[e] else "-", f"{marked} loaded" if marked else ""]
+    tb.add_row("max 1-minute load during a run", *cells, "")
     return tb
 
 

@@ -237,13 +237,15 @@ class HostAgent:
         """Fault injection: invert ``length`` bytes of guest RAM at ``gpa`` (through the gdbstub)."""
         from testbed.qemu.gdbstub import GdbStub, flip_bytes
         vm = self._vm(name)
+        running = (await vm.execute("query-status"))["status"] == "running"
         sock = vm.paths.dir / "gdb.sock"
         sock.unlink(missing_ok=True)
         await vm.execute("human-monitor-command", {"command-line": f"gdbserver unix:{sock},server=on,wait=off"})
         try:
             stub = await GdbStub.connect(sock)
             try:
-                old, new = await flip_bytes(stub, gpa, length)
+                # a paused guest (e.g. a destination receiving its migration) must stay paused: no detach
+                old, new = await flip_bytes(stub, gpa, length, detach=running)
             finally:
                 await stub.close()
         finally:

@@ -151,6 +151,7 @@ class Migration:
         self.downtime = Downtime(reported=None, observed=None)
         self.stalls = Stalls()
         self.integrity = Integrity()
+        self.incoming: dict[str, Any] = {}
         self.source_kept = False            # FAILED/UNVERIFIED: the source QEMU and disks are still there
         self.accepted_unverified = False
         self.rollback_log: list[str] = []
@@ -297,6 +298,7 @@ class Migration:
         incoming = await self.dst.call("migration.prepare_incoming", spec=self.dest_spec.model_dump(),
                                        streams=req.streams, postcopy=self.ctl.postcopy_capable)
         self.uri = incoming["uri"]
+        self.incoming = incoming     # the destination's NBD export and migration URI (fault injection reads it)
         if not req.spec.disks:
             return
         self.source_touched = True

@@ -44,8 +44,12 @@ class GdbStub:
         self.writer.close()
 
 
-async def flip_bytes(stub: GdbStub, gpa: int, length: int = 1) -> tuple[bytes, bytes]:
-    """Invert ``length`` bytes at guest-physical ``gpa``; returns (before, after)."""
+async def flip_bytes(stub: GdbStub, gpa: int, length: int = 1, detach: bool = True) -> tuple[bytes, bytes]:
+    """Invert ``length`` bytes at guest-physical ``gpa``; returns (before, after).
+
+    ``detach`` ends with gdb's detach, which *starts* the VM (QEMU's gdb_continue): right for a guest that was
+    running (the connection stopped it), wrong for one that must stay paused, e.g. a destination still
+    receiving its migration: there the caller passes False and just closes the connection."""
     if await stub.request("Qqemu.PhyMemMode:1") != "OK":
         raise RuntimeError("this QEMU's gdbstub has no physical-memory mode")
     try:
@@ -57,4 +61,5 @@ async def flip_bytes(stub: GdbStub, gpa: int, length: int = 1) -> tuple[bytes, b
         return old, new
     finally:
         await stub.request("Qqemu.PhyMemMode:0")
-        await stub.request("D")
+        if detach:
+            await stub.request("D")

@@ -1196,6 +1196,14 @@ class VCenter:
             except (HostUnreachable, TestbedError, TimeoutError, OSError) as err:
                 unreachable.append(f"{h['name']}: {err}")
         fixed, problems, agree, skipped = [], [], [], []
+        kept = []
+        for c in self.inv.source_copies():   # a paused source copy an unverified move kept: known, not a stray
+            if c["host"] in running.get(c["vm"], []):
+                running[c["vm"]].remove(c["host"])
+                if not running[c["vm"]]:
+                    del running[c["vm"]]
+            kept.append(f"VM {c['vm']}: source copy kept on {c['host']} (task {c['task']}); "
+                        f"`testbed vm discard-source {c['vm']}` removes it")
         for v in self.inv.vms():
             where = running.pop(v["name"], [])
             if v["name"] in self.busy:
@@ -1218,6 +1226,7 @@ class VCenter:
         for name, hosts in running.items():
             problems.append(f"VM {name} runs on {', '.join(hosts)} but is not in this vCenter's inventory")
         report = {"vcenter": self.cfg.name, "agree": agree, "fixed": fixed, "problems": problems,
+                  "source_copies": kept,
                   "unreachable_hosts": unreachable, "skipped_busy": skipped, "time": time.time()}
         self.inv.event("ReconcileEvent", f"reconcile: {len(agree)} agree, {len(fixed)} fixed, "
                        f"{len(problems)} problems, {len(unreachable)} hosts unreachable", report=report)

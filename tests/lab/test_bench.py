@@ -27,7 +27,7 @@ def test_bench_runs_once_and_prints_a_table_per_workload(lab_env: Path, tmp_path
     lab = "tb" + os.urandom(2).hex()
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "testbed.cli", "--lab", lab, "bench", "--runs", "1", "--json", str(out_json),
+        [sys.executable, "-m", "testbed.cli", "--lab", lab, "bench", "--runs", "1", "--force", "--json", str(out_json),
          "--markdown", str(out_md)],
         capture_output=True, text=True, timeout=1500, env={**os.environ, "COLUMNS": "200"}, cwd=tmp_path)
     print(proc.stdout[-8000:])

@@ -108,6 +108,11 @@ def running_on(lab: str, vm: str) -> list[str]:
     return asyncio.run(ask())
 
 
+async def _vm_list(lab: str, host: str) -> list[dict[str, Any]]:
+    async with await labctl.hosts_of(builder.load_state(lab))[host].agent() as agent:
+        return list(await agent.call("vm.list"))
+
+
 def inventory_host(lab: str, vc: str, vm: str) -> str | None:
     with client(lab, vc) as c:
         try:
@@ -396,6 +401,24 @@ def test_vcenter_killed_mid_relocate_resolves_honestly(vclab: str, app1: str) ->
     in_a, in_b = inventory_host(vclab, "vc-a", app1), inventory_host(vclab, "vc-b", app1)
     if t["status"] == "SUCCEEDED":
         assert where == ["esx-a1"] and in_a == "esx-a1" and in_b is None
+        # the engine's checks never ran: unverified, and vc-b keeps the paused source copy until told
+        assert t["verdict"] == "unverified", t
+        with client(vclab, "vc-b") as b:
+            kept = b.get("/api/testbed/source-copies")
+            assert [(k["vm"], k["host"]) for k in kept] == [(app1, "esx-b1")], kept
+            assert any(x["name"] == app1 for x in asyncio.run(_vm_list(vclab, "esx-b1"))), "the copy is there"
+            rec_b = b.post("/api/testbed/reconcile")   # a known copy, not a stray VM
+            assert rec_b["problems"] == [] and len(rec_b["source_copies"]) == 1, rec_b
+        with client(vclab, "vc-a") as a:   # a move back onto the kept copy is stopped by vc-b's prechecks
+            back = relocate(a, app1, dest_spec(vclab))
+        assert back["status"] == "FAILED"
+        assert [c["name"] for c in back["prechecks"] if c["status"] == "error"] == ["source-copy"], back
+        assert running_on(vclab, app1) == ["esx-a1"]
+        with client(vclab, "vc-b") as b:
+            gone = b.delete(f"/api/testbed/source-copies/{app1}")
+            assert gone["host"] == "esx-b1" and gone["removed"], gone
+            assert b.get("/api/testbed/source-copies") == []
+        assert not any(x["name"] == app1 for x in asyncio.run(_vm_list(vclab, "esx-b1")))
     else:
         assert where == ["esx-b1"] and in_b == "esx-b1" and in_a is None
         assert "rolled back" in t["error"]["message"]

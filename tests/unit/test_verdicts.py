@@ -234,3 +234,26 @@ async def test_check_guest_without_a_heartbeat_before_the_pause_fails(observer: 
     times = await integrity.check_guest(sock, "web01", None, precopy_s=9.0, paused_s=PAUSED, resumed_s=RESUMED,
                                         workload=IDLE, integ=integ)
     assert integ.memory == "failed" and times.observed_ms is None
+
+
+# --- measurement quality ----------------------------------------------------------------------------------
+def test_a_measurement_refuses_a_busy_machine_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.errors import InputError
+    from testbed.lab import quality
+    monkeypatch.setattr(quality, "cpus", lambda: 2)
+    monkeypatch.setattr(quality, "load1", lambda: 2.4)
+    with pytest.raises(InputError, match=r"load average is 2.40, above 1.5 on this 2-CPU machine"):
+        quality.refuse_if_busy("testbed bench", force=False)
+    quality.refuse_if_busy("testbed bench", force=True)
+    monkeypatch.setattr(quality, "load1", lambda: 0.3)
+    quality.refuse_if_busy("testbed bench", force=False)
+
+
+def test_the_watch_marks_a_run_whose_load_rose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.lab import quality
+    monkeypatch.setattr(quality, "cpus", lambda: 2)
+    with quality.Watch() as w:
+        w.max_load1 = 3.2                # what the sampler would have seen at the run's busiest
+    q = w.summary()
+    assert q["loaded"] and q["max_load_1m"] >= 3.2 and 0 <= q["steal_pct"] <= 100
+    assert len(q["load_at_start"]) == len(q["load_at_end"]) == 3
