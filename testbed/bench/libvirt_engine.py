@@ -18,9 +18,12 @@ its disk created by the host agent in the host's datastore, the NIC on the same 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import libvirt
 from testbed.errors import TestbedError
 from testbed.guest.workload import Workload
 from testbed.hostd.config import HostConfig
+from testbed.hostd.diskcheck import point_in_time
 from testbed.hosts.agent import AgentClient
 from testbed.lab import libvirtd
 from testbed.lab import topology as topo
@@ -157,6 +161,32 @@ class Result:
     disk_bytes: int | None = None
     integrity: Integrity = field(default_factory=Integrity)
     stats: dict[str, Any] = field(default_factory=dict)   # libvirt's completed-job statistics
+    # the destination disk judged from its file, read under the running QEMU (the old way, now only evidence)
+    file_read_verdicts: list[str] = field(default_factory=list)
+    file_read_details: list[str] = field(default_factory=list)
+
+
+def _qmp_sync(dom: Any, cmd: str, args: dict[str, Any] | None = None) -> Any:
+    """A QMP command on a libvirt domain's QEMU (libvirt's passthrough; it marks the domain tainted)."""
+    import libvirt_qemu
+    msg = {"execute": cmd, **({"arguments": args} if args else {})}
+    reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0))
+    if "error" in reply:
+        raise TestbedError(f"QMP {cmd} on domain {dom.name()}: {reply['error'].get('desc')}")
+    return reply["return"]
+
+
+def _qmp(dom: Any) -> Callable[[str, dict[str, Any] | None], Awaitable[Any]]:
+    async def execute(cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await asyncio.to_thread(_qmp_sync, dom, cmd, args)
+    return execute
+
+
+def _disk_nodes(blocks: list[dict[str, Any]]) -> list[str]:
+    """The block node of each of the domain's disks, in device order (libvirt's -blockdev format nodes)."""
+    disks = sorted((b for b in blocks if b.get("inserted") and b.get("qdev", "").startswith(
+        "/machine/peripheral/virtio-disk")), key=lambda b: str(b["qdev"]))
+    return [str(b["inserted"]["node-name"]) for b in disks]
 
 
 async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: AgentClient,
@@ -263,15 +293,32 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
         integ = res.integrity
         hb0 = await integrity.heartbeat_before(observer, spec.name, paused)
         await integrity.guest_back(observer, spec.name, resumed)
+        # The source image is inactive (its QEMU finished the migration): its file is read. The destination's
+        # guest runs: read through its QEMU at one instant (fleecing over libvirt's QMP passthrough); the file
+        # read under the running QEMU is kept beside it, as evidence of what such a read would have said.
+        work = ddir / f".tb-verify-{spec.name}"
+        work.mkdir(exist_ok=True)
+        nodes = _disk_nodes(await asyncio.to_thread(_qmp_sync, ddom, "query-block"))
         digests = asyncio.gather(*(asyncio.gather(
             src_agent.call("disk.digest", datastore=sds, file=d.file, timeout_s=300),
-            dst_agent.call("disk.digest", datastore=dds, file=d.file, timeout_s=300)) for d in spec.disks))
+            point_in_time(_qmp(ddom), nodes[i], work, f"domain {spec.name} on {dst.name}"),
+            dst_agent.call("disk.digest", datastore=dds, file=d.file, timeout_s=300))
+            for i, d in enumerate(spec.disks)))
         times = await integrity.check_guest(observer, spec.name, hb0, precopy_s=mem0, paused_s=paused,
                                             resumed_s=resumed, workload=workload, integ=integ)
         res.observed_ms, res.stalls = times.observed_ms, times.stalls
-        verdicts = [integrity.judge_disk(d.file, a, b, builtin_guest=True, workload=workload, hb0=hb0,
-                                         details=integ.details)
-                    for d, (a, b) in zip(spec.disks, await digests, strict=True)]
+        verdicts = []
+        try:
+            results = await digests
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for d, (a, b, live_file) in zip(spec.disks, results, strict=True):
+            verdicts.append(integrity.judge_disk(d.file, a, b, builtin_guest=True, workload=workload, hb0=hb0,
+                                                 details=integ.details))
+            said: list[str] = []
+            res.file_read_verdicts.append(integrity.judge_disk(d.file, a, live_file, builtin_guest=True,
+                                                               workload=workload, hb0=hb0, details=said))
+            res.file_read_details += said
         integ.disk = ("none" if not verdicts else "failed" if "failed" in verdicts else
                       "unverified" if "unverified" in verdicts else "verified")
         if not (await asyncio.to_thread(ddom.isActive)):

@@ -260,8 +260,11 @@ class Bench:
                       wire_bytes=r.wire_bytes, memory_bytes=r.memory_bytes, reported_ms=r.reported_ms,
                       observed_ms=r.observed_ms, disk_data_bytes=data,
                       stall_max_ms=r.stalls.max, memory_integrity=r.integrity.memory,
-                      disk_integrity=r.integrity.disk, error=r.error, details=r.integrity.details,
-                      raw=r.stats)
+                      disk_integrity=r.integrity.disk, error=r.error,
+                      details=r.integrity.details + [f"(the destination's file, read under its running QEMU, "
+                                                     f"would say: {v}; {'; '.join(r.file_read_details)})"
+                                                     for v in r.file_read_verdicts],
+                      raw={**r.stats, "file_read_verdicts": r.file_read_verdicts})
             self._record(_quality(run, watch))
             if r.total_s is None:
                 break

@@ -1,15 +1,28 @@
 """What is on a disk: per-MiB digests, and the guest agent's block ring (docs/guest-agent.md).
 
-The image is converted to a sparse raw file beside it (``qemu-img convert -U``,
-any format, also for a disk in use), scanned once, and removed.
+``digest``: an image no running QEMU writes (a source frozen at the switchover: its QEMU
+inactivated the image when the migration completed) is converted to a sparse raw file beside
+it (``qemu-img convert``, any format), scanned once, and removed.
+
+``point_in_time``: a disk a running guest writes is never read from its file (QEMU keeps
+metadata in memory: a torn read). It is read through QEMU's own block layer at one instant,
+by image fleecing: a ``blockdev-backup`` job with ``sync: none`` into a temporary overlay
+whose backing is the disk (copy-before-write: the guest's later writes first save the old
+data there), exported read-only over a private NBD socket, with the ``tb-written`` dirty
+bitmap (added before the destination resumed) disabled in the same transaction, so the
+bitmap says exactly which chunks the guest wrote between its resume and that instant.
+Everything is removed afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import struct
 import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +83,109 @@ class _Ring:
                 "bad_blocks": self.bad_count, "bad": self.bad}
 
 
+WRITTEN_BITMAP = "tb-written"      # on each destination disk node from just before its resume
+BITMAP_GRANULARITY = 64 * 1024
+
+Execute = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
+
+
+async def _qemu_img(*args: str, what: str) -> str:
+    proc = await asyncio.create_subprocess_exec("qemu-img", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise TestbedError(f"{what} failed: {err.decode().strip()}")
+    return out.decode()
+
+
 async def digest(path: Path, host: str) -> dict[str, Any]:
     if not path.exists():
         raise TestbedError(f"disk {path} does not exist on host {host}")
     raw = path.with_name(f".{path.name}.digest.raw")
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "convert", "-U", "-O", "raw", str(path), str(raw),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
     try:
-        if proc.returncode != 0:
-            raise TestbedError(f"reading disk {path} on host {host} failed: {err.decode().strip()}")
+        await _qemu_img("convert", "-U", "-O", "raw", str(path), str(raw), what=f"reading disk {path} on host {host}")
         return await asyncio.to_thread(_scan, raw)
     finally:
         raw.unlink(missing_ok=True)
+
+
+async def point_in_time(execute: Execute, node: str, work: Path, where: str) -> dict[str, Any]:
+    """The digest of block node ``node`` of a running QEMU at one instant, and ``written_chunks``: the chunks
+    the guest wrote since its resume (from the ``tb-written`` bitmap; None if the node has none).
+
+    ``execute`` runs a QMP command on that QEMU; ``work`` is a private directory for the overlay and the
+    socket; ``where`` names the VM and host in errors."""
+    nodes = await execute("query-named-block-nodes", {"flat": True})
+    me = next((n for n in nodes if n.get("node-name") == node), None)
+    if me is None:
+        raise TestbedError(f"{where}: no block node {node!r}")
+    size = int(me["image"]["virtual-size"])
+    has_bitmap = any(b.get("name") == WRITTEN_BITMAP for b in me.get("dirty-bitmaps", []))
+    tag = f"tb-fleece-{node}"
+    overlay, sock, raw = work / f".{tag}.qcow2", work / f".{tag}.sock", work / f".{tag}.raw"
+    for f in (overlay, sock, raw):
+        f.unlink(missing_ok=True)
+    done: list[tuple[str, dict[str, Any]]] = []     # what to undo, newest last
+    try:
+        await _qemu_img("create", "-q", "-f", "qcow2", str(overlay), str(size), what=f"{where}: the fleecing overlay")
+        await execute("blockdev-add", {"driver": "qcow2", "node-name": tag, "backing": node,
+                                       "file": {"driver": "file", "filename": str(overlay)}})
+        done.append(("blockdev-del", {"node-name": tag}))
+        actions: list[dict[str, Any]] = [{"type": "blockdev-backup", "data": {
+            "job-id": tag, "device": node, "target": tag, "sync": "none"}}]
+        if has_bitmap:
+            actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": WRITTEN_BITMAP}})
+        await execute("transaction", {"actions": actions})     # the instant: snapshot and bitmap together
+        done.append(("block-job-cancel", {"device": tag, "force": True}))
+        await execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        done.append(("nbd-server-stop", {}))
+        export: dict[str, Any] = {"type": "nbd", "id": tag, "node-name": tag, "name": tag, "writable": False}
+        if has_bitmap:
+            export["bitmaps"] = [{"node": node, "name": WRITTEN_BITMAP}]
+        await execute("block-export-add", export)
+        done.append(("block-export-del", {"id": tag}))
+        opts = f"driver=nbd,server.type=unix,server.path={sock},export={tag}"
+        await _qemu_img("convert", "-O", "raw", "--image-opts", opts, str(raw), what=f"{where}: reading {node}")
+        written: list[int] | None = None
+        if has_bitmap:
+            out = await _qemu_img("map", "--output=json", "--image-opts",
+                                  f"{opts},x-dirty-bitmap=qemu:dirty-bitmap:{WRITTEN_BITMAP}",
+                                  what=f"{where}: reading the written-since-resume bitmap of {node}")
+            written = dirty_chunks(json.loads(out))
+        result = await asyncio.to_thread(_scan, raw)
+        result.update(written_chunks=written, point_in_time=True)
+        return result
+    finally:
+        for cmd, args in reversed(done):
+            with contextlib.suppress(Exception):
+                await execute(cmd, args)
+            if cmd == "block-job-cancel":
+                await _job_gone(execute, tag)
+        if has_bitmap:
+            with contextlib.suppress(Exception):
+                await execute("block-dirty-bitmap-remove", {"node": node, "name": WRITTEN_BITMAP})
+        for f in (overlay, sock, raw):
+            f.unlink(missing_ok=True)
+
+
+async def _job_gone(execute: Execute, job: str, timeout_s: float = 10.0) -> None:
+    """A cancelled job lingers until it has concluded; its target node cannot be deleted before."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        with contextlib.suppress(Exception):
+            if not any(j.get("device") == job for j in await execute("query-block-jobs", None)):
+                return
+        await asyncio.sleep(0.05)
+
+
+def dirty_chunks(entries: list[dict[str, Any]], chunk: int = CHUNK) -> list[int]:
+    """Chunks touched by a dirty region of ``qemu-img map`` with ``x-dirty-bitmap`` (dirty reads as no data)."""
+    out: set[int] = set()
+    for e in entries:
+        if not e.get("data") and not e.get("present"):
+            first, last = e["start"] // chunk, (e["start"] + e["length"] - 1) // chunk
+            out.update(range(first, last + 1))
+    return sorted(out)
 
 
 def _scan(raw: Path) -> dict[str, Any]:

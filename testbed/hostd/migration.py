@@ -116,6 +116,7 @@ class DestinationRole:
             if vm.spec.disks:
                 await vm.execute("nbd-server-stop")
             self.timeline["nbd_stopped_s"] = time.monotonic()
+            await self._track_writes()
             # In post-copy this may come before the device state is loaded: QEMU then only
             # records autostart and starts the guest itself once it can run (RESUME).
             await vm.execute("cont")
@@ -138,6 +139,21 @@ class DestinationRole:
             if not postcopy:   # post-copy still has events to react to (completed, paused)
                 with contextlib.suppress(ValueError):
                     vm.event_hooks.remove(self._on_event)
+
+    async def _track_writes(self) -> None:
+        """Before the guest runs here: a dirty bitmap on each disk, so the verdict can tell the guest's own writes
+        after the resume from damage (``diskcheck.point_in_time``). Without it the disk can only be unverified."""
+        from testbed.hostd.diskcheck import BITMAP_GRANULARITY, WRITTEN_BITMAP
+        if not self.vm.spec.disks:
+            return
+        try:   # one round trip for all disks: this is on the switchover path
+            await self.vm.execute("transaction", {"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": f"disk{i}", "name": WRITTEN_BITMAP,
+                                                             "granularity": BITMAP_GRANULARITY}}
+                for i, _ in enumerate(self.vm.spec.disks)]})
+        except QemuError as err:
+            log.warning("VM %s: no written-since-resume bitmaps: %s", self.vm.spec.name, err)
+        self.timeline["bitmaps_s"] = time.monotonic()
 
     async def recover(self) -> str:
         """Post-copy recovery, destination side: listen for the source on a new port."""

@@ -400,6 +400,16 @@ class HostAgent:
         from testbed.hostd.diskcheck import digest
         return await digest(self.datastores.path(datastore, file), self.cfg.name)
 
+    async def m_disk_digest_live(self, conn: Connection, name: str, disk: int) -> dict[str, Any]:
+        """``disk.digest`` of disk ``disk`` of a running VM, read through its QEMU at one instant (fleecing), with
+        the chunks the guest wrote since it resumed here (``written_chunks``; None if it did not arrive here)."""
+        from testbed.hostd.diskcheck import point_in_time
+        vm = self._vm(name)
+        if not isinstance(disk, int) or not 0 <= disk < len(vm.spec.disks):
+            raise InputError(f"VM {name} on host {self.cfg.name} has no disk {disk!r}",
+                             hint=f"its disks: 0 to {len(vm.spec.disks) - 1}")
+        return await point_in_time(vm.execute, f"disk{disk}", vm.paths.dir, f"VM {name} on host {self.cfg.name}")
+
     # --- events ----------------------------------------------------------------------
     async def m_events_subscribe(self, conn: Connection, vms: list[str] | None = None) -> None:
         conn.subscribed = set(vms or [])

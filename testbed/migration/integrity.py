@@ -177,12 +177,15 @@ async def check_guest(sock: Path, vm: str, hb0: dict[str, Any] | None, *, precop
 
 def judge_disk(file: str, src: dict[str, Any], dst: dict[str, Any], *, builtin_guest: bool, workload: Workload,
                hb0: dict[str, Any] | None, details: list[str]) -> str:
-    """Source (frozen at the switchover) vs destination (live) ``disk.digest`` results: a verdict.
+    """Source (frozen at the switchover) vs destination (read at one instant after the resume) ``disk.digest``
+    results: a verdict.
 
-    Verified when identical, or when they differ only by ring blocks the guest wrote after the move. Failed
-    when the built-in guest writes nothing to its disks (disk workload off) and they differ anyway, or when
-    they differ where its ring cannot explain it. Unverified only when a difference cannot be judged: a
-    guest of the user's own, which may write anywhere.
+    ``dst["written_chunks"]`` (when the destination tracked it): the chunks the guest wrote between its resume
+    and that instant. Every difference must lie in them, for any guest, the user's own too; a difference
+    elsewhere is ``failed``. A built-in guest whose disk workload is off writes nothing, so any difference is
+    ``failed``. The built-in disk-writing guest's block ring is a second opinion (valid rings, nothing lost).
+    ``unverified`` only when a difference cannot be judged: no record of the guest's writes (an engine or host
+    that cannot track them) for a guest that may write anywhere.
     """
     if src["size_bytes"] != dst["size_bytes"]:
         details.append(f"disk {file}: sizes differ ({src['size_bytes']} vs {dst['size_bytes']})")
@@ -191,14 +194,26 @@ def judge_disk(file: str, src: dict[str, Any], dst: dict[str, Any], *, builtin_g
     if not diff:
         details.append(f"disk {file}: source and destination identical ({len(src['chunks'])} MiB compared)")
         return "verified"
-    sr, dr = src.get("ring"), dst.get("ring")
     if builtin_guest and not workload.disk_rate_bps:
         details.append(f"disk {file}: {len(diff)} MiB differ (first at {diff[0]} MiB) although the guest writes "
                        "nothing to its disk (disk workload off): the destination copy is not the source's")
         return "failed"
+    written = dst.get("written_chunks")
+    if written is not None:
+        stray = sorted(set(diff) - set(written))
+        if stray:
+            details.append(f"disk {file}: {len(stray)} MiB differ where the guest did not write after the resume "
+                           f"(first at {stray[0]} MiB; it wrote {len(written)} MiB): the destination copy is not "
+                           "the source's")
+            return "failed"
+    sr, dr = src.get("ring"), dst.get("ring")
     if not (builtin_guest and sr and dr):
+        if written is not None:
+            details.append(f"disk {file}: {len(diff)} MiB differ, all where the guest wrote after the resume "
+                           f"(dirty bitmap since the resume: {len(written)} MiB written)")
+            return "verified"
         details.append(f"disk {file}: {len(diff)} MiB differ and the guest wrote after the move; "
-                       "cannot tell them apart without the agent's block ring")
+                       "cannot tell them apart without a record of its writes")
         return "unverified"
     ring_end_chunk = (dr["nblocks"] * 4096 - 1) // src["chunk_bytes"]
     outside = [i for i in diff if i > ring_end_chunk]
@@ -218,5 +233,6 @@ def judge_disk(file: str, src: dict[str, Any], dst: dict[str, Any], *, builtin_g
         details.append(f"disk {file}: " + "; ".join(problems))
         return "failed"
     details.append(f"disk {file}: {len(diff)} MiB differ, all inside the guest's block ring and explained by "
-                   f"{dr['max_seq'] - sr['max_seq']} blocks written after the move; both rings valid")
+                   f"{dr['max_seq'] - sr['max_seq']} blocks written after the move; both rings valid"
+                   + ("; all where the guest wrote after the resume" if written is not None else ""))
     return "verified"

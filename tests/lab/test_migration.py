@@ -140,16 +140,25 @@ async def test_users_own_guest_is_unverified_and_its_source_copy_kept_until_disc
     assert await where(mvms, "own1") == {"esx-b2": "running"}
 
 
-async def test_a_corrupted_destination_disk_fails_the_move_and_keeps_the_source(mvms: VmManager) -> None:
-    """A block of the destination disk that the (idle) guest never writes is overwritten before the verdict:
-    the move is FAILED, the VM runs on the destination, the source copy is kept paused with its disk unchanged,
-    and discarding it afterwards leaves the destination alone.
+@pytest.mark.parametrize("guest", ["built-in", "own"])
+async def test_a_corrupted_destination_disk_fails_the_move_and_keeps_the_source(mvms: VmManager, guest: str) -> None:
+    """A block of the destination disk that the guest never writes is overwritten before the verdict: the move
+    is FAILED (for the user's own guest too, not "unverified": the destination's record of what the guest wrote
+    since its resume says it was not the guest), the VM runs on the destination, the source copy is kept paused
+    with its disk unchanged, and discarding it afterwards leaves the destination alone.
 
     The block is written through the destination's NBD export once the mirror has copied the disk (the mirror
     re-copies only what the source dirties, so it stays wrong): after the resume the guest's disk device holds
     the only write permission on that image, so nothing but the guest could write it there."""
-    await boot(mvms, "bad1", "esx-a1", "idle", memory=256 * MiB, disk=256 * MiB)
-    disk = mvms.get("bad1").spec.disks[0]
+    name = f"bad-{guest}"
+    if guest == "own":
+        from testbed.paths import GUEST_IMAGE_DIR
+        await mvms.create(name, "esx-a1", 256 * MiB, 256 * MiB, kernel=str(GUEST_IMAGE_DIR / "vmlinuz"),
+                          initrd=str(GUEST_IMAGE_DIR / "initrd.img"), append="console=ttyS0")
+        await asyncio.sleep(3)
+    else:
+        await boot(mvms, name, "esx-a1", "idle", memory=256 * MiB, disk=256 * MiB)
+    disk = mvms.get(name).spec.disks[0]
     before = await digest(mvms, "esx-a1", disk.datastore, disk.file)
     said: list[str] = []
 
@@ -164,18 +173,41 @@ async def test_a_corrupted_destination_disk_fails_the_move_and_keeps_the_source(
             out, _ = await p.communicate()
             said.append(out.decode())
             assert p.returncode == 0, said
-    r = await mvms.migrate("bad1", "esx-b1", fault=corrupt)
+    r = await mvms.migrate(name, "esx-b1", fault=corrupt)
     print(f"\nqemu-io: {said}; {r.integrity.details}")
     assert r.result == "failed" and r.source_kept, (r.result, r.error)
     assert [p.name for p in r.phases][-2:] == ["verify", "failed"]
-    assert r.integrity.disk == "failed" and r.integrity.memory == "verified", r.integrity.details
-    assert r.error and "differ (first at 200 MiB)" in r.error and "writes nothing" in r.error, r.error
-    w = await where(mvms, "bad1")
+    assert r.integrity.disk == "failed", r.integrity.details
+    assert r.integrity.memory == ("verified" if guest == "built-in" else "unverified"), r.integrity.details
+    why = "writes nothing" if guest == "built-in" else "where the guest did not write after the resume"
+    assert r.error and "differ" in r.error and "first at 200 MiB" in r.error and why in r.error, r.error
+    w = await where(mvms, name)
     assert w.pop("esx-b1") == "running" and list(w) == ["esx-a1"] and w["esx-a1"] != "running", w
     assert await digest(mvms, "esx-a1", disk.datastore, disk.file) == before   # the source's disk untouched
-    assert mvms.get("bad1").host == "esx-b1" and mvms.get("bad1").source_copy is not None
-    assert await mvms.discard_source("bad1") == "esx-a1"
-    assert await where(mvms, "bad1") == {"esx-b1": "running"}
+    assert mvms.get(name).host == "esx-b1" and mvms.get(name).source_copy is not None
+    assert await mvms.discard_source(name) == "esx-a1"
+    assert await where(mvms, name) == {"esx-b1": "running"}
+
+
+async def test_a_users_guest_writing_its_disk_gets_a_real_disk_verdict(mvms: VmManager) -> None:
+    """The user's own guest writes its disk during and after the move; no block ring is consulted (it is not
+    the built-in guest): the destination's record of the chunks written since the resume explains every
+    difference, so the disk is verified, where it used to be "unverified"."""
+    from testbed.paths import GUEST_IMAGE_DIR
+    await mvms.create("own-w", "esx-a2", 256 * MiB, 128 * MiB, kernel=str(GUEST_IMAGE_DIR / "vmlinuz"),
+                      initrd=str(GUEST_IMAGE_DIR / "initrd.img"),
+                      append="console=ttyS0 tb.vm=own-w tb.disk_rate=4000000")
+    await asyncio.sleep(4)
+
+    async def let_it_write(at: str, mig: Migration) -> None:
+        if at == "verify":   # the verdict would otherwise read the disk within milliseconds of the resume
+            await asyncio.sleep(2)
+    r = await mvms.migrate("own-w", "esx-b1", accept_unverified=True, fault=let_it_write)   # memory: no agent
+    print(f"\n{r.integrity.details}")
+    assert r.integrity.disk == "verified", r.integrity.details
+    assert any("all where the guest wrote after the resume" in d for d in r.integrity.details), \
+        f"the guest did not write after the resume: {r.integrity.details}"
+    assert r.integrity.memory == "unverified" and r.result == "succeeded" and r.accepted_unverified
 
 
 async def test_corrupted_memory_on_the_destination_fails_the_move_and_keeps_the_source(mvms: VmManager) -> None:

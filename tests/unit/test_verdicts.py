@@ -92,6 +92,7 @@ def ring(max_seq: int, bad: int = 0, holes: int = 0) -> dict[str, Any]:
 
 
 IDLE, WRITING = parse_workload("idle"), parse_workload("disk:5MB/s")
+
 SRC = ["a", "b", "c", "d"]
 
 
@@ -136,6 +137,37 @@ def test_writing_guest_failures_outside_ring_holes_lost_writes() -> None:
 def test_a_users_guest_whose_disks_differ_is_unverified_and_sizes_that_differ_fail() -> None:
     assert judge(digest(SRC), digest(["X", "b", "c", "d"]), builtin=False)[0] == "unverified"
     assert judge(digest(SRC), digest(SRC[:3]))[0] == "failed"
+
+
+def test_the_written_since_resume_record_judges_any_guest() -> None:
+    """With the destination's dirty bitmap, differences where the guest wrote after the resume are its writes,
+    anywhere else damage: for the user's own guest too (which used to be only 'unverified')."""
+    wrote = digest(["X", "b", "c", "d"]) | {"written_chunks": [0, 3]}
+    v, details = judge(digest(SRC), wrote, builtin=False)
+    assert v == "verified" and "all where the guest wrote after the resume" in details[0]
+    stray = digest(["X", "b", "Y", "d"]) | {"written_chunks": [0]}
+    v, details = judge(digest(SRC), stray, builtin=False)
+    assert v == "failed" and "where the guest did not write after the resume (first at 2 MiB" in details[0]
+    # the built-in disk-writing guest: the bitmap and the ring must both agree
+    v, details = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(140)) | {"written_chunks": []},
+                       workload=WRITING)
+    assert v == "failed" and "did not write" in details[0]
+    v, _ = judge(digest(SRC, ring(100)), digest(["X", "b", "c", "d"], ring(140)) | {"written_chunks": [0]},
+                 workload=WRITING, hb0={"disk_seq": 100})
+    assert v == "verified"
+
+
+def test_dirty_regions_of_qemu_img_map_become_chunks() -> None:
+    """``qemu-img map`` with ``x-dirty-bitmap`` reports dirty ranges as neither present nor data."""
+    from testbed.hostd.diskcheck import dirty_chunks
+    MB = 2**20
+    entries = [{"start": 0, "length": 3 * MB, "present": True, "data": True},
+               {"start": 3 * MB, "length": 64 * 1024, "present": False, "data": False},
+               {"start": 3 * MB + 64 * 1024, "length": 17 * MB - 64 * 1024, "present": True, "data": True},
+               {"start": 20 * MB, "length": MB + 1, "present": False, "data": False},
+               {"start": 21 * MB + 1, "length": 10 * MB, "present": True, "data": True}]
+    assert dirty_chunks(entries) == [3, 20, 21]
+    assert dirty_chunks([]) == []
 
 
 # --- the rule that decides a commit -----------------------------------------------------------------------
