@@ -307,9 +307,12 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
         times = await integrity.check_guest(observer, spec.name, hb0, precopy_s=mem0, paused_s=paused,
                                             resumed_s=resumed, workload=workload, integ=integ)
         res.observed_ms, res.stalls = times.observed_ms, times.stalls
-        verdicts = []
+        verdicts: list[str] = []
         try:
             results = await digests
+        except TestbedError as err:
+            integ.details.append(f"disks unverified: could not compare ({err.message})")
+            results, verdicts = [], ["unverified"]
         finally:
             shutil.rmtree(work, ignore_errors=True)
         for d, (a, b, live_file) in zip(spec.disks, results, strict=True):

@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -122,8 +124,10 @@ async def point_in_time(execute: Execute, node: str, work: Path, where: str) -> 
     size = int(me["image"]["virtual-size"])
     has_bitmap = any(b.get("name") == WRITTEN_BITMAP for b in me.get("dirty-bitmaps", []))
     tag = f"tb-fleece-{node}"
-    overlay, sock, raw = work / f".{tag}.qcow2", work / f".{tag}.sock", work / f".{tag}.raw"
-    for f in (overlay, sock, raw):
+    overlay, raw = work / f".{tag}.qcow2", work / f".{tag}.raw"
+    sock_dir = Path(tempfile.mkdtemp(prefix="tbf-"))    # 0700; short: a UNIX socket path has 107 bytes
+    sock = sock_dir / "nbd.sock"
+    for f in (overlay, raw):
         f.unlink(missing_ok=True)
     done: list[tuple[str, dict[str, Any]]] = []     # what to undo, newest last
     try:
@@ -164,8 +168,9 @@ async def point_in_time(execute: Execute, node: str, work: Path, where: str) -> 
         if has_bitmap:
             with contextlib.suppress(Exception):
                 await execute("block-dirty-bitmap-remove", {"node": node, "name": WRITTEN_BITMAP})
-        for f in (overlay, sock, raw):
+        for f in (overlay, raw):
             f.unlink(missing_ok=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 async def _job_gone(execute: Execute, job: str, timeout_s: float = 10.0) -> None:

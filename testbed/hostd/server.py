@@ -400,6 +400,10 @@ class HostAgent:
         from testbed.hostd.diskcheck import digest
         return await digest(self.datastores.path(datastore, file), self.cfg.name)
 
+    async def m_host_clock(self, conn: Connection) -> dict[str, float]:
+        """This host's CLOCK_MONOTONIC now: the engine maps every instant this agent reports onto its own clock."""
+        return {"monotonic_s": time.monotonic()}
+
     async def m_disk_digest_live(self, conn: Connection, name: str, disk: int) -> dict[str, Any]:
         """``disk.digest`` of disk ``disk`` of a running VM, read through its QEMU at one instant (fleecing), with
         the chunks the guest wrote since it resumed here (``written_chunks``; None if it did not arrive here)."""

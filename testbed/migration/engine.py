@@ -32,7 +32,8 @@ from testbed.errors import TestbedError
 from testbed.guest.workload import Workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
-from testbed.migration import integrity
+from testbed.lab import observer as obs
+from testbed.migration import clock, integrity
 from testbed.migration.convergence import (
     Action,
     Controller,
@@ -152,6 +153,8 @@ class Migration:
         self.stalls = Stalls()
         self.integrity = Integrity()
         self.incoming: dict[str, Any] = {}
+        self.clocks: dict[str, clock.Offset] = {"source": clock.Offset(), "destination": clock.Offset(),
+                                                "observer": clock.Offset()}
         self.source_kept = False            # FAILED/UNVERIFIED: the source QEMU and disks are still there
         self.accepted_unverified = False
         self.rollback_log: list[str] = []
@@ -202,6 +205,7 @@ class Migration:
         try:
             async with src.events([self.name]) as sq, dst.events([self.name]) as dq:
                 self.sq, self.dq = sq, dq
+                await self._measure_clocks()
                 await self._phases()
         except asyncio.CancelledError:
             await self._rollback("the migration was interrupted")
@@ -215,6 +219,24 @@ class Migration:
             if owned:
                 await asyncio.gather(src.close(), dst.close(), return_exceptions=True)
         return self._report(started)
+
+    async def _measure_clocks(self) -> None:
+        """Every clock this move reads, as an offset from the engine's (testbed.migration.clock)."""
+        assert self.src and self.dst
+
+        def agent_now(a: AgentClient) -> Callable[[], Awaitable[float]]:
+            async def now() -> float:
+                return float((await a.call("host.clock"))["monotonic_s"])
+            return now
+
+        async def observer_now() -> float:
+            return float((await obs.query(self.req.observer_socket, {"op": "vms"}, timeout_s=5))["now_s"])
+        self.clocks["source"] = await clock.measure(agent_now(self.src))
+        self.clocks["destination"] = await clock.measure(agent_now(self.dst))
+        try:
+            self.clocks["observer"] = await clock.measure(observer_now)
+        except (OSError, TimeoutError) as err:   # no observer: the guest checks will say so
+            self.integrity.details.append(f"the observer's clock could not be read: {err}")
 
     async def _phases(self) -> None:
         self._enter(Phase.PRECHECK)
@@ -369,6 +391,7 @@ class Migration:
             other = done.pop()
             (self.sq if other is get_s else self.dq).put_nowait(other.result())
         side = "source" if task is get_s else "destination"
+        clock.map_instants(ev.get("data"), self.clocks[side])   # the agent's instants onto the engine's clock
         place = self.req.source if side == "source" else self.req.destination
         if ev["event"] == "vm-exited":
             raise MigrationError(f"the {side} QEMU on {self.where(place)} exited "
@@ -632,7 +655,9 @@ class Migration:
         assert self.src and self.dst
         await self._checkpoint("verify")
         integ = self.integrity
-        paused, resumed = self.mono["paused_s"], self.mono["resumed_s"]
+        # the observer timestamps heartbeats with its own clock: ask it in its terms
+        ob = self.clocks["observer"]
+        paused, resumed = ob.to_remote(self.mono["paused_s"]), ob.to_remote(self.mono["resumed_s"])
         st = await self.dst.call("vm.status", name=self.name)
         if st.get("status") != "running":
             integ.details.append(f"destination QEMU is {st.get('status')}, not running")
@@ -657,16 +682,18 @@ class Migration:
         await disk_task
 
     async def _verify_guest(self, paused: float, resumed: float) -> None:
+        ob = self.clocks["observer"]
         times = await integrity.check_guest(
-            self.req.observer_socket, self.name, self.hb_before, precopy_s=self.mono["migrate_s"], paused_s=paused,
+            self.req.observer_socket, self.name, self.hb_before, precopy_s=ob.to_remote(self.mono["migrate_s"]),
+            paused_s=paused,
             resumed_s=resumed, workload=self.req.workload, integ=self.integrity,
             threshold_ms=self.stalls.threshold_ms)
         self.stalls = times.stalls
         self.downtime.observed = times.observed_ms
         self.downtime.observed_naive = times.naive_ms
         if times.gap_start_s is not None and times.gap_end_s is not None:
-            self.switch.heartbeat_gap_start_s = round(times.gap_start_s - self.machine.t0, 4)
-            self.switch.heartbeat_gap_end_s = round(times.gap_end_s - self.machine.t0, 4)
+            self.switch.heartbeat_gap_start_s = round(ob.to_engine(times.gap_start_s) - self.machine.t0, 4)
+            self.switch.heartbeat_gap_end_s = round(ob.to_engine(times.gap_end_s) - self.machine.t0, 4)
 
     async def _verify_disks(self) -> None:
         assert self.src and self.dst
@@ -789,4 +816,5 @@ class Migration:
             error=self.error, rollback=self.rollback_log, switchover=self.switch, started_at=started,
             allow_postcopy=req.allow_postcopy, completion_timeout_s=round(self.timeout_s, 1),
             decisions=self.decisions, postcopy=self.postcopy, source_kept=self.source_kept,
+            clocks={k: c.as_dict() for k, c in self.clocks.items()},
             accepted_unverified=self.accepted_unverified)

@@ -128,3 +128,6 @@ class MigrationReport(BaseModel):
     postcopy: Postcopy | None = None      # set when the move switched to post-copy
     source_kept: bool = False             # the source QEMU (paused) and its disks are still on the source host
     accepted_unverified: bool = False     # committed unverified because the caller said so
+    # every clock the move read, as an offset from the engine's (testbed.migration.clock): source and destination
+    # agents, observer; {offset_s, uncertainty_s, rtt_s}. All instants in this report are the engine's.
+    clocks: dict[str, dict[str, float]] = Field(default_factory=dict)

@@ -289,3 +289,29 @@ def test_the_watch_marks_a_run_whose_load_rose(monkeypatch: pytest.MonkeyPatch) 
     q = w.summary()
     assert q["loaded"] and q["max_load_1m"] >= 3.2 and 0 <= q["steal_pct"] <= 100
     assert len(q["load_at_start"]) == len(q["load_at_end"]) == 3
+
+
+# --- one clock ----------------------------------------------------------------------------------------------
+async def test_a_remote_clock_is_mapped_within_its_uncertainty() -> None:
+    """A host whose monotonic clock is 1234.5 s ahead, behind a channel whose delays vary (one slow answer):
+    the best exchange's midpoint gives the offset within half its round trip."""
+    import time
+
+    from testbed.migration import clock
+    delays = iter([0.030, 0.002, 0.011, 0.003, 0.050, 0.002, 0.004, 0.009])
+
+    async def remote_now() -> float:
+        d = next(delays)
+        await asyncio.sleep(d / 2)
+        t = time.monotonic() + 1234.5
+        await asyncio.sleep(d / 2)
+        return t
+    off = await clock.measure(remote_now)
+    assert abs(off.offset_s - 1234.5) <= off.uncertainty_s + 0.002
+    assert off.rtt_s < 0.02                      # the slow exchanges were not the one used
+    ev = {"monotonic_s": 2000.0, "t_s": 2001.0, "status": "active", "remaining_bytes": 7, "exhausted": True}
+    clock.map_instants(ev, off)
+    assert ev["monotonic_s"] == pytest.approx(2000.0 - off.offset_s)
+    assert ev["t_s"] == pytest.approx(2001.0 - off.offset_s)
+    assert ev["remaining_bytes"] == 7 and ev["exhausted"] is True and ev["status"] == "active"
+    assert off.to_engine(off.to_remote(5.0)) == pytest.approx(5.0)
