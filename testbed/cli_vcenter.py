@@ -153,15 +153,23 @@ def watch(c: VcClient, task_id: str, vm: str, json_path: str | None = None) -> i
     """Follow a relocate task to its end; print prechecks, the engine's summary and the outcome."""
     from testbed.migration.report import MigrationReport
     from testbed.ui import summary
-    with Live(console=out, transient=True, refresh_per_second=4) as live:
-        t = c.wait_task(task_id, on_update=lambda t: live.update(progress_text(vm, t)))
+    try:
+        with Live(console=out, transient=True, refresh_per_second=4) as live:
+            # no client-side limit: the move has its own (completion timeout, stall timeout) and ends the task
+            t = c.wait_task(task_id, timeout_s=None, on_update=lambda t: live.update(progress_text(vm, t)))
+    except KeyboardInterrupt:
+        out.print(f"detached: task {task_id} goes on in its vCenter; `testbed task watch {task_id}` follows it "
+                  "again", highlight=False)
+        return 130
     print_prechecks(t.get("prechecks", []))
     if t.get("result"):
         out.print(summary(MigrationReport.model_validate(t["result"])))
-        if json_path:
-            from pathlib import Path
-            Path(json_path).write_text(json.dumps(t["result"], indent=1) + "\n")
-            out.print(f"report written to {json_path}")
+    if json_path:   # on every outcome: the report, or (no engine run, e.g. failed prechecks) the task's end
+        from pathlib import Path
+        Path(json_path).write_text(json.dumps(t["result"] or {
+            "task": task_id, "status": t["status"], "verdict": t.get("verdict"), "error": t.get("error"),
+            "prechecks": t.get("prechecks", []), "notes": t.get("notes", [])}, indent=1) + "\n")
+        out.print(f"{'report' if t.get('result') else 'task outcome'} written to {json_path}")
     for n in t.get("notes", []):
         out.print(f"  note: {n}")
     if t["status"] == "SUCCEEDED" and t.get("verdict") == "unverified":
@@ -243,12 +251,16 @@ def task_list(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    table = Table("task", "vCenter", "operation", "target", "status", "phase", "%", "started", "description")
+    table = Table("task", "vCenter", "operation", "target", "status", "verdict", "phase", "%", "prechecks",
+                  "started", "description")
     for t in sorted(rows, key=lambda t: t["start_time"]):
         p = t.get("progress") or {}
-        table.add_row(t["id"], t["vcenter"], t["operation"], t["target"], t["status"], str(p.get("phase", "")),
-                      str(p.get("percent", "")), time.strftime("%H:%M:%S", time.localtime(t["start_time"])),
-                      t["description"])
+        checks = t.get("prechecks") or []
+        bad = [c["name"] for c in checks if c["status"] == "error"]
+        table.add_row(t["id"], t["vcenter"], t["operation"], t["target"], t["status"], t.get("verdict") or "",
+                      str(p.get("phase", "")), str(p.get("percent", "")),
+                      ("failed: " + ", ".join(bad)) if bad else (f"{len(checks)} ok" if checks else ""),
+                      time.strftime("%H:%M:%S", time.localtime(t["start_time"])), t["description"])
     out.print(table)
     return 0
 
@@ -364,7 +376,8 @@ def add_engine_options(s: argparse.ArgumentParser) -> None:
 
 
 def add_verdict_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--json", help="write the migration report to this file")
+    s.add_argument("--json", help="write the migration report to this file (when no move ran, e.g. failed "
+                                  "prechecks: the task's outcome)")
     s.add_argument("--accept-unverified", action="store_true",
                    help="remove the source copy even when memory or a disk could not be verified (default: keep "
                         "it paused until `testbed vm discard-source`). Exit code: 0 verified, 2 unverified, 1 failed")

@@ -155,6 +155,7 @@ class Result:
     rounds: int | None = None
     reported_ms: float | None = None      # libvirt's own downtime figure
     observed_ms: float | None = None
+    observed_naive_ms: float | None = None   # the largest raw heartbeat gap (the rule before sequence numbers)
     stalls: Stalls = field(default_factory=Stalls)
     wire_bytes: int | None = None
     memory_bytes: int | None = None
@@ -306,7 +307,7 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
             for i, d in enumerate(spec.disks)))
         times = await integrity.check_guest(observer, spec.name, hb0, precopy_s=mem0, paused_s=paused,
                                             resumed_s=resumed, workload=workload, integ=integ)
-        res.observed_ms, res.stalls = times.observed_ms, times.stalls
+        res.observed_ms, res.observed_naive_ms, res.stalls = times.observed_ms, times.naive_ms, times.stalls
         verdicts: list[str] = []
         try:
             results = await digests

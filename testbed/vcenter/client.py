@@ -182,8 +182,9 @@ class VcClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait_task(self, task_id: str, timeout_s: float = 900.0, on_update: Any = None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
+    def wait_task(self, task_id: str, timeout_s: float | None = 900.0, on_update: Any = None) -> dict[str, Any]:
+        """Poll the task until it ends; ``timeout_s`` None: for as long as it runs (the task has its own limits)."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
         while True:
             t: dict[str, Any] = self.get(f"/api/cis/tasks/{task_id}")
             if on_update:
@@ -191,7 +192,7 @@ class VcClient:
             if t["status"] in ("SUCCEEDED", "FAILED"):
                 return t
             if time.monotonic() > deadline:
-                raise TestbedError(f"task {task_id} still {t['status']} after {timeout_s:.0f} s",
+                raise TestbedError(f"task {task_id} still {t['status']} after {timeout_s or 0:.0f} s",
                                    hint=f"`testbed task watch {task_id}` follows it")
             time.sleep(0.5)
 

@@ -164,7 +164,9 @@ def test_nested_migration(mixed_lab: tuple[str, dict[str, float]], capsys: pytes
     report(capsys, "nested migration (L1 esx-a1 -> netns esx-b1)", lab_up_s=timings["lab_up_s"],
            l1_boot_s=timings.get("l1_boot_max_s", 0.0), l2_boot_s=l2_boot, relocate_task_s=task_s,
            engine_s=float(r["total_s"]), downtime_reported_ms=r["downtime_ms"]["reported"],
-           downtime_observed_ms=r["downtime_ms"]["observed"], memory=r["integrity"]["memory"])
+           downtime_observed_ms=r["downtime_ms"]["observed"], memory=r["integrity"]["memory"],
+           source_clock_offset_s=r["clocks"]["source"]["offset_s"],
+           source_clock_uncertainty_ms=r["clocks"]["source"]["uncertainty_s"] * 1000)
 
 
 @pytest.mark.slow

@@ -455,7 +455,7 @@ def test_requests_never_use_the_environments_proxy(vclab: str, monkeypatch: pyte
         assert isinstance(c.http, requests.Session) and c.get("/api/session")["vcenter"] == "vc-a"
 
 
-def test_cli_speaks_to_the_vcenters(vclab: str, app1: str) -> None:
+def test_cli_speaks_to_the_vcenters(vclab: str, app1: str, tmp_path: Path) -> None:
     def cli(*args: str) -> Any:
         r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, *args],
                            capture_output=True, text=True, timeout=120)
@@ -467,7 +467,13 @@ def test_cli_speaks_to_the_vcenters(vclab: str, app1: str) -> None:
     assert vms[app1]["power_state"] == "POWERED_ON" and vms[app1]["heartbeat_age_s"] < 1
     tasks = cli("task", "list", "--json")
     assert all({"id", "operation", "status", "progress"} <= set(t) for t in tasks)
+    table = cli("task", "list")
+    assert "verdict" in table and "prechecks" in table, table
+    assert "no source copies kept" in cli("vm", "source-copies")
+    out = tmp_path / "outcome.json"
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, "relocate", app1, "--dest-vcenter",
                         "https://vc-x.nowhere.test", "--dest-thumbprint", ":".join(["00"] * 32),
-                        "--dest-host", "esx-b1"], capture_output=True, text=True, timeout=120)
+                        "--dest-host", "esx-b1", "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "cannot reach vCenter https://vc-x.nowhere.test" in r.stdout + r.stderr
+    said = json.loads(out.read_text())          # --json on every exit: here the task's outcome (no move ran)
+    assert said["status"] == "FAILED" and "cannot reach vCenter" in said["error"]["message"], said
