@@ -18,6 +18,7 @@ its disk created by the host agent in the host's datastore, the NIC on the same 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import threading
@@ -39,6 +40,7 @@ from testbed.lab import libvirtd
 from testbed.lab import topology as topo
 from testbed.migration import integrity
 from testbed.migration.report import Integrity, Stalls
+from testbed.qemu.cmdline import DOWNTIME_TRACE, downtime_checkpoints
 from testbed.qemu.spec import VmSpec
 
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -106,7 +108,20 @@ def domain_xml(spec: VmSpec, *, disk_dir: Path, console: Path, bridges: dict[str
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(devs, "controller", type="usb", model="none")
     ET.SubElement(devs, "memballoon", model="none")
+    # QEMU's switchover checkpoints, as for the engine's QEMUs (testbed.qemu.cmdline): the same breakdown
+    qcmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in ("-trace", f"enable={DOWNTIME_TRACE},file={trace_path(console)}", "-msg", "timestamp=on"):
+        ET.SubElement(qcmd, f"{{{QEMU_NS}}}arg", value=arg)
     return ET.tostring(dom, encoding="unicode")
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+
+
+def trace_path(console: Path) -> Path:
+    """The domain's downtime trace, beside its console log on that host."""
+    return console.with_name(console.name.removesuffix(".log") + ".downtime-trace.log")
 
 
 @dataclass
@@ -162,6 +177,8 @@ class Result:
     disk_bytes: int | None = None
     integrity: Integrity = field(default_factory=Integrity)
     stats: dict[str, Any] = field(default_factory=dict)   # libvirt's completed-job statistics
+    qemu_steps: dict[str, float] = field(default_factory=dict)   # QEMU's switchover checkpoints, s since start
+    switchover: dict[str, float] = field(default_factory=dict)   # paused, resumed, heartbeat gap, s since start
     # the destination disk judged from its file, read under the running QEMU (the old way, now only evidence)
     file_read_verdicts: list[str] = field(default_factory=list)
     file_read_details: list[str] = field(default_factory=list)
@@ -224,6 +241,9 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
             s.set("file", str(ddir / Path(s.get("file", "")).name))
         for s in root.iterfind("./devices/serial/source"):
             s.set("path", str(dst.console(spec.name)))
+        for a in root.iterfind(f"./{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg"):
+            if a.get("value", "").startswith(f"enable={DOWNTIME_TRACE},file="):
+                a.set("value", f"enable={DOWNTIME_TRACE},file={trace_path(dst.console(spec.name))}")
         params: dict[str, Any] = {
             libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{dst.vmotion_ip}",
             libvirt.VIR_MIGRATE_PARAM_DISKS_URI: f"tcp://{dst.vmotion_ip}",
@@ -287,6 +307,13 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
             res.error = f"no pause/resume events from libvirt for {spec.name} (saw {sorted(marks)})"
             return res
         paused, resumed = marks["paused_s"], marks["resumed_s"]
+        wall = time.time() - time.monotonic()
+        for f in (trace_path(src.console(spec.name)), trace_path(dst.console(spec.name))):
+            with contextlib.suppress(FileNotFoundError):
+                res.qemu_steps.update({k: round(v - t0, 4) for k, v in
+                                       downtime_checkpoints(f.read_text(errors="replace"), wall).items()})
+                f.unlink()
+        res.switchover = {"paused_s": round(paused - t0, 4), "resumed_s": round(resumed - t0, 4)}
         mem0 = marks.get("memory_s", paused)
         res.total_s = resumed - t0
         res.disk_s = mem0 - t0
@@ -308,6 +335,9 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
         times = await integrity.check_guest(observer, spec.name, hb0, precopy_s=mem0, paused_s=paused,
                                             resumed_s=resumed, workload=workload, integ=integ)
         res.observed_ms, res.observed_naive_ms, res.stalls = times.observed_ms, times.naive_ms, times.stalls
+        if times.gap_end_s is not None and times.gap_start_s is not None:
+            res.switchover.update(heartbeat_gap_start_s=round(times.gap_start_s - t0, 4),
+                                  heartbeat_gap_end_s=round(times.gap_end_s - t0, 4))
         verdicts: list[str] = []
         try:
             results = await digests

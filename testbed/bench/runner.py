@@ -22,7 +22,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,24 @@ class Run:
     load: str = ""                          # 1-minute load at start -> end (max during the run)
     loaded: bool = False                    # the load rose above quality.LOADED_PER_CPU per CPU during it
     quality: dict[str, Any] = field(default_factory=dict)   # testbed.lab.quality.Watch.summary()
+    steps: dict[str, float] = field(default_factory=dict)   # the switchover step by step, ms (``breakdown``)
     raw: dict[str, Any] = field(default_factory=dict)   # ours: the migration report; libvirt: its job statistics
+
+
+STEPS = (("last heartbeat -> source stopped", "heartbeat_gap_start_s", "src-downtime-start"),
+         ("stopping the vCPUs", "src-downtime-start", "src-vm-stopped"),
+         ("pre-switchover (disk mirrors completed) + last RAM", "src-vm-stopped", "src-iterable-saved"),
+         ("device state saved and sent", "src-iterable-saved", "src-non-iterable-saved"),
+         ("-> loaded on the destination", "src-non-iterable-saved", "dst-precopy-loadvm-completed"),
+         ("loaded -> guest resumed (cont)", "dst-precopy-loadvm-completed", "resumed_s"),
+         ("resumed -> first heartbeat", "resumed_s", "heartbeat_gap_end_s"))
+
+
+def breakdown(qemu: Mapping[str, float], marks: Mapping[str, float | None]) -> dict[str, float]:
+    """The observed outage step by step (ms): QEMU's own checkpoints on both sides (its downtime trace) between
+    the last heartbeat before the switchover and the first after it; the steps add up to the observed outage."""
+    at = {**qemu, **{k: v for k, v in marks.items() if v is not None}}
+    return {label: round((at[b] - at[a]) * 1000, 1) for label, a, b in STEPS if a in at and b in at}
 
 
 def _quality(run: Run, w: quality.Watch) -> Run:
@@ -216,7 +233,11 @@ class Bench:
                       stall_max_ms=r.stalls_ms.max,
                       memory_integrity=r.integrity.memory, disk_integrity=r.integrity.disk,
                       memory_bytes=r.bytes.memory, disk_data_bytes=data,
-                      error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"))
+                      error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"),
+                      steps=breakdown(r.switchover.qemu, {
+                          "resumed_s": r.switchover.destination_resumed_s,
+                          "heartbeat_gap_start_s": r.switchover.heartbeat_gap_start_s,
+                          "heartbeat_gap_end_s": r.switchover.heartbeat_gap_end_s}))
             self._record(_quality(run, watch))
             if r.result != "succeeded":
                 break
@@ -266,7 +287,9 @@ class Bench:
                       details=r.integrity.details + [f"(the destination's file, read under its running QEMU, "
                                                      f"would say: {v}; {'; '.join(r.file_read_details)})"
                                                      for v in r.file_read_verdicts],
-                      raw={**r.stats, "file_read_verdicts": r.file_read_verdicts})
+                      raw={**r.stats, "file_read_verdicts": r.file_read_verdicts, "qemu_steps": r.qemu_steps,
+                           "switchover": r.switchover},
+                      steps=breakdown(r.qemu_steps, r.switchover))
             self._record(_quality(run, watch))
             if r.total_s is None:
                 break
@@ -326,8 +349,11 @@ class Bench:
                 "runs": [r.__dict__ for r in self.runs]}
 
     def tables(self) -> list[Table]:
-        return [table(w, [r for r in self.runs if r.workload == w], self.physical_limit_s(w), self.s)
-                for w in self.s.workloads]
+        out = []
+        for w in self.s.workloads:
+            runs = [r for r in self.runs if r.workload == w]
+            out += [table(w, runs, self.physical_limit_s(w), self.s), steps_table(w, runs)]
+        return out
 
 
 METRICS = (("total_s", "total (start to resumed), s", 2), ("disk_s", "disk phase, s", 2),
@@ -391,17 +417,29 @@ def table(w: str, runs: list[Run], limit: float | None, s: BenchSettings) -> Tab
     return tb
 
 
+def steps_table(w: str, runs: list[Run]) -> Table:
+    """Where each engine's observed outage goes, step by step (p50 over the runs, ms)."""
+    tb = Table("step (p50, ms)", "ours", "libvirt", "ours - libvirt", title=f"{w}: the switchover step by step")
+    by = {e: [r for r in runs if r.engine == e] for e in ENGINES}
+    for label, _, _ in STEPS:
+        p50 = {e: statistics.median(xs) if (xs := [r.steps[label] for r in by[e] if label in r.steps]) else None
+               for e in ENGINES}
+        diff = p50["ours"] - p50["libvirt"] if p50["ours"] is not None and p50["libvirt"] is not None else None
+        tb.add_row(label, _fmt(p50["ours"], 1), _fmt(p50["libvirt"], 1), _fmt(diff, 1))
+    return tb
+
+
 def markdown(b: Bench) -> str:
     """The tables as Markdown (docs/benchmarks.md)."""
     lines: list[str] = []
     for w in b.s.workloads:
         runs = [r for r in b.runs if r.workload == w]
         limit = b.physical_limit_s(w)
-        tb = table(w, runs, limit, b.s)
-        lines += [f"**{tb.title}**", "", "| " + " | ".join(str(c.header) for c in tb.columns) + " |",
-                  "|" + "---|" * len(tb.columns)]
-        cols = [list(c.cells) for c in tb.columns]
-        for i in range(len(cols[0])):
-            lines.append("| " + " | ".join(str(c[i]) for c in cols) + " |")
-        lines.append("")
+        for tb in (table(w, runs, limit, b.s), steps_table(w, runs)):
+            lines += [f"**{tb.title}**", "", "| " + " | ".join(str(c.header) for c in tb.columns) + " |",
+                      "|" + "---|" * len(tb.columns)]
+            cols = [list(c.cells) for c in tb.columns]
+            for i in range(len(cols[0])):
+                lines.append("| " + " | ".join(str(c[i]) for c in cols) + " |")
+            lines.append("")
     return "\n".join(lines)

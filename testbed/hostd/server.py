@@ -400,6 +400,16 @@ class HostAgent:
         from testbed.hostd.diskcheck import digest
         return await digest(self.datastores.path(datastore, file), self.cfg.name)
 
+    async def m_vm_downtime_trace(self, conn: Connection, name: str) -> dict[str, float]:
+        """QEMU's switchover checkpoints of VM ``name`` here: ``{"<checkpoint>_s": CLOCK_MONOTONIC}``."""
+        from testbed.qemu.cmdline import downtime_checkpoints
+        vm = self._vm(name)
+        try:
+            text = vm.paths.trace.read_text(errors="replace")
+        except FileNotFoundError:
+            return {}
+        return {f"{k}_s": v for k, v in downtime_checkpoints(text, time.time() - time.monotonic()).items()}
+
     async def m_host_clock(self, conn: Connection) -> dict[str, float]:
         """This host's CLOCK_MONOTONIC now: the engine maps every instant this agent reports onto its own clock."""
         return {"monotonic_s": time.monotonic()}

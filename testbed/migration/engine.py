@@ -552,6 +552,7 @@ class Migration:
                                   if k in ("completed_s", "resumed_s", "postcopy_s")})
         if self.postcopy is not None:
             await self._postcopy_finish()
+        qemu_steps = await self._qemu_steps()
         final = await self.src.call("vm.qmp", name=self.name, command="query-migrate")
         ram = final.get("ram", {})
         self.downtime.reported = final.get("downtime")
@@ -559,7 +560,21 @@ class Migration:
         t0 = self.machine.t0
         self.switch = Switchover(**{k: round(self.mono[m] - t0, 4) for k, m in (
             ("source_paused_s", "paused_s"), ("mirror_done_s", "mirror_done_s"), ("continued_s", "continued_s"),
-            ("completed_s", "completed_s"), ("destination_resumed_s", "resumed_s")) if m in self.mono})
+            ("completed_s", "completed_s"), ("destination_resumed_s", "resumed_s")) if m in self.mono},
+            qemu={k: round(v - t0, 4) for k, v in sorted(qemu_steps.items(), key=lambda kv: kv[1])})
+
+    async def _qemu_steps(self) -> dict[str, float]:
+        """QEMU's own switchover checkpoints on both sides (its downtime trace), on the engine's clock."""
+        assert self.src and self.dst
+        steps: dict[str, float] = {}
+        for side, agent in (("source", self.src), ("destination", self.dst)):
+            try:
+                got = await agent.call("vm.downtime_trace", name=self.name)
+            except TestbedError:
+                continue
+            clock.map_instants(got, self.clocks[side])
+            steps.update({k.removesuffix("_s"): float(v) for k, v in got.items()})
+        return steps
 
     async def _postcopy_finish(self) -> None:
         """The guest runs on the destination; its remaining pages come from the source. Wait for the last

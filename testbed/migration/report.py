@@ -99,6 +99,10 @@ class Switchover(BaseModel):
     destination_resumed_s: float | None = None
     heartbeat_gap_start_s: float | None = None    # last heartbeat before the switchover arrived
     heartbeat_gap_end_s: float | None = None      # first heartbeat after it arrived
+    # QEMU's own checkpoints (its vmstate_downtime_checkpoint trace), both sides, seconds since start:
+    # src-downtime-start, src-vm-stopped, src-iterable-saved, src-non-iterable-saved,
+    # dst-precopy-loadvm-completed, dst-precopy-bh-enter, dst-precopy-bh-announced, ...
+    qemu: dict[str, float] = Field(default_factory=dict)
 
 
 class MigrationReport(BaseModel):

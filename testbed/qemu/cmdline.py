@@ -35,6 +35,32 @@ class VmPaths:
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
+    @property
+    def trace(self) -> Path:
+        """QEMU's ``vmstate_downtime_checkpoint`` trace (the switchover, step by step): ``downtime_checkpoints``."""
+        return self.dir / "downtime-trace.log"
+
+
+DOWNTIME_TRACE = "vmstate_downtime_checkpoint"
+
+
+def downtime_checkpoints(text: str, realtime_minus_monotonic: float) -> dict[str, float]:
+    """QEMU's switchover checkpoints (``src-downtime-start``, ``src-vm-stopped``, ``src-iterable-saved``,
+    ``src-non-iterable-saved``, ``dst-precopy-loadvm-completed``, ``dst-precopy-bh-enter``, ...) from its log
+    trace backend (``TID@SEC.USEC:vmstate_downtime_checkpoint NAME``, wall clock), as CLOCK_MONOTONIC seconds;
+    the last occurrence of each."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        head, sep, rest = line.partition(f":{DOWNTIME_TRACE} ")
+        if not sep or "@" not in head:
+            continue
+        try:
+            wall = float(head.rsplit("@", 1)[1])
+        except ValueError:
+            continue
+        out[rest.strip()] = wall - realtime_minus_monotonic
+    return out
+
 
 def disk_node(i: int) -> str:
     return f"disk{i}"
@@ -65,6 +91,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, disk_paths: list[Path], *,
         "-chardev", f"file,id=serial0,path={paths.serial_log},append=on",
         "-serial", "chardev:serial0",
         "-pidfile", str(paths.pidfile),
+        # the switchover step by step, for the downtime breakdown (wall-clock stamped: -msg timestamp=on)
+        "-trace", f"enable={DOWNTIME_TRACE},file={paths.trace}", "-msg", "timestamp=on",
     ]
     boot = spec.boot
     if boot.kernel is not None:

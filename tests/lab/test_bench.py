@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.bench.runner import METRICS, WORKLOADS
+from testbed.bench.runner import METRICS, STEPS, WORKLOADS
 
 pytestmark = pytest.mark.lab
 
@@ -59,8 +59,14 @@ def test_bench_runs_once_and_prints_a_table_per_workload(lab_env: Path, tmp_path
             assert len(cells) == 8, row
             assert cells[2] != "-" and cells[5] != "-", f"no p50 for one engine: {row}"
     assert md.count("| integrity (memory and disk) |") == len(WORKLOADS)
-    titles = [line for line in md.splitlines() if line.startswith("**")]
+    titles = [line for line in md.splitlines() if line.startswith("**") and "step by step" not in line]
     assert len(titles) == len(WORKLOADS) and all("physical limit" in t for t in titles), titles
+    # the switchover step by step: QEMU's checkpoints on both sides, for both engines
+    assert md.count("the switchover step by step**") == len(WORKLOADS)
+    for label, _, _ in STEPS:
+        rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
+        assert len(rows) == len(WORKLOADS), label
+        assert all(c.strip() != "-" for row in rows for c in row.strip("|").split("|")[1:3]), rows
 
 
 def _netns() -> list[str]:

@@ -428,6 +428,44 @@ def test_vcenter_killed_mid_relocate_resolves_honestly(vclab: str, app1: str) ->
         assert rec["problems"] == [], rec
 
 
+def test_an_unverified_move_exits_2_and_keeps_the_source_copy_until_discarded(vclab: str, tmp_path: Path) -> None:
+    """The user's own guest (no agent: its memory cannot be checked) moved with the CLI within vc-a: exit 2, the
+    report says unverified with the source copy kept, `vm source-copies` lists it, reconcile does not call it a
+    stray, `vm discard-source` removes it; a second discard is a clear error."""
+    from testbed.paths import GUEST_IMAGE_DIR
+
+    def cli(*args: str, rc: int = 0) -> str:
+        r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == rc, f"exit {r.returncode}: {r.stdout}{r.stderr}"
+        return r.stdout + r.stderr
+    with client(vclab, "vc-a") as c:
+        c.post("/api/vcenter/vm", {"name": "own9", "placement": {"host": "esx-a2"}, "memory": "128M", "disk": "64M",
+                                   "kernel": str(GUEST_IMAGE_DIR / "vmlinuz"),
+                                   "initrd": str(GUEST_IMAGE_DIR / "initrd.img"), "append": "console=ttyS0"})
+    try:
+        time.sleep(3)
+        out = tmp_path / "own9.json"
+        said = cli("migrate", "own9", "--to-host", "esx-a1", "--json", str(out), rc=2)
+        assert "succeeded, unverified" in said and "discard-source own9" in said, said
+        rep = json.loads(out.read_text())
+        assert rep["result"] == "unverified" and rep["source_kept"], rep
+        assert rep["integrity"]["memory"] == "unverified" and rep["integrity"]["disk"] == "verified", rep
+        copies = json.loads(cli("vm", "source-copies", "--json"))
+        assert [(x["vm"], x["host"], x["vcenter"]) for x in copies] == [("own9", "esx-a2", "vc-a")], copies
+        assert inventory_host(vclab, "vc-a", "own9") == "esx-a1"
+        with client(vclab, "vc-a") as c:
+            rec = c.post("/api/testbed/reconcile")
+        assert rec["problems"] == [] and len(rec["source_copies"]) == 1, rec
+        assert "discarded" in cli("vm", "discard-source", "own9")
+        assert json.loads(cli("vm", "source-copies", "--json")) == []
+        assert "keeps a source copy of VM 'own9'" in cli("vm", "discard-source", "own9", rc=1)
+        assert not any(x["name"] == "own9" for x in asyncio.run(_vm_list(vclab, "esx-a2")))
+    finally:
+        with client(vclab, "vc-a") as c, contextlib.suppress(NotFound):
+            c.delete("/api/vcenter/vm/own9")
+
+
 def test_enhanced_linked_mode(lab_env: Path) -> None:
     """Both vCenters in one SSO domain: a token of one is valid at the other, trust is configured
     once (at install), and a relocate needs no destination credentials."""

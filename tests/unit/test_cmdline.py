@@ -63,3 +63,23 @@ def test_boot_needs_exactly_one_source() -> None:
         BootSpec(kernel="/k", from_disk=True)
     with pytest.raises(ValidationError):
         BootSpec()
+
+
+def test_the_switchover_trace_is_on_and_parsed(tmp_path: Path) -> None:
+    from testbed.bench.runner import STEPS, breakdown
+    from testbed.qemu.cmdline import downtime_checkpoints
+    argv = build_cmdline(spec(), VmPaths(tmp_path), [tmp_path / "d.qcow2"])
+    assert f"enable=vmstate_downtime_checkpoint,file={tmp_path / 'downtime-trace.log'}" in argv
+    text = ("2026-12-02T17:00:00.000000Z qemu-system-x86_64: some warning\n"
+            "1234@1764694800.100000:vmstate_downtime_checkpoint src-downtime-start\n"
+            "1234@1764694800.101500:vmstate_downtime_checkpoint src-vm-stopped\n"
+            "1234@1764694800.120000:vmstate_downtime_checkpoint src-iterable-saved\n"
+            "1234@1764694800.121000:vmstate_downtime_checkpoint src-non-iterable-saved\n"
+            "77@1764694800.140000:vmstate_downtime_checkpoint dst-precopy-loadvm-completed\n")
+    cp = downtime_checkpoints(text, 1764694700.0)        # realtime - monotonic
+    assert cp["src-downtime-start"] == pytest.approx(100.1) and cp["dst-precopy-loadvm-completed"] == \
+        pytest.approx(100.14)
+    steps = breakdown(cp, {"heartbeat_gap_start_s": 100.099, "resumed_s": 100.150, "heartbeat_gap_end_s": 100.210})
+    assert [label for label, _, _ in STEPS] == list(steps)
+    assert sum(steps.values()) == pytest.approx(111.0, abs=0.2)     # the steps add up to the outage
+    assert steps["stopping the vCPUs"] == pytest.approx(1.5)
