@@ -100,12 +100,17 @@ STEPS = (("last heartbeat -> source stopped", "heartbeat_gap_start_s", "src-down
          ("device state saved and sent", "src-iterable-saved", "src-non-iterable-saved"),
          ("-> loaded on the destination", "src-non-iterable-saved", "dst-precopy-loadvm-completed"),
          ("loaded -> guest resumed (cont)", "dst-precopy-loadvm-completed", "resumed_s"),
+         ("  of which: loaded -> its agent saw 'completed'", "dst-precopy-loadvm-completed", "completed_s"),
+         ("  of which: 'completed' -> NBD server stopped", "completed_s", "nbd_stopped_s"),
+         ("  of which: NBD stopped -> bitmaps on", "nbd_stopped_s", "bitmaps_s"),
+         ("  of which: bitmaps on -> cont returned", "bitmaps_s", "resumed_s"),
          ("resumed -> first heartbeat", "resumed_s", "heartbeat_gap_end_s"))
 
 
 def breakdown(qemu: Mapping[str, float], marks: Mapping[str, float | None]) -> dict[str, float]:
     """The observed outage step by step (ms): QEMU's own checkpoints on both sides (its downtime trace) between
-    the last heartbeat before the switchover and the first after it; the steps add up to the observed outage."""
+    the last heartbeat before the switchover and the first after it; the steps (not the "of which" rows: ours
+    only, the destination agent's own instants) add up to the observed outage."""
     at = {**qemu, **{k: v for k, v in marks.items() if v is not None}}
     return {label: round((at[b] - at[a]) * 1000, 1) for label, a, b in STEPS if a in at and b in at}
 
@@ -236,6 +241,9 @@ class Bench:
                       error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"),
                       steps=breakdown(r.switchover.qemu, {
                           "resumed_s": r.switchover.destination_resumed_s,
+                          "completed_s": r.switchover.completed_s,
+                          "nbd_stopped_s": r.switchover.destination_nbd_stopped_s,
+                          "bitmaps_s": r.switchover.destination_bitmaps_s,
                           "heartbeat_gap_start_s": r.switchover.heartbeat_gap_start_s,
                           "heartbeat_gap_end_s": r.switchover.heartbeat_gap_end_s}))
             self._record(_quality(run, watch))

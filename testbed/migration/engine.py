@@ -549,7 +549,7 @@ class Migration:
                 self.mono.update({k: v for k, v in ev["data"].items() if k in ("mirror_done_s", "continued_s")})
             elif ev["event"] == "migration-resumed":
                 self.mono.update({k: v for k, v in ev["data"].items()
-                                  if k in ("completed_s", "resumed_s", "postcopy_s")})
+                                  if k in ("completed_s", "resumed_s", "postcopy_s", "nbd_stopped_s", "bitmaps_s")})
         if self.postcopy is not None:
             await self._postcopy_finish()
         qemu_steps = await self._qemu_steps()
@@ -560,7 +560,8 @@ class Migration:
         t0 = self.machine.t0
         self.switch = Switchover(**{k: round(self.mono[m] - t0, 4) for k, m in (
             ("source_paused_s", "paused_s"), ("mirror_done_s", "mirror_done_s"), ("continued_s", "continued_s"),
-            ("completed_s", "completed_s"), ("destination_resumed_s", "resumed_s")) if m in self.mono},
+            ("completed_s", "completed_s"), ("destination_nbd_stopped_s", "nbd_stopped_s"),
+            ("destination_bitmaps_s", "bitmaps_s"), ("destination_resumed_s", "resumed_s")) if m in self.mono},
             qemu={k: round(v - t0, 4) for k, v in sorted(qemu_steps.items(), key=lambda kv: kv[1])})
 
     async def _qemu_steps(self) -> dict[str, float]:

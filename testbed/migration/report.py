@@ -97,6 +97,8 @@ class Switchover(BaseModel):
     continued_s: float | None = None
     completed_s: float | None = None
     destination_resumed_s: float | None = None
+    destination_nbd_stopped_s: float | None = None   # the destination agent stopped its NBD server
+    destination_bitmaps_s: float | None = None       # ... and put the written-since-resume bitmaps on (then cont)
     heartbeat_gap_start_s: float | None = None    # last heartbeat before the switchover arrived
     heartbeat_gap_end_s: float | None = None      # first heartbeat after it arrived
     # QEMU's own checkpoints (its vmstate_downtime_checkpoint trace), both sides, seconds since start:
