@@ -34,6 +34,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +113,24 @@ class DestinationRole:
 
     async def _resume(self, postcopy: bool = False) -> None:
         vm = self.vm
+        async def stamped(key: str, step: Awaitable[Any]) -> Any:
+            out = await step
+            self.timeline[key] = time.monotonic()
+            return out
         try:
+            # One round trip for the three (QMP runs a monitor's commands in the order they arrive; all three are
+            # sent at once): the NBD server goes first (its writable export would conflict with the guest's disk
+            # once cont activates the images), then the written-since-resume bitmaps, then cont. In post-copy
+            # cont may come before the device state is loaded: QEMU then only records autostart and starts the
+            # guest itself once it can run (RESUME).
+            steps: list[Awaitable[Any]] = []
             if vm.spec.disks:
-                await vm.execute("nbd-server-stop")
-            self.timeline["nbd_stopped_s"] = time.monotonic()
-            await self._track_writes()
-            # In post-copy this may come before the device state is loaded: QEMU then only
-            # records autostart and starts the guest itself once it can run (RESUME).
-            await vm.execute("cont")
+                steps += [stamped("nbd_stopped_s", vm.execute("nbd-server-stop")),
+                          stamped("bitmaps_s", self._track_writes())]
+            steps.append(vm.execute("cont"))
+            for r in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(r, BaseException):
+                    raise r
             if postcopy:
                 deadline = time.monotonic() + 60
                 while (await vm.execute("query-status"))["status"] != "running":
@@ -153,7 +164,6 @@ class DestinationRole:
                 for i, _ in enumerate(self.vm.spec.disks)]})
         except QemuError as err:
             log.warning("VM %s: no written-since-resume bitmaps: %s", self.vm.spec.name, err)
-        self.timeline["bitmaps_s"] = time.monotonic()
 
     async def recover(self) -> str:
         """Post-copy recovery, destination side: listen for the source on a new port."""
