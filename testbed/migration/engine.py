@@ -556,6 +556,8 @@ class Migration:
         final = await self.src.call("vm.qmp", name=self.name, command="query-migrate")
         ram = final.get("ram", {})
         self.downtime.reported = final.get("downtime")
+        if "src-downtime-start" in qemu_steps and "resumed_s" in self.mono:
+            self.downtime.stop_to_resume = round((self.mono["resumed_s"] - qemu_steps["src-downtime-start"]) * 1000, 1)
         self.bytes.memory = int(ram.get("transferred", 0))
         t0 = self.machine.t0
         self.switch = Switchover(**{k: round(self.mono[m] - t0, 4) for k, m in (

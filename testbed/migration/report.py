@@ -59,6 +59,9 @@ class Downtime(BaseModel):
     reported: float | None         # QEMU's downtime (ms)
     observed: float | None         # the heartbeat outage across the switchover, in sequence numbers (ms)
     observed_naive: float | None = None   # the largest raw packet gap there (the rule before sequence numbers)
+    # from the source QEMU's stop (its src-downtime-start checkpoint) to the guest resumed on the destination, on
+    # one clock: what libvirt calls its downtime (QEMU's own figure ends when the source has sent its last byte)
+    stop_to_resume: float | None = None
 
 
 class Stalls(BaseModel):
