@@ -308,11 +308,13 @@ async def migrate(spec: VmSpec, src: LibvirtHost, dst: LibvirtHost, src_agent: A
             return res
         paused, resumed = marks["paused_s"], marks["resumed_s"]
         wall = time.time() - time.monotonic()
+        # each QEMU's own trace (the source's is the one that arrived in the run before: it appends, and the
+        # last occurrence of a checkpoint is this move's); the lab's removal takes the files
         for f in (trace_path(src.console(spec.name)), trace_path(dst.console(spec.name))):
             with contextlib.suppress(FileNotFoundError):
                 res.qemu_steps.update({k: round(v - t0, 4) for k, v in
-                                       downtime_checkpoints(f.read_text(errors="replace"), wall).items()})
-                f.unlink()
+                                       downtime_checkpoints(f.read_text(errors="replace"), wall).items()
+                                       if v >= t0})
         res.switchover = {"paused_s": round(paused - t0, 4), "resumed_s": round(resumed - t0, 4)}
         mem0 = marks.get("memory_s", paused)
         res.total_s = resumed - t0
