@@ -54,11 +54,19 @@ def summary(r: MigrationReport) -> Group:
                       f"{r.postcopy.destination_running_s} s, complete at {r.postcopy.completed_s} s, "
                       f"{r.postcopy.pauses} channel failures, {r.postcopy.recoveries} recoveries")
     facts.add_row("downtime reported by QEMU", _ms(r.downtime_ms.reported))
-    facts.add_row("downtime observed (heartbeat gap)", _ms(r.downtime_ms.observed))
+    facts.add_row("downtime stop to resume (one clock)", _ms(r.downtime_ms.stop_to_resume))
+    facts.add_row("downtime observed (heartbeat outage)", _ms(r.downtime_ms.observed))
     facts.add_row(f"pre-copy stalls >= {r.stalls_ms.threshold_ms:.0f} ms: max / total",
                   f"{_ms(r.stalls_ms.max)} / {_ms(r.stalls_ms.total)}")
     i = r.integrity
     facts.add_row("integrity: memory / disk / guest running", f"{i.memory} / {i.disk} / {i.guest_running}")
+    if r.source_kept:
+        facts.add_row("source copy", "kept, paused, disks untouched (`testbed vm discard-source`)")
+    if r.machine:
+        q = r.machine
+        facts.add_row("machine during the move", f"load {q['load_at_start'][0]:.2f} -> {q['load_at_end'][0]:.2f} "
+                      f"(max {q['max_load_1m']:.2f}), CPU steal {q['steal_pct']:g}%"
+                      + (" LOADED: retake on a quiet machine" if q.get("loaded") else ""))
     parts: list[Table | Text] = [head, phases]
     if r.rounds:
         rounds = Table("round", "dirty rate", "sent", "remaining at start", "throttle", "throughput",

@@ -33,6 +33,7 @@ from testbed.guest.workload import Workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
 from testbed.lab import observer as obs
+from testbed.lab import quality
 from testbed.migration import clock, integrity
 from testbed.migration.convergence import (
     Action,
@@ -181,6 +182,11 @@ class Migration:
 
     # --- the run --------------------------------------------------------------------------
     async def run(self) -> MigrationReport:
+        """The move; its report says how quiet the machine was while it ran (load, CPU steal: ``quality``)."""
+        with quality.Watch() as self.watch:
+            return await self._run()
+
+    async def _run(self) -> MigrationReport:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         req = self.req
         owned = req.agents is None or any(a.closed for a in req.agents)
@@ -839,5 +845,5 @@ class Migration:
             error=self.error, rollback=self.rollback_log, switchover=self.switch, started_at=started,
             allow_postcopy=req.allow_postcopy, completion_timeout_s=round(self.timeout_s, 1),
             decisions=self.decisions, postcopy=self.postcopy, source_kept=self.source_kept,
-            clocks={k: c.as_dict() for k, c in self.clocks.items()},
+            clocks={k: c.as_dict() for k, c in self.clocks.items()}, machine=self.watch.summary(),
             accepted_unverified=self.accepted_unverified)

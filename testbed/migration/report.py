@@ -11,7 +11,7 @@ the source copy is kept paused) or ``rolled_back`` (the VM runs on the source on
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -140,3 +140,6 @@ class MigrationReport(BaseModel):
     # every clock the move read, as an offset from the engine's (testbed.migration.clock): source and destination
     # agents, observer; {offset_s, uncertainty_s, rtt_s}. All instants in this report are the engine's.
     clocks: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # how quiet the machine was while the move ran (testbed.lab.quality): load at start and end, the highest
+    # 1-minute load, CPU steal %, and "loaded" when the load rose above 1.5 per CPU (retake such numbers)
+    machine: dict[str, Any] = Field(default_factory=dict)
