@@ -44,6 +44,10 @@ def machine_context() -> dict[str, Any]:
             "load_at_start": os.getloadavg()}
 
 
+CONVERGE = "adaptive"          # every experiment states the convergence mode and downtime limit it ran with
+DOWNTIME_LIMIT_MS = 100
+
+
 @contextlib.asynccontextmanager
 async def private_lab(mtu: int, bandwidth_bps: int | None, log: Log) -> AsyncIterator[str]:
     """A two-site lab of its own (jumbo frames on the vMotion network), host agents started; always removed."""
@@ -93,12 +97,14 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
     """Experiment 1: downtime reported/observed and total time vs RTT, idle and busy guest."""
     rtts = rtts if rtts is not None else [0, 10, 50, 100, 150]
     out = Outcome(
-        name="downtime-vs-rtt", title="Downtime and total time vs RTT",
+        name="downtime-vs-rtt",
+        title=f"Downtime and total time vs RTT (converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
         columns=[("workload", "workload"), ("rtt_set_ms", "RTT set"), ("rtt_ping_ms", "RTT ping"),
                  ("result", "result"), ("total_s", "total s"), ("disk_sync_s", "disk s"), ("precopy_s", "pre-copy s"),
                  ("rounds", "rounds"), ("max_throttle_pct", "throttle %"), ("memory_MBps", "mem MB/s"),
                  ("downtime_reported_ms", "downtime rep. ms"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
+        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                 "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "streams": streams, "tcp_buffers": "auto (2x BDP)", "vmotion_mtu": 9000, "busy_workload": busy})
     down = Panel("Downtime vs RTT", "RTT (ms)", "downtime (ms)")
     total = Panel("Total migration time vs RTT", "RTT (ms)", "seconds")
@@ -113,7 +119,8 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
                     await asyncio.to_thread(labctl.set_link, lab, delay_us=int(rtt * 500))
                     ping = await asyncio.to_thread(measured_rtt, lab)
                     dest = "esx-b1" if m.get(vm).host == "esx-a1" else "esx-a1"
-                    r = await m.migrate(vm, dest, streams=streams)
+                    r = await m.migrate(vm, dest, streams=streams, converge=CONVERGE,
+                                        downtime_limit_ms=DOWNTIME_LIMIT_MS)
                     row = {"workload": wl_name, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2), **metrics(r)}
                     out.rows.append(row)
                     log(f"{wl_name} at {rtt} ms: {row['result']}, total {row['total_s']} s, downtime "
@@ -143,11 +150,13 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
     rtts = rtts if rtts is not None else [0, 50, 100, 150]
     streams_list = streams_list or [1, 2, 4, 8]
     out = Outcome(
-        name="streams", title="Streams: memory-phase throughput vs RTT",
+        name="streams",
+        title=f"Streams: memory-phase throughput vs RTT (converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
         columns=[("buffers", "TCP buffers"), ("rtt_set_ms", "RTT set"), ("streams", "streams"), ("result", "result"),
                  ("memory_MBps", "mem MB/s"), ("link_share_pct", "% of link"), ("tcp_MBps", "raw TCP MB/s"),
                  ("precopy_s", "pre-copy s"), ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "workload": workload,
+        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                 "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "workload": workload,
                  "vmotion_mtu": 9000})
     panels = {b: Panel(f"Memory phase, {b} TCP buffers", "RTT (ms)", "MB/s") for b in ("kernel", "auto")}
     async with private_lab(9000, bandwidth_bps, log) as lab:
@@ -165,7 +174,8 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
                             dest = "esx-b1" if src == "esx-a1" else "esx-a1"
                             tcp = await asyncio.to_thread(probe.tcp_transfer, fabric.ns_name(lab, src),
                                                           fabric.ns_name(lab, dest), VMK[dest], tcp_seconds, n)
-                            r = await m.migrate(vm, dest, streams=n)
+                            r = await m.migrate(vm, dest, streams=n, converge=CONVERGE,
+                                                downtime_limit_ms=DOWNTIME_LIMIT_MS)
                             row = {"buffers": buffers, "rtt_set_ms": rtt, "streams": n, **metrics(r),
                                    "tcp_MBps": round(tcp.steady_rate_bps / 1e6, 1)}
                             row["link_share_pct"] = (round(100 * row["memory_MBps"] * 1e6 / bandwidth_bps, 1)

@@ -20,7 +20,16 @@ from typing import Any
 from testbed import labctl
 from testbed.experiments import Outcome
 from testbed.experiments.chart import Panel
-from testbed.experiments.distance import Log, boot, machine_context, measured_rtt, metrics, private_lab
+from testbed.experiments.distance import (
+    CONVERGE,
+    DOWNTIME_LIMIT_MS,
+    Log,
+    boot,
+    machine_context,
+    measured_rtt,
+    metrics,
+    private_lab,
+)
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.vms import VmManager
@@ -82,13 +91,15 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
     """Each RTT with the three mirror modes on the fast link; then, at 50 ms, a link slower than the guest's
     writes (``slow_link_bps``), where the background mirror's backlog grows and the throttle has to act."""
     out = Outcome(
-        name="disk-mirror", title="Disk mirror across distance: write-blocking vs background-throttled",
+        name="disk-mirror", title="Disk mirror across distance: write-blocking vs background-throttled "
+                                  f"(converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
         columns=[("link_MBps", "link MB/s"), ("rtt_set_ms", "RTT set"), ("mode", "mirror"), ("result", "result"),
                  ("write_MBps_before", "guest MB/s before"), ("write_MBps_during", "guest MB/s during"),
                  ("ms_per_write_during", "ms/block during"), ("disk_sync_s", "disk sync s"),
                  ("mirror_drain_ms", "drain at switchover ms"), ("throttle_changes", "throttle changes"),
                  ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
+        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                 "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "workload": workload, "vmotion_mtu": 9000, "tcp_buffers": "auto",
                  "slow_link_bps": slow_link_bps, "slow_link_vm_memory": slow_memory})
     lat = Panel("Guest time per 4 KiB block during the mirror", "RTT (ms)", "ms per block")
@@ -109,7 +120,8 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
                     t_before = time.monotonic()
                     base = rate(samples.at(t_before - 2.5), samples.at(t_before))
                     t0 = time.monotonic()
-                    r = await m.migrate(vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity)
+                    r = await m.migrate(vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity,
+                                        converge=CONVERGE, downtime_limit_ms=DOWNTIME_LIMIT_MS)
                 row: dict[str, Any] = {"link_MBps": link_bps / 1e6, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2),
                                        "mode": label, "vm_memory": vm_memory, **metrics(r)}
                 row["throttle_changes"] = throttle_changes(lab, vm)
