@@ -238,6 +238,7 @@ def _experiment(a: argparse.Namespace) -> int:
         kw["streams_list"] = [int(x) for x in a.streams.split(",")]
     if a.bandwidth:
         kw["bandwidth_bps"] = parse_rate_bytes(a.bandwidth, what="--bandwidth")
+    kw["converge"], kw["downtime_limit_ms"] = a.converge, a.downtime_limit
     with quality.Watch() as watch:
         outcome = asyncio.run(fn(lambda msg: err.print(f"[dim]{msg}[/]", highlight=False), **kw))
     outcome.context["quality"] = q = watch.summary()
@@ -390,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtts", help="RTTs in ms, comma-separated (default: the experiment's)")
     s.add_argument("--streams", help="multifd channel counts, comma-separated (streams experiment)")
     s.add_argument("--bandwidth", help="the link's bandwidth cap (default 1Gbit)")
+    s.add_argument("--converge", choices=("auto-converge", "auto", "sdps", "postcopy", "adaptive", "off"),
+                   default="adaptive", help="the convergence mode of every move (default adaptive; in the table title)")
+    s.add_argument("--downtime-limit", type=int, default=100, help="QEMU's downtime limit in ms (default 100)")
     s.add_argument("--force", action="store_true",
                    help="start even when the machine is busy (1-minute load above 0.75 per CPU); the report "
                         "marks a run whose load rose above 1.5 per CPU as LOADED either way")

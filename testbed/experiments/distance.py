@@ -93,17 +93,18 @@ def metrics(r: MigrationReport) -> dict[str, Any]:
 
 async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_bps: int = 125_000_000,
                           memory: int = 256 * MiB, disk: int = 128 * MiB, streams: int = 1,
-                          busy: str = "memory:20MB/s@64M", **_: Any) -> Outcome:
+                          busy: str = "memory:20MB/s@64M", converge: str = CONVERGE,
+                          downtime_limit_ms: int = DOWNTIME_LIMIT_MS, **_: Any) -> Outcome:
     """Experiment 1: downtime reported/observed and total time vs RTT, idle and busy guest."""
     rtts = rtts if rtts is not None else [0, 10, 50, 100, 150]
     out = Outcome(
         name="downtime-vs-rtt",
-        title=f"Downtime and total time vs RTT (converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
+        title=f"Downtime and total time vs RTT (converge {converge}, downtime limit {downtime_limit_ms} ms)",
         columns=[("workload", "workload"), ("rtt_set_ms", "RTT set"), ("rtt_ping_ms", "RTT ping"),
                  ("result", "result"), ("total_s", "total s"), ("disk_sync_s", "disk s"), ("precopy_s", "pre-copy s"),
                  ("rounds", "rounds"), ("max_throttle_pct", "throttle %"), ("memory_MBps", "mem MB/s"),
                  ("downtime_reported_ms", "downtime rep. ms"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+        context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "streams": streams, "tcp_buffers": "auto (2x BDP)", "vmotion_mtu": 9000, "busy_workload": busy})
     down = Panel("Downtime vs RTT", "RTT (ms)", "downtime (ms)")
@@ -119,8 +120,8 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
                     await asyncio.to_thread(labctl.set_link, lab, delay_us=int(rtt * 500))
                     ping = await asyncio.to_thread(measured_rtt, lab)
                     dest = "esx-b1" if m.get(vm).host == "esx-a1" else "esx-a1"
-                    r = await m.migrate(vm, dest, streams=streams, converge=CONVERGE,
-                                        downtime_limit_ms=DOWNTIME_LIMIT_MS)
+                    r = await m.migrate(vm, dest, streams=streams, converge=converge,
+                                        downtime_limit_ms=downtime_limit_ms)
                     row = {"workload": wl_name, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2), **metrics(r)}
                     out.rows.append(row)
                     log(f"{wl_name} at {rtt} ms: {row['result']}, total {row['total_s']} s, downtime "
@@ -141,7 +142,8 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
 
 async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list: list[int] | None = None,
                          bandwidth_bps: int = 125_000_000, memory: int = 384 * MiB,
-                         workload: str = "memory:2MB/s@256M", tcp_seconds: float = 3.0, **_: Any) -> Outcome:
+                         workload: str = "memory:2MB/s@256M", tcp_seconds: float = 3.0, converge: str = CONVERGE,
+                         downtime_limit_ms: int = DOWNTIME_LIMIT_MS, **_: Any) -> Outcome:
     """Experiment 2: memory-phase throughput vs RTT for 1/2/4/8 channels, kernel vs tuned buffers.
 
     A raw TCP transfer with the same number of streams over the same path is measured next to each
@@ -151,11 +153,11 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
     streams_list = streams_list or [1, 2, 4, 8]
     out = Outcome(
         name="streams",
-        title=f"Streams: memory-phase throughput vs RTT (converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
+        title=f"Streams: memory-phase throughput vs RTT (converge {converge}, downtime limit {downtime_limit_ms} ms)",
         columns=[("buffers", "TCP buffers"), ("rtt_set_ms", "RTT set"), ("streams", "streams"), ("result", "result"),
                  ("memory_MBps", "mem MB/s"), ("link_share_pct", "% of link"), ("tcp_MBps", "raw TCP MB/s"),
                  ("precopy_s", "pre-copy s"), ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+        context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "workload": workload,
                  "vmotion_mtu": 9000})
     panels = {b: Panel(f"Memory phase, {b} TCP buffers", "RTT (ms)", "MB/s") for b in ("kernel", "auto")}
@@ -174,8 +176,8 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
                             dest = "esx-b1" if src == "esx-a1" else "esx-a1"
                             tcp = await asyncio.to_thread(probe.tcp_transfer, fabric.ns_name(lab, src),
                                                           fabric.ns_name(lab, dest), VMK[dest], tcp_seconds, n)
-                            r = await m.migrate(vm, dest, streams=n, converge=CONVERGE,
-                                                downtime_limit_ms=DOWNTIME_LIMIT_MS)
+                            r = await m.migrate(vm, dest, streams=n, converge=converge,
+                                                downtime_limit_ms=downtime_limit_ms)
                             row = {"buffers": buffers, "rtt_set_ms": rtt, "streams": n, **metrics(r),
                                    "tcp_MBps": round(tcp.steady_rate_bps / 1e6, 1)}
                             row["link_share_pct"] = (round(100 * row["memory_MBps"] * 1e6 / bandwidth_bps, 1)
@@ -199,7 +201,8 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
 
 async def disk_mirror(log: Log, rtts: list[float] | None = None, bandwidth_bps: int = 125_000_000,
                       memory: int = 256 * MiB, disk: int = 256 * MiB, workload: str = "disk:5MB/s",
-                      **_: Any) -> Outcome:
+                      converge: str = CONVERGE, downtime_limit_ms: int = DOWNTIME_LIMIT_MS, **_: Any) -> Outcome:
     """Experiment 3: write-blocking vs background-throttled mirror while the guest writes."""
     from testbed.experiments.mirror import run_disk_mirror
-    return await run_disk_mirror(log, rtts if rtts is not None else [0, 50], bandwidth_bps, memory, disk, workload)
+    return await run_disk_mirror(log, rtts if rtts is not None else [0, 50], bandwidth_bps, memory, disk, workload,
+                                 converge=converge, downtime_limit_ms=downtime_limit_ms)

@@ -86,19 +86,19 @@ def rate(a: tuple[float, int] | None, b: tuple[float, int] | None) -> tuple[floa
 
 
 async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memory: int, disk: int,
-                          workload: str, slow_link_bps: int | None = 5_000_000, slow_memory: int = 128 * 2**20
-                          ) -> Outcome:
+                          workload: str, slow_link_bps: int | None = 5_000_000, slow_memory: int = 128 * 2**20,
+                          converge: str = CONVERGE, downtime_limit_ms: int = DOWNTIME_LIMIT_MS) -> Outcome:
     """Each RTT with the three mirror modes on the fast link; then, at 50 ms, a link slower than the guest's
     writes (``slow_link_bps``), where the background mirror's backlog grows and the throttle has to act."""
     out = Outcome(
         name="disk-mirror", title="Disk mirror across distance: write-blocking vs background-throttled "
-                                  f"(converge {CONVERGE}, downtime limit {DOWNTIME_LIMIT_MS} ms)",
+                                  f"(converge {converge}, downtime limit {downtime_limit_ms} ms)",
         columns=[("link_MBps", "link MB/s"), ("rtt_set_ms", "RTT set"), ("mode", "mirror"), ("result", "result"),
                  ("write_MBps_before", "guest MB/s before"), ("write_MBps_during", "guest MB/s during"),
                  ("ms_per_write_during", "ms/block during"), ("disk_sync_s", "disk sync s"),
                  ("mirror_drain_ms", "drain at switchover ms"), ("throttle_changes", "throttle changes"),
                  ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
-        context={**machine_context(), "converge": CONVERGE, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+        context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "workload": workload, "vmotion_mtu": 9000, "tcp_buffers": "auto",
                  "slow_link_bps": slow_link_bps, "slow_link_vm_memory": slow_memory})
@@ -121,7 +121,7 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
                     base = rate(samples.at(t_before - 2.5), samples.at(t_before))
                     t0 = time.monotonic()
                     r = await m.migrate(vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity,
-                                        converge=CONVERGE, downtime_limit_ms=DOWNTIME_LIMIT_MS)
+                                        converge=converge, downtime_limit_ms=downtime_limit_ms)
                 row: dict[str, Any] = {"link_MBps": link_bps / 1e6, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2),
                                        "mode": label, "vm_memory": vm_memory, **metrics(r)}
                 row["throttle_changes"] = throttle_changes(lab, vm)
