@@ -8,7 +8,7 @@ and UTS namespaces: ``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt``,
 (``<lab>/hosts/<host>/libvirt/...``; ``/run`` itself is a private tmpfs), the hostname is the
 host's, ``/etc/resolv.conf`` points at the host's own loopback, and the host UUID is derived from the lab and host
 names. So two libvirtds on one machine never share a socket, a domain, a log or an
-identity, and nothing they look up leaves the lab (FINDINGS.md: the recipe).
+identity, and nothing they look up leaves the lab.
 
 The daemon listens for its peers on the management address, TCP without authentication
 (lab only: the namespaces are reachable from nothing else). Its QEMUs are the same binary

@@ -1,7 +1,7 @@
 """Which accelerator really works here: KVM only if a guest actually boots under it.
 
-``/dev/kvm`` can exist and still not run stock guests (FINDINGS.md: kvm_pvm
-hangs), so the probe boots the guest kernel under KVM and waits for it to
+``/dev/kvm`` can exist and still not run stock guests (on this project's machine the
+kvm_pvm module answers and then the guest hangs), so the probe boots the guest kernel under KVM and waits for it to
 print. The answer is cached per (kernel release, QEMU version).
 """
 
