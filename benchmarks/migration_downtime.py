@@ -44,6 +44,7 @@ async def main() -> int:
     ap.add_argument("--link", default="100MiB/s")
     ap.add_argument("--downtime-limit", type=int, default=100)
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--converge", default="adaptive", help="the convergence mode of every move (in the title)")
     ap.add_argument("--lab", default="bench")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -60,7 +61,8 @@ async def main() -> int:
         await asyncio.sleep(3)
         for i in range(a.runs):
             dest = "esx-b1" if i % 2 == 0 else "esx-a1"
-            r = await m.migrate("bench-vm", dest, streams=a.streams, downtime_limit_ms=a.downtime_limit)
+            r = await m.migrate("bench-vm", dest, streams=a.streams, downtime_limit_ms=a.downtime_limit,
+                                converge=a.converge)
             reports.append(r.model_dump(mode="json"))
             s = r.switchover
             if r.result != "succeeded" or s.heartbeat_gap_start_s is None:
@@ -89,8 +91,8 @@ async def main() -> int:
     table = Table("run", "start->resumed s", "data path s", "reported ms", "observed ms", "last hb->pause ms",
                   "pause->completed ms", "completed->resumed ms", "resumed->first hb ms", "wire MiB",
                   "data path / limit", "start->resumed / limit", "rounds", "integrity",
-                  title=f"{a.runs} migrations, {a.workload}, link {a.link}, downtime-limit {a.downtime_limit} ms, "
-                        f"{a.streams} stream(s)")
+                  title=f"{a.runs} migrations, {a.workload}, link {a.link}, converge {a.converge}, downtime-limit "
+                        f"{a.downtime_limit} ms, {a.streams} stream(s)")
     for i, x in enumerate(rows, 1):
         table.add_row(str(i), *(f"{x[k]:.2f}" for k in keys), str(x["rounds"]), x["integrity"])
     if rows:
