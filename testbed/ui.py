@@ -33,7 +33,8 @@ def _ms(v: float | None) -> str:
 
 
 def summary(r: MigrationReport) -> Group:
-    style = {"succeeded": "bold green", "rolled_back": "bold yellow", "failed": "bold red"}[r.result]
+    style = {"succeeded": "bold green", "unverified": "bold yellow", "rolled_back": "bold yellow",
+             "failed": "bold red"}[r.result]
     head = Text.assemble((f"{r.vm}: {r.result.upper()}", style),
                          f"  {r.source.host} ({r.source.vcenter}, {r.source.datastore}) -> "
                          f"{r.destination.host} ({r.destination.vcenter}, {r.destination.datastore}) "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -496,7 +497,7 @@ def test_requests_never_use_the_environments_proxy(vclab: str, monkeypatch: pyte
 def test_cli_speaks_to_the_vcenters(vclab: str, app1: str, tmp_path: Path) -> None:
     def cli(*args: str) -> Any:
         r = subprocess.run([sys.executable, "-m", "testbed.cli", "--lab", vclab, *args],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
         assert r.returncode == 0, r.stderr + r.stdout
         return json.loads(r.stdout) if "--json" in args else r.stdout
     vcs = cli("vcenter", "list", "--json")

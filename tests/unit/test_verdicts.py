@@ -315,3 +315,24 @@ async def test_a_remote_clock_is_mapped_within_its_uncertainty() -> None:
     assert ev["t_s"] == pytest.approx(2001.0 - off.offset_s)
     assert ev["remaining_bytes"] == 7 and ev["exhausted"] is True and ev["status"] == "active"
     assert off.to_engine(off.to_remote(5.0)) == pytest.approx(5.0)
+
+
+def test_the_summary_renders_every_result() -> None:
+    """The CLI's summary table for each result word (an unverified move once crashed it)."""
+    import typing
+
+    from rich.console import Console
+
+    from testbed.migration.report import Bytes, Downtime, Endpoint, MigrationReport, Stalls
+    from testbed.ui import summary
+    for result in typing.get_args(MigrationReport.model_fields["result"].annotation):
+        r = MigrationReport(vm="v", source=Endpoint(vcenter="a", host="h1", datastore="d"),
+                            destination=Endpoint(vcenter="b", host="h2", datastore="d"), result=result, phases=[],
+                            rounds=[], downtime_ms=Downtime(reported=10, observed=50), stalls_ms=Stalls(),
+                            bytes=Bytes(), integrity=Integrity(), streams=1, converge="adaptive", bandwidth_bps=None,
+                            link_bandwidth_bps=None, total_s=1.0, error=None, started_at="now", source_kept=True,
+                            machine={"load_at_start": [0.5, 0, 0], "load_at_end": [0.7, 0, 0], "max_load_1m": 0.7,
+                                     "steal_pct": 0.0, "loaded": False})
+        with Console(width=200, record=True) as con:
+            con.print(summary(r))
+        assert result.upper() in con.export_text()
