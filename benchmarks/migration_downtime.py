@@ -51,7 +51,7 @@ async def main() -> int:
     link = parse_rate_bytes(a.link)
     t = default_topology(a.lab).model_copy(update={"link": LinkSpec(bandwidth_bps=link)})
     out = Console()
-    await labctl.up(t)
+    await labctl.up(t, start_agents_now=True)   # the engine alone: no vCenters
     rows, reports = [], []
     try:
         m = VmManager(a.lab)
