@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -482,7 +483,15 @@ async def _static_facts(qemu_binary: str) -> dict[str, Any]:
     async def out(*argv: str) -> str:
         p = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                  stderr=asyncio.subprocess.DEVNULL)
-        o, _ = await p.communicate()
+        try:
+            o, _ = await p.communicate()
+        finally:
+            # Cancelled (the agent stops while it warms up): reap the child here, or the
+            # loop's close waits on a subprocess transport nobody owns any more.
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                await asyncio.shield(p.wait())
         return o.decode(errors="replace")
 
     version_line = (await out(qemu_binary, "--version")).splitlines()[0]
@@ -529,23 +538,31 @@ def _agent_version() -> str:
     return __version__
 
 
-async def serve(cfg: HostConfig, ready: Any = None) -> None:
+async def serve(cfg: HostConfig, ready: Any = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT or until `stop` is set (tests stop an in-process agent so)."""
     agent = HostAgent(cfg)
     cfg.socket.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(agent.client, path=str(cfg.socket), limit=protocol.MAX_LINE)
     os.chmod(cfg.socket, 0o600)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals: tuple[signal.Signals, ...] = ()
+    if stop is None:
+        stop, signals = asyncio.Event(), (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
     log.info("host agent %s listening on %s", cfg.name, cfg.socket)
     warm = loop.create_task(agent.warm_up())
     if ready is not None:
         ready()
-    async with server:
-        await stop.wait()
-    warm.cancel()
-    # Like ESXi's hostd, a restarting agent leaves its VMs running.
-    log.info("host agent %s stopping; %d VM(s) keep running", cfg.name, len(agent.vms))
-    cfg.socket.unlink(missing_ok=True)
+    try:
+        async with server:
+            await stop.wait()
+    finally:
+        # Stopped or cancelled: the warm-up's QEMU queries end with the agent, never after it.
+        warm.cancel()
+        await asyncio.gather(warm, return_exceptions=True)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        # Like ESXi's hostd, a restarting agent leaves its VMs running.
+        log.info("host agent %s stopping; %d VM(s) keep running", cfg.name, len(agent.vms))
+        cfg.socket.unlink(missing_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,14 +37,19 @@ async def agent(tmp_path: Path) -> AsyncIterator[RawClient]:
     cfg = HostConfig(name="esx-t1", dir=str(tmp_path / "host"),
                      datastores=(DatastoreConfig(name="ds1", path=str(tmp_path / "ds1"), capacity_bytes=64 << 20),),
                      port_groups={"VM Network": "pg0"})
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(cfg, ready.set))
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(cfg, ready.set, stop))
     await asyncio.wait_for(ready.wait(), 10)
     reader, writer = await asyncio.open_unix_connection(str(cfg.socket))
-    yield RawClient(reader, writer)
-    writer.close()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    try:
+        yield RawClient(reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(writer.wait_closed(), 10)
+        stop.set()
+        # Stops like `kill -TERM`: the agent ends its warm-up (QEMU queries) before it returns.
+        await asyncio.wait_for(task, 20)
 
 
 async def test_ping_and_unknown_method(agent: RawClient) -> None:
@@ -88,3 +95,36 @@ async def test_requests_may_overlap(agent: RawClient) -> None:
     await w.drain()
     ids = {json.loads(await agent.reader.readline())["id"] for _ in range(3)}
     assert ids == {101, 102, 103}
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_agent_stopped_during_warm_up_reaps_its_queries(tmp_path: Path, how: str) -> None:
+    """A stop (SIGTERM) or a cancel while the start-up QEMU query still runs: the agent returns
+    at once and leaves no child behind (an orphaned subprocess transport hung the loop's close)."""
+    slow = tmp_path / "slow-qemu"
+    pidfile = tmp_path / "child.pid"
+    slow.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    slow.chmod(0o755)
+    cfg = HostConfig(name="esx-t2", dir=str(tmp_path / "host"), qemu_binary=str(slow),
+                     datastores=(DatastoreConfig(name="ds1", path=str(tmp_path / "ds1"), capacity_bytes=1 << 20),),
+                     port_groups={"VM Network": "pg0"})
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(cfg, ready.set, stop))
+    await asyncio.wait_for(ready.wait(), 10)
+    for _ in range(200):                       # the warm-up's first query is running
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.025)
+    pid = int(pidfile.read_text())
+    t0 = asyncio.get_running_loop().time()
+    if how == "stop":
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    else:
+        task.cancel()
+        await asyncio.gather(asyncio.wait_for(task, 10), return_exceptions=True)
+        assert task.cancelled()
+    assert asyncio.get_running_loop().time() - t0 < 5
+    with pytest.raises(ProcessLookupError):    # killed and reaped, not left running or a zombie
+        os.kill(pid, 0)
+    assert not cfg.socket.exists()
