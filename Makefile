@@ -57,7 +57,7 @@ test: setup image host-image
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup image
-	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m slow --timeout 3600 $(PYTEST_ARGS)
 
 ## every shipped scenario, its report in reports/NAME/ (report.html, report.json)
 scenarios: setup image
