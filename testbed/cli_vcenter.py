@@ -379,8 +379,9 @@ def add_verdict_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="write the migration report to this file (when no move ran, e.g. failed "
                                   "prechecks: the task's outcome)")
     s.add_argument("--accept-unverified", action="store_true",
-                   help="remove the source copy even when memory or a disk could not be verified (default: keep "
-                        "it paused until `testbed vm discard-source`). Exit code: 0 verified, 2 unverified, 1 failed")
+                   help="remove the source copy even when memory or a disk could not be verified (default: "
+                        "keep it paused until `testbed vm discard-source VM`). "
+                        "Exit code: 0 verified, 2 unverified, 1 failed")
 
 
 def source_copies(a: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def summary(r: MigrationReport) -> Group:
     i = r.integrity
     facts.add_row("integrity: memory / disk / guest running", f"{i.memory} / {i.disk} / {i.guest_running}")
     if r.source_kept:
-        facts.add_row("source copy", "kept, paused, disks untouched (`testbed vm discard-source`)")
+        facts.add_row("source copy", f"kept, paused, disks untouched (`testbed vm discard-source {r.vm}`)")
     if r.machine:
         q = r.machine
         facts.add_row("machine during the move", f"load {q['load_at_start'][0]:.2f} -> {q['load_at_end'][0]:.2f} "

@@ -195,7 +195,7 @@ class VmManager:
         with self.registry.edit() as vms:
             if name in vms:
                 raise Conflict(f"VM {name!r} already exists in lab {self.lab} (on host {vms[name].host})",
-                               hint="choose another name or `testbed vm delete` the old one")
+                               hint=f"choose another name or `testbed vm delete {name}` the old one")
             used = {v.ip for v in vms.values()}
             ip = next(a for a in map(topo.vm_address, range(65000)) if a not in used)
             spec, wl, builtin = build_vm_spec(
