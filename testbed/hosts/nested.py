@@ -52,7 +52,7 @@ class HostImage:
 def check_host_image(image_dir: Path | None = None) -> HostImage:
     """The host image, or a clear error if it is missing, incomplete or older than the agent or guest here."""
     d = image_dir or HOST_IMAGE_DIR
-    fix = "run `make host-image` (about 5-8 min; needs debootstrap: `make setup-host-image`)"
+    fix = "run `make host-image` (about 1.5 min here, docs/nested.md; needs debootstrap: `make setup-host-image`)"
     m_path = d / "manifest.json"
     try:
         manifest = json.loads(m_path.read_text())
