@@ -33,25 +33,16 @@ def _hints() -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-                      and n.body and isinstance(n.body[0], ast.Expr)}
-        for node in ast.walk(tree):
-            if id(node) in docstrings or isinstance(node, ast.Constant) and _inside_fstring(node, tree):
-                continue
-            text = _text(node)
+        nodes = list(ast.walk(tree))
+        skip = {id(n.body[0].value) for n in nodes          # docstrings describe, they do not advise
+                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and n.body and isinstance(n.body[0], ast.Expr)}
+        skip |= {id(v) for n in nodes if isinstance(n, ast.JoinedStr) for v in n.values}  # read as one f-string
+        for node in nodes:
+            text = None if id(node) in skip else _text(node)
             for m in COMMAND.finditer(text or ""):
-                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", m.group(1)))
+                found.append((f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}", m.group(1)))
     return found
-
-
-_FSTRING_PARTS: dict[int, set[int]] = {}
-
-
-def _inside_fstring(node: ast.Constant, tree: ast.AST) -> bool:
-    parts = _FSTRING_PARTS.setdefault(id(tree), {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr)
-                                                 for v in n.values})
-    return id(node) in parts
 
 
 HINTS = _hints()
