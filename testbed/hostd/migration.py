@@ -38,7 +38,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import QemuError
+from testbed.errors import Conflict, QemuError
 from testbed.hostd.mirror_throttle import MirrorThrottle
 from testbed.hostd.sdps import SdpsLoop, SdpsSettings
 from testbed.hostd.vm import VmProcess
@@ -68,6 +68,7 @@ class DestinationRole:
         self.resumed = asyncio.Event()
         self.timeline: dict[str, float] = {}
         self._reaction: asyncio.Task[None] | None = None
+        self.aborted = False
 
     async def prepare(self, streams: int, postcopy: bool = False) -> dict[str, Any]:
         vm = self.vm
@@ -94,6 +95,8 @@ class DestinationRole:
         if ev["event"] != "MIGRATION":
             return
         status = ev["data"].get("status")
+        if self.aborted:      # abort() decided: this guest never runs here
+            return
         if status == "completed" and self._reaction is None:
             self.timeline["completed_s"] = ev["monotonic_s"]
             self._reaction = asyncio.create_task(self._resume())
@@ -164,6 +167,20 @@ class DestinationRole:
                 for i, _ in enumerate(self.vm.spec.disks)]})
         except QemuError as err:
             log.warning("VM %s: no written-since-resume bitmaps: %s", self.vm.spec.name, err)
+
+    async def abort(self) -> None:
+        """Decide that the guest will not run here, or say that it already does (``Conflict``).
+
+        The flag is set before the first await, so the resume this role starts on its own when the source
+        completes cannot slip in between the check and the kill that follows it; a resume already under way is
+        waited for, then the guest's state is read."""
+        self.aborted = True
+        if self._reaction is not None and not self._reaction.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._reaction)
+        if self.resumed.is_set():
+            raise Conflict(f"VM {self.vm.spec.name} already runs on this host: the move completed here",
+                           hint="commit the move instead of aborting it")
 
     async def recover(self) -> str:
         """Post-copy recovery, destination side: listen for the source on a new port."""
@@ -399,10 +416,15 @@ class SourceRole:
             self._sampler = asyncio.create_task(self._sample())
 
     # --- rollback ------------------------------------------------------------------------
-    async def cancel(self) -> dict[str, Any]:
-        """Undo everything on the source: the VM keeps (or goes back to) running here."""
+    async def cancel(self, resume_completed: bool = False) -> dict[str, Any]:
+        """Undo everything on the source: the VM keeps (or goes back to) running here.
+
+        A migration that completed has handed the guest to the destination, which resumes it by itself: the
+        guest here is then resumed only with ``resume_completed`` (the caller stopped the destination first);
+        otherwise it stays paused and ``completed`` says why (resuming it could make two running copies)."""
         vm = self.vm
         done: list[str] = []
+        completed = False
         if self._sampler:
             self._sampler.cancel()
         if self.throttle is not None:
@@ -423,6 +445,8 @@ class SourceRole:
             if status not in (None, "completed", "failed", "cancelled"):
                 await vm.execute("migrate_cancel")
                 done.append("migration cancelled")
+                status = (await vm.execute("query-migrate")).get("status")   # it may have completed meanwhile
+            completed = status == "completed"
         for i, job in enumerate(self.jobs):
             with contextlib.suppress(QemuError):
                 jobs = {j["device"] for j in await vm.execute("query-block-jobs")}
@@ -435,11 +459,14 @@ class SourceRole:
                 await vm.execute("blockdev-del", {"node-name": f"nbd-disk{i}"})
         if vm.alive:
             status = (await vm.execute("query-status"))["status"]
-            if status != "running":
+            if completed and not resume_completed:
+                done.append(f"the migration had completed: the guest stays paused here (was {status}) until the "
+                            "destination is known to be stopped")
+            elif status != "running":
                 await vm.execute("cont")
                 done.append(f"guest resumed on the source (was {status})")
         self.detach()
-        return {"undone": done}
+        return {"undone": done, "completed": completed}
 
     def detach(self) -> None:
         if self._sampler:

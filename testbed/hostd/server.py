@@ -317,6 +317,24 @@ class HostAgent:
             await self.vms[name].kill()
             raise
 
+    async def m_migration_abort_incoming(self, conn: Connection, name: str) -> dict[str, Any]:
+        """Destination rollback: stop the incoming QEMU unless its guest already runs here (then ``Conflict``).
+
+        One call, so that no resume can come between the check and the kill: the role stops reacting to the
+        source's completion first, and the guest's run state is read after that."""
+        role = self.destinations.get(name)
+        if role is not None:
+            await role.abort()
+        vm = self._vm(name)
+        if vm.alive:
+            status = (await vm.execute("query-status"))["status"]
+            if status == "running":
+                raise Conflict(f"VM {name} already runs on host {self.cfg.name}: the move completed here",
+                               hint="commit the move instead of aborting it")
+            await vm.kill()
+            return {"undone": [f"incoming QEMU of {name} on {self.cfg.name} stopped (was {status})"]}
+        return {"undone": []}
+
     async def m_migration_mirror(self, conn: Connection, name: str, nbd_host: str, nbd_port: int,
                                  mode: str = "write-blocking", granularity: int | None = None) -> list[str]:
         """Source: mirror every disk to the destination's NBD export (write-blocking or background-throttled)."""
@@ -370,16 +388,22 @@ class HostAgent:
     async def m_migration_release_switchover(self, conn: Connection, name: str) -> None:
         self._source(name).release_switchover()
 
-    async def m_migration_cancel(self, conn: Connection, name: str) -> dict[str, Any]:
-        """Source rollback: cancel migration and mirrors, resume the guest here."""
+    async def m_migration_cancel(self, conn: Connection, name: str, resume_completed: bool = False) -> dict[str, Any]:
+        """Source rollback: cancel migration and mirrors, resume the guest here (after a completed migration only
+        with ``resume_completed``: the caller has stopped the destination)."""
         role = self.sources.pop(name, None)
         if role is None:
             vm = self._vm(name)
-            if vm.alive and (await vm.execute("query-status"))["status"] != "running":
-                await vm.execute("cont")
-                return {"undone": ["guest resumed on the source"]}
-            return {"undone": []}
-        return await role.cancel()
+            if vm.alive:
+                status = (await vm.execute("query-status"))["status"]
+                if status == "postmigrate" and not resume_completed:
+                    return {"undone": ["the migration had completed: the guest stays paused here (postmigrate) "
+                                       "until the destination is known to be stopped"], "completed": True}
+                if status != "running":
+                    await vm.execute("cont")
+                    return {"undone": [f"guest resumed on the source (was {status})"], "completed": False}
+            return {"undone": [], "completed": False}
+        return await role.cancel(resume_completed)
 
     async def m_migration_finish(self, conn: Connection, name: str) -> None:
         """Forget the migration roles of ``name`` on this host (after commit or rollback)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import TestbedError
+from testbed.errors import Conflict, NotFound, TestbedError
 from testbed.guest.workload import Workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
@@ -784,25 +784,30 @@ class Migration:
         # The destination may be out of reach (a cut link): each call there gets a time limit, and the
         # rollback goes on without it (what could not be removed is said in the log).
         t = ROLLBACK_CALL_S
+        dest_stopped = not self.dest_started
         if self.dest_started:
-            with contextlib.suppress(TestbedError, TimeoutError):
-                if (await self.dst.call("vm.status", name=self.name, timeout_s=t)).get("status") == "running":
-                    # The guest already runs on the destination: resuming the source would make two.
-                    log.append("the destination already runs the VM: not rolled back; the source VM and disk "
-                               "are kept, paused, for inspection")
-                    self._enter(Phase.FAILED)
-                    self.source_kept = True
-                    return
-        self._enter(Phase.ROLLBACK)
-        if self.dest_started:
-            try:   # the destination goes first: never two running copies
-                await self.dst.call("vm.kill", name=self.name, timeout_s=t)
-                log.append(f"destination QEMU on {self.req.destination.host.name} stopped")
+            # The destination goes first, in one call that refuses once the guest runs there (it resumes by
+            # itself when the source completes): never two running copies.
+            try:
+                r = await self.dst.call("migration.abort_incoming", name=self.name, timeout_s=t)
+                log += r["undone"] or [f"destination QEMU on {self.req.destination.host.name} was not running"]
+                dest_stopped = True
+            except Conflict:
+                log.append("the destination already runs the VM: not rolled back; the source VM and disk "
+                           "are kept, paused, for inspection")
+                self._enter(Phase.FAILED)
+                self.source_kept = True
+                return
+            except NotFound:
+                dest_stopped = True
+                log.append(f"destination QEMU on {self.req.destination.host.name}: not there")
             except TestbedError as err:
                 log.append(f"destination QEMU: {err.message.splitlines()[0]}")
             except TimeoutError:
                 log.append(f"destination QEMU on {self.req.destination.host.name}: its agent did not answer in "
                            f"{t:.0f} s; the QEMU there waits for an incoming migration that will never come")
+        self._enter(Phase.ROLLBACK)
+        if self.dest_started:
             with contextlib.suppress(TestbedError, TimeoutError):
                 await self.dst.call("vm.remove", name=self.name, timeout_s=t)
             with contextlib.suppress(TestbedError, TimeoutError):
@@ -817,10 +822,17 @@ class Migration:
                 log.append(f"destination disk {f}: the agent on {self.req.destination.host.name} did not answer "
                            f"in {t:.0f} s; the disk is left there")
         try:
-            undone = await self.src.call("migration.cancel", name=self.name)
+            undone = await self.src.call("migration.cancel", name=self.name, resume_completed=dest_stopped)
             log += undone["undone"]
         except TestbedError as err:
             log.append(f"source: {err.message}")
+        else:
+            if undone.get("completed") and not dest_stopped:
+                # the source handed the guest over and the destination could not be stopped: whether it runs
+                # there is unknown, so the source stays paused (kept) rather than risk two running copies
+                self._enter(Phase.FAILED)
+                self.source_kept = True
+                return
         self._enter(Phase.ROLLED_BACK)
 
     # --- the report --------------------------------------------------------------------------------------------

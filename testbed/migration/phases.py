@@ -4,6 +4,8 @@
     any phase before COMMIT -> ROLLBACK -> ROLLED_BACK
     SWITCHOVER or VERIFY -> FAILED once the destination runs the guest (an integrity check failed, or
     an error after the resume): the source is kept paused, nothing is committed
+    MEMORY_PRECOPY or ROLLBACK -> FAILED when a rollback finds that the source handed the guest over by
+    itself (its migration completed) and the destination runs it, or cannot be stopped: the source stays paused
     VERIFY -> UNVERIFIED: the destination runs the guest, nothing failed, but memory or a disk could not
     be checked: the source is kept paused until the user discards it (or the caller accepted unverified)
 """
@@ -36,11 +38,11 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.CREATED: frozenset({Phase.PRECHECK}),
     Phase.PRECHECK: frozenset({Phase.DISK_SYNC, Phase.ROLLBACK}),
     Phase.DISK_SYNC: frozenset({Phase.MEMORY_PRECOPY, Phase.ROLLBACK}),
-    Phase.MEMORY_PRECOPY: frozenset({Phase.SWITCHOVER, Phase.ROLLBACK}),
+    Phase.MEMORY_PRECOPY: frozenset({Phase.SWITCHOVER, Phase.ROLLBACK, Phase.FAILED}),
     Phase.SWITCHOVER: frozenset({Phase.VERIFY, Phase.ROLLBACK, Phase.FAILED}),
     Phase.VERIFY: frozenset({Phase.COMMIT, Phase.FAILED, Phase.UNVERIFIED, Phase.ROLLBACK}),
     Phase.COMMIT: frozenset({Phase.DONE}),
-    Phase.ROLLBACK: frozenset({Phase.ROLLED_BACK}),
+    Phase.ROLLBACK: frozenset({Phase.ROLLED_BACK, Phase.FAILED}),
     Phase.DONE: frozenset(), Phase.ROLLED_BACK: frozenset(), Phase.FAILED: frozenset(), Phase.UNVERIFIED: frozenset(),
 }
 assert all(Phase.ROLLBACK in TRANSITIONS[p] for p in _ROLLBACK_FROM)

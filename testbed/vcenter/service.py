@@ -845,6 +845,7 @@ class VCenter:
             else:
                 if peer is not None:
                     await self._peer_abort(peer, t)
+                    t.pop("dest_undone", None)
                 self.inv.event("VmFailedMigrateEvent", f"relocate of VM {name} to {dest_host} ({dest_name}) failed "
                                f"in {report.failed_phase}: {report.error}; it runs on {src_host}",
                                vm=name, host=src_host, task=t["id"])
@@ -855,6 +856,7 @@ class VCenter:
             # admitted but the engine never started: the destination's placeholder and ticket must go
             if peer is not None and t.get("stage") == "admitted":
                 await self._peer_abort(peer, t)
+                t.pop("dest_undone", None)
             raise
         finally:
             if peer is not None:
@@ -910,18 +912,26 @@ class VCenter:
             raise
         return peer, about
 
-    async def _peer_abort(self, peer: VcClient, t: dict[str, Any]) -> None:
+    async def _peer_abort(self, peer: VcClient, t: dict[str, Any]) -> str:
+        """Abort the admission at the destination vCenter: ``stopped``, ``running`` (the guest runs there: the
+        abort is refused) or ``unknown`` (no answer). What it undid goes to ``t["dest_undone"]``."""
+        t.pop("dest_undone", None)
         if not t.get("admission"):
-            return
+            return "stopped"
         for attempt in range(3):
             try:
-                await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/abort", {}, signed=True)
-                return
+                r = await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/abort", {},
+                                            signed=True)
+                t["dest_undone"] = list(r.get("undone") or [])
+                return "stopped"
+            except Conflict:
+                return "running"
             except TestbedError as err:
                 log.warning("abort at peer (attempt %d): %s", attempt + 1, err)
                 await asyncio.sleep(1)
         t.setdefault("notes", []).append("the destination vCenter did not confirm the abort; its reconcile "
                                          "will find the placeholder")
+        return "unknown"
 
     def _keep_source_copy(self, t: dict[str, Any], name: str, host: str, spec: VmSpec, dest_host: str,
                           dest_name: str, why: str) -> None:
@@ -1064,14 +1074,16 @@ class VCenter:
         done: list[str] = []
         if v is not None and v["state"] == "incoming":
             async with self.agent(a["host"]) as agent:
-                try:
-                    st = await agent.call("vm.status", name=a["vm"])
+                try:   # refused (Conflict) once the guest runs there; after it, it never will
+                    done = (await agent.call("migration.abort_incoming", name=a["vm"]))["undone"]
                 except NotFound:
-                    st = {}
-            if guest_running(st):
-                raise Conflict(f"VM {a['vm']} is running on {a['host']}: it cannot be aborted there",
-                               hint="the move completed; commit it instead")
-            done = await self._remove_from_host(a["host"], VmSpec.model_validate(v["spec"]))
+                    pass
+                except Conflict as err:
+                    raise Conflict(f"VM {a['vm']} is running on {a['host']}: it cannot be aborted there",
+                                   hint="the move completed; commit it instead") from err
+                with contextlib.suppress(NotFound, TestbedError):
+                    await agent.call("migration.finish", name=a["vm"])
+            done += await self._remove_from_host(a["host"], VmSpec.model_validate(v["spec"]))
             self.inv.delete_vm(a["vm"])
         a["state"] = "aborted"
         self.inv.put_admission(a)
@@ -1116,17 +1128,12 @@ class VCenter:
         peer = self.peer_client(dvc["url"], dvc["thumbprint"]) if dvc and dvc.get("thumbprint") else None
         # 1. let a migration in flight reach an end: the agents carry on without us
         src_status = await self._source_migration_status(src_host, name, wait_s=60)
-        # 2. where does the VM run now?
-        dest_running = False
-        if peer is not None and t.get("admission"):
-            st = await asyncio.to_thread(peer.get, f"/api/testbed/xvmotion/{t['admission']}", signed=True)
-            dest_running = st["running"]
-        elif peer is None and t.get("stage") in ("migrating", "committed"):
-            with contextlib.suppress(NotFound):
-                async with self.agent(dest_host) as agent:
-                    st = await agent.call("vm.status", name=name)
-                dest_running = guest_running(st)
-        if dest_running and v is not None and spec is not None:
+        # 2. where does the VM run now? A source that completed has handed the guest over: the destination's
+        #    agent resumes it by itself once it has loaded the device state, which can take seconds
+        dest_running = await self._destination_running(t, peer, dest_host, name,
+                                                       settle_s=60 if src_status == "completed" else 0)
+        dest_state = "running" if dest_running else await self._stop_destination(t, peer, dest_host, spec)
+        if dest_state == "running" and v is not None and spec is not None:
             # the move completed: the inventory follows the VM; the source copy stays (see below)
             dest_name = dvc["name"] if dvc else self.cfg.name
             dest_ds = t.get("dest_datastore") or t["placement"].get("datastore") or \
@@ -1143,28 +1150,80 @@ class VCenter:
             t["verdict"] = "unverified"
             self._finish(t, True)
         else:
-            # it did not switch over: roll back to the source
-            undone: list[str] = []
+            # it did not switch over (or its destination is stopped now): roll back to the source, which is
+            # resumed after a completed migration only once the destination is known to be stopped
+            undone: list[str] = list(t.pop("dest_undone", []))
+            completed = False
             with contextlib.suppress(NotFound, TestbedError):
                 async with self.agent(src_host) as agent:
-                    r = await agent.call("migration.cancel", name=name)
+                    r = await agent.call("migration.cancel", name=name, resume_completed=dest_state == "stopped")
                     undone += r.get("undone", [])
+                    completed = bool(r.get("completed"))
                     await agent.call("migration.finish", name=name)
-            if peer is not None and t.get("admission"):
-                await self._peer_abort(peer, t)
-            elif peer is None and spec is not None and t.get("stage") == "migrating":
-                moved = spec.model_copy(update={"disks": tuple(
-                    d.model_copy(update={"datastore": t["placement"].get("datastore") or d.datastore})
-                    for d in spec.disks)})
-                undone += await self._remove_from_host(dest_host, moved)
-            self._finish(t, False, error=TestbedError(
-                f"vCenter {self.cfg.name} restarted during the relocate of VM {name} before the switchover "
-                f"(source migration state: {src_status}); the move was rolled back and the VM runs on {src_host}",
-                hint="start the relocate again"))
+            if completed and dest_state != "stopped":
+                self._finish(t, False, error=TestbedError(
+                    f"vCenter {self.cfg.name} restarted during the relocate of VM {name}; the source's migration "
+                    f"had completed but the destination {dest_host} could not be reached to stop it, so the VM "
+                    f"stays paused on {src_host} rather than risk two running copies",
+                    hint=f"check {dest_host}; `testbed vcenter reconcile {self.cfg.name}` reports what runs where"))
+            else:
+                self._finish(t, False, error=TestbedError(
+                    f"vCenter {self.cfg.name} restarted during the relocate of VM {name} before the switchover "
+                    f"(source migration state: {src_status}); the move was rolled back and the VM runs on "
+                    f"{src_host}", hint="start the relocate again"))
             t["notes"].append("rolled back: " + (", ".join(undone) or "nothing to undo on the source"))
             self.inv.put_task(t)
         if peer is not None:
             peer.close()
+
+    async def _destination_running(self, t: dict[str, Any], peer: VcClient | None, dest_host: str, name: str,
+                                   settle_s: float) -> bool:
+        """Whether the guest runs on the destination, waiting up to ``settle_s`` for it to start there."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            alive = False
+            with contextlib.suppress(NotFound, TestbedError, HostUnreachable, TimeoutError):
+                if peer is not None and t.get("admission"):
+                    st = await asyncio.to_thread(peer.get, f"/api/testbed/xvmotion/{t['admission']}", signed=True)
+                    if st["running"]:
+                        return True
+                    alive = st.get("status") is not None
+                elif peer is None and t.get("stage") in ("migrating", "committed"):
+                    async with self.agent(dest_host) as agent:
+                        st = await agent.call("vm.status", name=name)
+                    if guest_running(st):
+                        return True
+                    alive = st.get("state") == "running"
+            if not alive or time.monotonic() > deadline:   # no QEMU there: it will not start
+                return False
+            await asyncio.sleep(0.5)
+
+    async def _stop_destination(self, t: dict[str, Any], peer: VcClient | None, dest_host: str,
+                                spec: VmSpec | None) -> str:
+        """Stop the destination's copy before the source resumes: ``stopped``, ``running`` (it runs there: the
+        move completed) or ``unknown`` (not reachable). What was undone goes to ``t["dest_undone"]``."""
+        t.pop("dest_undone", None)
+        if peer is not None and t.get("admission"):
+            return await self._peer_abort(peer, t)
+        if peer is not None or spec is None or t.get("stage") != "migrating":
+            return "stopped"       # no destination was started by this task
+        undone: list[str] = []
+        try:
+            async with self.agent(dest_host) as agent:
+                undone += (await agent.call("migration.abort_incoming", name=spec.name))["undone"]
+                with contextlib.suppress(NotFound, TestbedError):
+                    await agent.call("migration.finish", name=spec.name)
+        except NotFound:
+            pass
+        except Conflict:
+            return "running"
+        except (TestbedError, HostUnreachable, TimeoutError) as err:
+            t.setdefault("notes", []).append(f"the destination {dest_host} could not be stopped: {err}")
+            return "unknown"
+        moved = spec.model_copy(update={"disks": tuple(
+            d.model_copy(update={"datastore": t["placement"].get("datastore") or d.datastore}) for d in spec.disks)})
+        t["dest_undone"] = undone + await self._remove_from_host(dest_host, moved)
+        return "stopped"
 
     async def _source_migration_status(self, host: str, name: str, wait_s: float) -> str:
         deadline = time.monotonic() + wait_s

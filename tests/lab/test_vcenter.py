@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from testbed import labctl
 from testbed.errors import NotFound
 from testbed.lab import builder
 from testbed.lab import observer as obs
+from testbed.lab.state import record_alive
 from testbed.lab.topology import DatastoreSpec, HostSpec, SiteSpec, Topology, VCenterSpec
 from testbed.net import fabric
 from testbed.net.cmd import run
@@ -375,8 +377,19 @@ def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str, capsys: pyte
         assert rec["problems"] == [] and rec["unreachable_hosts"] == [], rec
 
 
+def _migration_status(lab: str, host: str, vm: str) -> str:
+    async def ask() -> str:
+        async with await labctl.hosts_of(builder.load_state(lab))[host].agent() as agent:
+            return str((await agent.call("vm.qmp", name=vm, command="query-migrate")).get("status", "none"))
+    return asyncio.run(ask())
+
+
 def test_vcenter_killed_mid_relocate_resolves_honestly(vclab: str, app1: str) -> None:
-    """Move app1 back (vc-b -> vc-a) over a slow link; SIGKILL vc-b in pre-copy; restart it."""
+    """Move app1 back (vc-b -> vc-a) over a slow link; SIGKILL vc-b in pre-copy; restart it at the worst moment.
+
+    The worst moment: the source finished the migration on its own while vc-b was down, and the destination has
+    not resumed the guest yet (its agent is held with SIGSTOP, as a busy host holds it for a while). A recovery
+    that resumed the source then left two running copies once the destination resumed too."""
     assert inventory_host(vclab, "vc-b", app1) == "esx-b1", "runs after the end-to-end test"
     labctl.set_link(vclab, change_bandwidth=True, bandwidth_bps=24 * 2**20)
     try:
@@ -389,8 +402,20 @@ def test_vcenter_killed_mid_relocate_resolves_honestly(vclab: str, app1: str) ->
                 assert time.monotonic() < deadline, "the relocate never reached pre-copy"
                 time.sleep(0.2)
         print("\n" + deploy.stop(vclab, "vc-b", kill=True))
-        time.sleep(1)
-        deploy.start(vclab, "vc-b")
+        rec = next(p for p in builder.load_state(vclab).processes if p.role == "hostd esx-a1")
+        assert record_alive(rec), rec
+        agent_a1 = rec.pid
+        os.kill(agent_a1, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 150
+            while (status := _migration_status(vclab, "esx-b1", app1)) != "completed":
+                assert status in ("active", "setup", "device", "pre-switchover"), f"the source's migration: {status}"
+                assert time.monotonic() < deadline, "the source did not complete the migration on its own in 150 s"
+                time.sleep(0.5)
+            deploy.start(vclab, "vc-b")
+            time.sleep(3)
+        finally:
+            os.kill(agent_a1, signal.SIGCONT)
         with client(vclab, "vc-b") as b:
             t = b.wait_task(tid, timeout_s=240)
     finally:
