@@ -465,6 +465,10 @@ class SourceRole:
             elif status != "running":
                 await vm.execute("cont")
                 done.append(f"guest resumed on the source (was {status})")
+            elif completed:
+                done.append("the migration had completed, and the guest already ran again on the source")
+        else:
+            done.append("the source QEMU is gone")
         self.detach()
         return {"undone": done, "completed": completed}
 
