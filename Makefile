@@ -7,7 +7,7 @@ IMAGE := images/guest/build/manifest.json
 IMAGE_INPUTS := images/guest/build.sh images/guest/init $(wildcard images/guest/agent/*)
 PYTEST_ARGS ?=
 
-.PHONY: all setup system venv image host-image setup-host-image setup-vagrant vagrant-box demo test test-slow scenarios experiments bench bench-convergence bench-wan lint clean
+.PHONY: all setup system venv image host-image setup-host-image setup-vagrant vagrant-box vagrant-lab vagrant-lab-down demo test test-slow scenarios experiments bench bench-convergence bench-wan lint clean
 
 all: setup image
 
@@ -47,6 +47,14 @@ setup-vagrant: system
 
 vagrant-box: host-image setup-vagrant
 	bash images/host/vagrant-box.sh images/host/build images/host/build/testbed-host.box
+
+## the Vagrant lab from nothing: the box added, a libvirtd (the running one, or one started for it), the
+## domain type from the KVM probe, `vagrant up`, `testbed lab attach --vagrant`; -down stops all of it
+vagrant-lab: vagrant-box
+	$(VENV)/bin/testbed lab vagrant up
+
+vagrant-lab-down: venv
+	$(VENV)/bin/testbed lab vagrant down
 
 demo: setup image
 	$(VENV)/bin/testbed demo

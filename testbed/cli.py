@@ -71,6 +71,26 @@ def _lab_attach(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_vagrant(a: argparse.Namespace) -> int:
+    from testbed import vagrant_lab
+    lab = a.lab if a.lab_given else "vg"
+    vdir = Path(a.dir).resolve()
+    say = lambda s: out.print(f"[bold]vagrant lab:[/] {s}", highlight=False)  # noqa: E731
+    if a.action == "up":
+        r = vagrant_lab.up(vdir, lab, say)
+        t = r["times"]
+        out.print(f"lab [bold]{lab}[/] is up in {t['total_s']:.0f} s (vagrant up {t['vagrant_up_s']:.0f} s, "
+                  f"attach {t['attach_s']:.0f} s): hosts {', '.join(r['hosts'])} as {r['driver']} domains, "
+                  "two vCenters" + (", and the libvirtd this command started" if r["libvirtd"] == "ours" else ""))
+        out.print(f"  `testbed --lab {lab} vcenter list` shows the vCenters; `testbed lab vagrant down` "
+                  "(or `make vagrant-lab-down`) stops all of it")
+        return 0
+    for f in vagrant_lab.down(vdir, lab, say):
+        err.print(f"[yellow]warning:[/] {f}")
+    out.print(f"Vagrant lab [bold]{lab}[/] is down")
+    return 0
+
+
 def _lab_down(a: argparse.Namespace) -> int:
     from testbed import labctl
     forced, secs = labctl.down(a.lab)
@@ -285,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vagrant", action="store_true", required=True, help="the lab is the Vagrantfile's")
     s.add_argument("--dir", default=".", help="directory of the Vagrantfile (default: the current one)")
     s.set_defaults(fn=_lab_attach)
+    s = lab.add_parser("vagrant", help="the Vagrant lab from nothing: box, libvirtd, `vagrant up`, attach (or down)")
+    s.add_argument("action", choices=("up", "down"))
+    s.add_argument("--dir", default=".", help="directory of the Vagrantfile (default: the current one)")
+    s.set_defaults(fn=_lab_vagrant)
     s = lab.add_parser("status", help="sites, vCenters and hosts")
     s.add_argument("--json", action="store_true")
     s.add_argument("--check", action="store_true", help="also reach every host agent over SSH")

@@ -72,21 +72,37 @@ def ensure_libvirtd(state: LabState, lab_dir: Path, save: Callable[[], None], wa
                             "from bookworm-backports)")
     if not RUN_DIR.exists():
         state.libvirt_run_dir_created = True
-    conf = lab_dir / "libvirt-qemu.conf"
+    rec, proc, log = spawn_libvirtd(lab_dir)
+    state.processes.append(rec)
+    state.libvirtd_started = True
+    state.libvirt_uri = u
+    save()
+    conn = wait_libvirtd(u, proc, log, wait_s)
+    conn.close()
+    return u
+
+
+def spawn_libvirtd(run_dir: Path) -> tuple[ProcessRecord, subprocess.Popen[bytes], Path]:
+    """Start a libvirtd at the default URI with this project's qemu.conf (QEMU's output to files, no security
+    driver, QEMU as root), which works without systemd, virtlogd or virtlockd. Its configuration, PID file and
+    log go to ``run_dir``. The caller records the returned process and waits for it (``wait_libvirtd``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    conf = run_dir / "libvirt-qemu.conf"
     conf.write_text(QEMU_CONF)
-    log = lab_dir / "libvirtd.log"
+    log = run_dir / "libvirtd.log"
     with open(log, "ab") as out:
         # A private mount namespace for the bind mount of qemu.conf only; /run stays shared, so the
         # daemon's sockets are where every client looks.
         proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
              'mount --bind "$0" /etc/libvirt/qemu.conf && exec "$@"', str(conf),
-             LIBVIRTD, "--pid-file", str(lab_dir / "libvirtd.pid")],
+             LIBVIRTD, "--pid-file", str(run_dir / "libvirtd.pid")],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    state.processes.append(ProcessRecord(role=ROLE, pid=proc.pid, starttime=proc_starttime(proc.pid) or 0))
-    state.libvirtd_started = True
-    state.libvirt_uri = u
-    save()
+    return ProcessRecord(role=ROLE, pid=proc.pid, starttime=proc_starttime(proc.pid) or 0), proc, log
+
+
+def wait_libvirtd(u: str, proc: subprocess.Popen[bytes], log: Path, wait_s: float) -> Any:
+    """A connection to the libvirtd just started, once it answers."""
     deadline = time.monotonic() + wait_s
     while (conn := open_connection(u)) is None:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -96,8 +112,7 @@ def ensure_libvirtd(state: LabState, lab_dir: Path, save: Callable[[], None], wa
                            + " | ".join(tail),
                            hint=f"see {log}; is another libvirtd half-running (stale {RUN_DIR}/libvirt-sock)?")
         time.sleep(0.1)
-    conn.close()
-    return u
+    return conn
 
 
 @dataclass(frozen=True)
