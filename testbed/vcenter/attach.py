@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -144,6 +145,38 @@ def _wire(t: topo.Topology, state: LabState, sf: StateFile) -> None:
         if gw:
             cmds.append(f"route add default via {gw}")
         run(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
+    # vagrant-libvirt's bridges run STP (libvirt: 2 s forward delay): a new port drops every frame until it is
+    # forwarding (about 4 s), and a vCenter that connects at once to its hosts gets "Unable to connect"
+    ends = [f"{lab}-at{i}"[:15] for i in range(len(plan))]
+    deadline = time.monotonic() + 60
+    while waiting := [e for e in ends if _port_state(e) not in (None, 3)]:
+        if time.monotonic() > deadline:
+            raise LabError(f"bridge ports {', '.join(waiting)} did not reach the forwarding state within 60 s",
+                           hint="see `bridge link`; `testbed --lab vg lab down` removes them")
+        time.sleep(0.2)
+
+
+def _port_state(link: str) -> int | None:
+    """The STP state of a bridge port (3: forwarding), None where the bridge runs no STP state machine."""
+    try:
+        return int(Path(f"/sys/class/net/{link}/brport/state").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_ssh(address: str, host: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, 22), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise LabError(f"host {host}'s SSH server at {address}:22 did not answer within {timeout_s:.0f} s "
+                               f"after `vagrant up`: {err}",
+                               hint=f"see its console (`vagrant ssh {host}`, `virsh console`); then attach again") \
+                    from err
+            time.sleep(1)
 
 
 async def attach(vdir: Path, lab: str = "vg") -> tuple[dict[str, float], dict[str, SshEntry]]:
@@ -180,6 +213,11 @@ async def attach(vdir: Path, lab: str = "vg") -> tuple[dict[str, float], dict[st
             await asyncio.to_thread(deploy.init, t, si, secrets.token_bytes(32), secrets.token_urlsafe(12))
         await asyncio.gather(*(asyncio.to_thread(deploy.start, lab, s.vcenter.name) for s in t.sites))
         t2 = time.monotonic()
+
+        # `vagrant up` returns once each host is provisioned; its sshd on the management address (which the
+        # provisioning set) can take a few seconds more on a busy machine
+        await asyncio.gather(*(asyncio.to_thread(_wait_ssh, topo.host_addresses(si, hi).mgmt.split("/")[0], h.name)
+                               for si, _, hi, h in t.hosts()))
 
         def add(site: topo.SiteSpec, h: topo.HostSpec) -> None:
             with deploy.client(lab, site.vcenter.name) as c:

@@ -29,7 +29,8 @@ def sh(*argv: str, timeout_s: float = 3000, env: dict[str, str] | None = None) -
 
 
 def testbed(*args: str, timeout_s: float = 3000) -> subprocess.CompletedProcess[str]:
-    return sh(sys.executable, "-m", "testbed.cli", *args, timeout_s=timeout_s)
+    # wide: the test reads sentences the command prints, which a console of 80 columns would wrap
+    return sh(sys.executable, "-m", "testbed.cli", *args, timeout_s=timeout_s, env={**os.environ, "COLUMNS": "250"})
 
 
 def test_vagrant_lab_from_nothing(lab_env: Path) -> None:
