@@ -129,6 +129,62 @@ def ensure_libvirtd(lab: str, say: Callable[[str], None]) -> str:
     return "ours"
 
 
+POOL = "default"               # the storage pool vagrant-libvirt puts the box's volume and the hosts' disks in
+BOX_VOLUME = "testbed-VAGRANTSLASH-host_vagrant_box_image_"   # vagrant-libvirt's name for our box's volumes
+
+
+def _pool_exists() -> bool:
+    lv = lvh._libvirt()
+    conn = lvh.open_connection(lvh.DEFAULT_URI)
+    if conn is None:
+        return False
+    try:
+        conn.storagePoolLookupByName(POOL)
+        return True
+    except lv.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+def _remove_box_volumes(lab: str, say: Callable[[str], None]) -> list[str]:
+    """The box's volumes vagrant-libvirt uploaded (one per box added: they pile up), and the pool if ``up``
+    found none and vagrant-libvirt defined it."""
+    lv = lvh._libvirt()
+    left: list[str] = []
+    up_rec = _own_dir(lab) / "up.json"
+    try:
+        pool_ours = bool(json.loads(up_rec.read_text()).get("pool_defined_by_up"))
+    except (OSError, ValueError):
+        pool_ours = False
+    conn = lvh.open_connection(lvh.DEFAULT_URI)
+    if conn is None:
+        return [f"no libvirtd answers at {lvh.DEFAULT_URI}: the box's volumes in pool {POOL} are left"]
+    try:
+        try:
+            pool = conn.storagePoolLookupByName(POOL)
+        except lv.libvirtError:
+            return left
+        if pool.isActive():
+            pool.refresh(0)
+            for name in pool.listVolumes():
+                if name.startswith(BOX_VOLUME):
+                    try:
+                        pool.storageVolLookupByName(name).delete(0)
+                        say(f"box volume {name} removed from libvirt pool {POOL}")
+                    except lv.libvirtError as err:
+                        left.append(f"box volume {name}: {err.get_error_message()}")
+        if pool_ours and pool.numOfVolumes() == 0:
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
+            say(f"libvirt pool {POOL} (defined by vagrant-libvirt for this lab) removed")
+    finally:
+        conn.close()
+    up_rec.unlink(missing_ok=True)
+    return left
+
+
 def up(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> dict[str, Any]:
     """Box, libvirtd, ``vagrant up``, attach; returns what it started and the time of each step."""
     t0 = time.monotonic()
@@ -148,6 +204,10 @@ def up(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> dict[
         say(f"box: added {BOX} from {BOX_FILE}")
     times["box_s"] = time.monotonic() - t0
     libvirtd = ensure_libvirtd(lab, say)
+    had_pool = _pool_exists()
+    up_rec = _own_dir(lab) / "up.json"
+    if not up_rec.exists():
+        up_rec.write_text(json.dumps({"pool_defined_by_up": not had_pool}))
     driver, why = choose_driver()
     say(f"domain type: {driver} ({why})")
     env = {**os.environ, "TESTBED_VAGRANT_DRIVER": driver, "TESTBED_VAGRANT_LAB": lab,
@@ -181,6 +241,7 @@ def down(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> lis
             env = {**os.environ, "TESTBED_VAGRANT_LAB": lab, "LIBVIRT_DEFAULT_URI": lvh.DEFAULT_URI}
             _vagrant(vdir, "destroy", "-f", env=env, timeout_s=600)
             say("vagrant destroy -f: the Vagrant hosts and their networks removed")
+            left += _remove_box_volumes(lab, say)
     rec = _recorded(lab)
     if rec is not None:
         meta = json.loads(_record_path(lab).read_text())

@@ -28,7 +28,7 @@ def sh(*argv: str, timeout_s: float = 3000, env: dict[str, str] | None = None) -
     return subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
-def testbed(*args: str, timeout_s: float = 3000) -> subprocess.CompletedProcess[str]:
+def run_testbed(*args: str, timeout_s: float = 3000) -> subprocess.CompletedProcess[str]:
     # wide: the test reads sentences the command prints, which a console of 80 columns would wrap
     return sh(sys.executable, "-m", "testbed.cli", *args, timeout_s=timeout_s, env={**os.environ, "COLUMNS": "250"})
 
@@ -39,13 +39,16 @@ def test_vagrant_lab_from_nothing(lab_env: Path) -> None:
         pytest.skip("a libvirtd already runs at qemu:///system: this test starts from nothing")
     if Path(REPO_ROOT / ".vagrant").exists() and any((REPO_ROOT / ".vagrant").rglob("id")):
         pytest.skip("a Vagrant lab of this directory exists (.vagrant/): `testbed lab vagrant down` first")
+    images, pools = Path("/var/lib/libvirt/images"), Path("/etc/libvirt/storage")
+    volumes_before = set(images.glob("testbed-VAGRANTSLASH-host_*")) if images.exists() else set()
+    pool_before = (pools / "default.xml").exists()
     made = sh("make", "setup-vagrant", "vagrant-box")
     assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
     if shutil.which("vagrant"):
         sh("vagrant", "box", "remove", "--force", "testbed/host", timeout_s=300)   # from nothing: no box
     t0 = time.monotonic()
     try:
-        up = testbed("lab", "vagrant", "up")
+        up = run_testbed("lab", "vagrant", "up")
         said = up.stdout + up.stderr
         print(said[-3000:])
         assert up.returncode == 0, said[-3000:]
@@ -56,16 +59,18 @@ def test_vagrant_lab_from_nothing(lab_env: Path) -> None:
         assert "domain type: " in said and "accelerator probe" in said, said
         assert "make vagrant-lab-down" in said, said
         for vc in ("vc-a", "vc-b"):
-            r = testbed("--lab", "vg", "vcenter", "show", vc)
+            r = run_testbed("--lab", "vg", "vcenter", "show", vc)
             assert r.returncode == 0, r.stdout + r.stderr
             hosts = json.loads(r.stdout)["hosts"]
             assert len(hosts) == 2 and all(h["connection_state"] == "CONNECTED" for h in hosts), hosts
     finally:
-        down = testbed("lab", "vagrant", "down", timeout_s=900)
+        down = run_testbed("lab", "vagrant", "down", timeout_s=900)
         print(down.stdout + down.stderr)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "warning" not in down.stdout + down.stderr, down.stdout + down.stderr
     assert lvh.open_connection(lvh.DEFAULT_URI) is None, "the libvirtd it started still answers"
     assert not Path(os.environ["TESTBED_HOME"], "labs", "vg", "state.json").exists()
+    assert not (set(images.glob("testbed-VAGRANTSLASH-host_*")) - volumes_before), "a box volume is left"
+    assert (pools / "default.xml").exists() == pool_before, "the storage pool vagrant-libvirt defined is left"
     links = sh("ip", "-o", "link", "show").stdout
     assert "virbr" not in links and "tb-vg" not in links, links
