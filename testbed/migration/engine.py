@@ -830,6 +830,8 @@ class Migration:
             if undone.get("completed") and not dest_stopped:
                 # the source handed the guest over and the destination could not be stopped: whether it runs
                 # there is unknown, so the source stays paused (kept) rather than risk two running copies
+                log.append(f"the source's migration had completed and {self.where(self.req.destination)} could "
+                           "not be reached to stop the VM there: it may run there; the source copy stays paused")
                 self._enter(Phase.FAILED)
                 self.source_kept = True
                 return
