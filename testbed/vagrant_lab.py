@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,14 +56,23 @@ def _vagrant(vdir: Path, *args: str, env: dict[str, str] | None = None, timeout_
                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
             assert proc.stdout is not None
             tail: list[str] = []
-            deadline = time.monotonic() + timeout_s
-            for line in proc.stdout:
-                print("    " + line.rstrip(), flush=True)
-                tail = (tail + [line.rstrip()])[-15:]
-                if time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    raise subprocess.TimeoutExpired(cmd, timeout_s)
-            rc = proc.wait()
+            # a silent hang (no line to read) must end too: a timer stops Vagrant's process group
+            fired = threading.Event()
+
+            def stop() -> None:
+                fired.set()
+                os.killpg(proc.pid, signal.SIGTERM)
+            timer = threading.Timer(timeout_s, stop)
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    print("    " + line.rstrip(), flush=True)
+                    tail = (tail + [line.rstrip()])[-15:]
+                rc = proc.wait()
+            finally:
+                timer.cancel()
+            if fired.is_set():
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
             out = "\n".join(tail)
         else:
             p = subprocess.run(["vagrant", *args], cwd=vdir, env=env, capture_output=True, text=True,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from testbed.errors import InputError
@@ -46,3 +49,21 @@ def test_ssh_config() -> None:
 def test_ssh_config_without_hostname() -> None:
     with pytest.raises(InputError, match="esx-a1 has no HostName"):
         parse_ssh_config("Host esx-a1\n  User root\n")
+
+
+def test_a_silent_vagrant_hang_ends_at_the_time_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vagrant up` once sat for minutes printing nothing: the streamed run must still end at its limit, with
+    Vagrant's process group stopped and an error that says what to do."""
+    import time
+
+    from testbed import vagrant_lab
+    from testbed.errors import LabError
+    fake = tmp_path / "vagrant"
+    fake.write_text("#!/bin/sh\necho starting\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    t0 = time.monotonic()
+    with pytest.raises(LabError, match="did not finish within 1 s") as err:
+        vagrant_lab._vagrant(tmp_path, "up", timeout_s=1, stream=True)
+    assert time.monotonic() - t0 < 10
+    assert "lab vagrant down" in (err.value.hint or "")
