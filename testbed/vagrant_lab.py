@@ -157,16 +157,35 @@ def _pool_exists() -> bool:
         conn.close()
 
 
+def _box_volumes() -> set[str]:
+    """Our box's volumes in the pool now (vagrant-libvirt uploads one per box added)."""
+    lv = lvh._libvirt()
+    conn = lvh.open_connection(lvh.DEFAULT_URI)
+    if conn is None:
+        return set()
+    try:
+        pool = conn.storagePoolLookupByName(POOL)
+        if not pool.isActive():
+            return set()
+        pool.refresh(0)
+        return {v for v in pool.listVolumes() if v.startswith(BOX_VOLUME)}
+    except lv.libvirtError:
+        return set()
+    finally:
+        conn.close()
+
+
 def _remove_box_volumes(lab: str, say: Callable[[str], None]) -> list[str]:
-    """The box's volumes vagrant-libvirt uploaded (one per box added: they pile up), and the pool if ``up``
-    found none and vagrant-libvirt defined it."""
+    """The box's volumes ``up`` recorded as uploaded by its ``vagrant up`` (they pile up otherwise), and the
+    pool if ``up`` found none and vagrant-libvirt defined it."""
     lv = lvh._libvirt()
     left: list[str] = []
     up_rec = _own_dir(lab) / "up.json"
     try:
-        pool_ours = bool(json.loads(up_rec.read_text()).get("pool_defined_by_up"))
+        rec = json.loads(up_rec.read_text())
+        pool_ours, ours = bool(rec.get("pool_defined_by_up")), set(rec.get("box_volumes", []))
     except (OSError, ValueError):
-        pool_ours = False
+        pool_ours, ours = False, set()
     conn = lvh.open_connection(lvh.DEFAULT_URI)
     if conn is None:
         return [f"no libvirtd answers at {lvh.DEFAULT_URI}: the box's volumes in pool {POOL} are left"]
@@ -178,7 +197,7 @@ def _remove_box_volumes(lab: str, say: Callable[[str], None]) -> list[str]:
         if pool.isActive():
             pool.refresh(0)
             for name in pool.listVolumes():
-                if name.startswith(BOX_VOLUME):
+                if name in ours:
                     try:
                         pool.storageVolLookupByName(name).delete(0)
                         say(f"box volume {name} removed from libvirt pool {POOL}")
@@ -214,17 +233,23 @@ def up(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> dict[
         say(f"box: added {BOX} from {BOX_FILE}")
     times["box_s"] = time.monotonic() - t0
     libvirtd = ensure_libvirtd(lab, say)
-    had_pool = _pool_exists()
+    had_pool, volumes_before = _pool_exists(), _box_volumes()
     up_rec = _own_dir(lab) / "up.json"
-    if not up_rec.exists():
-        up_rec.write_text(json.dumps({"pool_defined_by_up": not had_pool}))
+    rec: dict[str, Any] = {"pool_defined_by_up": not had_pool, "box_volumes": []}
+    if up_rec.exists():   # an earlier `up` of this lab that was not taken down: keep what it recorded
+        rec = json.loads(up_rec.read_text())
+    up_rec.write_text(json.dumps(rec))
     driver, why = choose_driver()
     say(f"domain type: {driver} ({why})")
     env = {**os.environ, "TESTBED_VAGRANT_DRIVER": driver, "TESTBED_VAGRANT_LAB": lab,
            "LIBVIRT_DEFAULT_URI": lvh.DEFAULT_URI}
     t1 = time.monotonic()
     say("vagrant up --provider libvirt (four L1 hosts" + (", TCG: several minutes" if driver == "qemu" else "") + ")")
-    _vagrant(vdir, "up", "--provider", "libvirt", env=env, timeout_s=UP_TIMEOUT_S, stream=True)
+    try:
+        _vagrant(vdir, "up", "--provider", "libvirt", env=env, timeout_s=UP_TIMEOUT_S, stream=True)
+    finally:   # what this `vagrant up` uploaded, for `down` (and only that)
+        rec["box_volumes"] = sorted(set(rec["box_volumes"]) | (_box_volumes() - volumes_before))
+        up_rec.write_text(json.dumps(rec))
     times["vagrant_up_s"] = time.monotonic() - t1
     from testbed.vcenter.attach import attach
     t2 = time.monotonic()
