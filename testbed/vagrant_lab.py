@@ -25,14 +25,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from testbed.errors import LabError, NotFound
+from testbed.hosts import vagrant as vg
 from testbed.lab import builder
 from testbed.lab import libvirt_host as lvh
 from testbed.lab.state import ProcessRecord, StateFile, record_alive
@@ -45,46 +44,8 @@ RECORD = "vagrant-libvirtd.json"
 UP_TIMEOUT_S = 45 * 60
 
 
-def _vagrant(vdir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 600,
-             stream: bool = False) -> str:
-    if shutil.which("vagrant") is None:
-        raise NotFound("vagrant is not installed", hint="`make setup-vagrant` installs vagrant and vagrant-libvirt")
-    cmd = "vagrant " + " ".join(args)
-    try:
-        if stream:   # the user sees Vagrant's progress as it comes; the tail goes into the error
-            proc = subprocess.Popen(["vagrant", *args], cwd=vdir, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            assert proc.stdout is not None
-            tail: list[str] = []
-            # a silent hang (no line to read) must end too: a timer stops Vagrant's process group
-            fired = threading.Event()
-
-            def stop() -> None:
-                fired.set()
-                os.killpg(proc.pid, signal.SIGTERM)
-            timer = threading.Timer(timeout_s, stop)
-            timer.start()
-            try:
-                for line in proc.stdout:
-                    print("    " + line.rstrip(), flush=True)
-                    tail = (tail + [line.rstrip()])[-15:]
-                rc = proc.wait()
-            finally:
-                timer.cancel()
-            if fired.is_set():
-                raise subprocess.TimeoutExpired(cmd, timeout_s)
-            out = "\n".join(tail)
-        else:
-            p = subprocess.run(["vagrant", *args], cwd=vdir, env=env, capture_output=True, text=True,
-                               timeout=timeout_s)
-            rc, out = p.returncode, (p.stdout + p.stderr)
-    except subprocess.TimeoutExpired as err:
-        raise LabError(f"`{cmd}` in {vdir} did not finish within {timeout_s:.0f} s",
-                       hint="`testbed lab vagrant down` removes what it made") from err
-    if rc != 0:
-        raise LabError(f"`{cmd}` in {vdir} failed (exit {rc}): {out.strip()[-800:]}",
-                       hint="`testbed lab vagrant down` removes what it made; then try again")
-    return out
+def _vagrant(vdir: Path, *args: str, **kw: Any) -> str:
+    return vg.run(vdir, *args, hint="`testbed lab vagrant down` removes what it made; then try again", **kw)
 
 
 def _own_dir(lab: str) -> Path:
@@ -143,26 +104,12 @@ POOL = "default"               # the storage pool vagrant-libvirt puts the box's
 BOX_VOLUME = "testbed-VAGRANTSLASH-host_vagrant_box_image_"   # vagrant-libvirt's name for our box's volumes
 
 
-def _pool_exists() -> bool:
+def _box_volumes() -> set[str] | None:
+    """Our box's volumes in the pool now (vagrant-libvirt uploads one per box added); None: no such pool."""
     lv = lvh._libvirt()
     conn = lvh.open_connection(lvh.DEFAULT_URI)
     if conn is None:
-        return False
-    try:
-        conn.storagePoolLookupByName(POOL)
-        return True
-    except lv.libvirtError:
-        return False
-    finally:
-        conn.close()
-
-
-def _box_volumes() -> set[str]:
-    """Our box's volumes in the pool now (vagrant-libvirt uploads one per box added)."""
-    lv = lvh._libvirt()
-    conn = lvh.open_connection(lvh.DEFAULT_URI)
-    if conn is None:
-        return set()
+        return None
     try:
         pool = conn.storagePoolLookupByName(POOL)
         if not pool.isActive():
@@ -170,7 +117,7 @@ def _box_volumes() -> set[str]:
         pool.refresh(0)
         return {v for v in pool.listVolumes() if v.startswith(BOX_VOLUME)}
     except lv.libvirtError:
-        return set()
+        return None
     finally:
         conn.close()
 
@@ -233,9 +180,9 @@ def up(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> dict[
         say(f"box: added {BOX} from {BOX_FILE}")
     times["box_s"] = time.monotonic() - t0
     libvirtd = ensure_libvirtd(lab, say)
-    had_pool, volumes_before = _pool_exists(), _box_volumes()
+    volumes_before = _box_volumes()
     up_rec = _own_dir(lab) / "up.json"
-    rec: dict[str, Any] = {"pool_defined_by_up": not had_pool, "box_volumes": []}
+    rec: dict[str, Any] = {"pool_defined_by_up": volumes_before is None, "box_volumes": []}
     if up_rec.exists():   # an earlier `up` of this lab that was not taken down: keep what it recorded
         rec = json.loads(up_rec.read_text())
     up_rec.write_text(json.dumps(rec))
@@ -248,7 +195,7 @@ def up(vdir: Path, lab: str = "vg", say: Callable[[str], None] = print) -> dict[
     try:
         _vagrant(vdir, "up", "--provider", "libvirt", env=env, timeout_s=UP_TIMEOUT_S, stream=True)
     finally:   # what this `vagrant up` uploaded, for `down` (and only that)
-        rec["box_volumes"] = sorted(set(rec["box_volumes"]) | (_box_volumes() - volumes_before))
+        rec["box_volumes"] = sorted(set(rec["box_volumes"]) | ((_box_volumes() or set()) - (volumes_before or set())))
         up_rec.write_text(json.dumps(rec))
     times["vagrant_up_s"] = time.monotonic() - t1
     from testbed.vcenter.attach import attach

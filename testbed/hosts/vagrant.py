@@ -9,8 +9,15 @@ keys are kept in ``$TESTBED_HOME/labs/<LAB>/`` (made on first use), as for an em
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
+from testbed.errors import LabError, NotFound
 from testbed.hosts.nested import NestedHost
 from testbed.lab import builder
 from testbed.lab import topology as topo
@@ -23,6 +30,49 @@ def topology(lab: str) -> topo.Topology:
     return t.model_copy(update={"sites": tuple(
         s.model_copy(update={"hosts": tuple(h.model_copy(update={"kind": "nested"}) for h in s.hosts)})
         for s in t.sites)})
+
+
+def run(vdir: Path, *args: str, hint: str, env: dict[str, str] | None = None, timeout_s: float = 120,
+        stream: bool = False) -> str:
+    """``vagrant ARGS`` in ``vdir``: its standard output, or a ``LabError`` with its tail and ``hint``.
+
+    ``stream``: the user sees Vagrant's progress as it comes (stdout and stderr), and the last lines go into
+    the error. A silent hang ends at ``timeout_s`` too: a timer stops Vagrant's process group."""
+    if shutil.which("vagrant") is None:
+        raise NotFound("vagrant is not installed", hint="`make setup-vagrant` installs vagrant and vagrant-libvirt")
+    cmd = "vagrant " + " ".join(args)
+    try:
+        if stream:
+            proc = subprocess.Popen(["vagrant", *args], cwd=vdir, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            assert proc.stdout is not None
+            tail: list[str] = []
+            fired = threading.Event()
+
+            def stop() -> None:
+                fired.set()
+                os.killpg(proc.pid, signal.SIGTERM)
+            timer = threading.Timer(timeout_s, stop)
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    print("    " + line.rstrip(), flush=True)
+                    tail = (tail + [line.rstrip()])[-15:]
+                rc = proc.wait()
+            finally:
+                timer.cancel()
+            if fired.is_set():
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
+            out, said = "\n".join(tail), "\n".join(tail)
+        else:
+            p = subprocess.run(["vagrant", *args], cwd=vdir, env=env, capture_output=True, text=True,
+                               timeout=timeout_s)
+            rc, out, said = p.returncode, p.stdout, (p.stderr or p.stdout)
+    except subprocess.TimeoutExpired as err:
+        raise LabError(f"`{cmd}` in {vdir} did not finish within {timeout_s:.0f} s", hint=hint) from err
+    if rc != 0:
+        raise LabError(f"`{cmd}` in {vdir} failed (exit {rc}): {said.strip()[-800:]}", hint=hint)
+    return out
 
 
 def identity_json(lab: str, host: str) -> str:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,17 +44,8 @@ class SshEntry:
     identity_file: str | None
 
 
-def _vagrant(vdir: Path, *args: str, timeout_s: float = 120) -> str:
-    if shutil.which("vagrant") is None:
-        raise NotFound("vagrant is not installed", hint="`make setup-vagrant` installs vagrant and vagrant-libvirt")
-    try:
-        out = subprocess.run(["vagrant", *args], cwd=vdir, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as err:
-        raise LabError(f"`vagrant {' '.join(args)}` in {vdir} did not answer within {timeout_s:.0f} s") from err
-    if out.returncode != 0:
-        raise LabError(f"`vagrant {' '.join(args)}` in {vdir} failed: {(out.stderr or out.stdout).strip()[-600:]}",
-                       hint=f"is {vdir} the directory of the Vagrantfile, and the lab up (`vagrant up`)?")
-    return out.stdout
+def _vagrant(vdir: Path, *args: str) -> str:
+    return vg.run(vdir, *args, hint=f"is {vdir} the directory of the Vagrantfile, and the lab up (`vagrant up`)?")
 
 
 def machine_states(text: str) -> dict[str, str]:
@@ -136,8 +125,8 @@ def _wire(t: topo.Topology, state: LabState, sf: StateFile) -> None:
     state.namespaces = [ns for ns, *_ in plan]
     sf.save(state)
     run(["ip", "-batch", "-"], input="".join(f"netns add {ns}\n" for ns, *_ in plan))
-    for i, (ns, bridge, addr, gw) in enumerate(plan):
-        end = f"{lab}-at{i}"[:15]
+    ends = [f"{lab}-at{i}"[:15] for i in range(len(plan))]
+    for end, (ns, bridge, addr, gw) in zip(ends, plan, strict=True):
         run(["ip", "link", "add", "name", end, "type", "veth", "peer", "name", "eth0", "netns", ns])
         run(["sysctl", "-q", "-w", f"net.ipv6.conf.{end}.disable_ipv6=1"])
         run(["ip", "link", "set", end, "master", bridge, "up"])
@@ -147,7 +136,6 @@ def _wire(t: topo.Topology, state: LabState, sf: StateFile) -> None:
         run(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
     # vagrant-libvirt's bridges run STP (libvirt: 2 s forward delay): a new port drops every frame until it is
     # forwarding (about 4 s), and a vCenter that connects at once to its hosts gets "Unable to connect"
-    ends = [f"{lab}-at{i}"[:15] for i in range(len(plan))]
     deadline = time.monotonic() + 60
     while waiting := [e for e in ends if _port_state(e) not in (None, 3)]:
         if time.monotonic() > deadline:

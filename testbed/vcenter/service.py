@@ -845,7 +845,6 @@ class VCenter:
             else:
                 if peer is not None:
                     await self._peer_abort(peer, t)
-                    t.pop("dest_undone", None)
                 self.inv.event("VmFailedMigrateEvent", f"relocate of VM {name} to {dest_host} ({dest_name}) failed "
                                f"in {report.failed_phase}: {report.error}; it runs on {src_host}",
                                vm=name, host=src_host, task=t["id"])
@@ -856,7 +855,6 @@ class VCenter:
             # admitted but the engine never started: the destination's placeholder and ticket must go
             if peer is not None and t.get("stage") == "admitted":
                 await self._peer_abort(peer, t)
-                t.pop("dest_undone", None)
             raise
         finally:
             if peer is not None:
@@ -912,26 +910,24 @@ class VCenter:
             raise
         return peer, about
 
-    async def _peer_abort(self, peer: VcClient, t: dict[str, Any]) -> str:
+    async def _peer_abort(self, peer: VcClient, t: dict[str, Any]) -> tuple[str, list[str]]:
         """Abort the admission at the destination vCenter: ``stopped``, ``running`` (the guest runs there: the
-        abort is refused) or ``unknown`` (no answer). What it undid goes to ``t["dest_undone"]``."""
-        t.pop("dest_undone", None)
+        abort is refused) or ``unknown`` (no answer), and what it undid there."""
         if not t.get("admission"):
-            return "stopped"
+            return "stopped", []
         for attempt in range(3):
             try:
                 r = await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/abort", {},
                                             signed=True)
-                t["dest_undone"] = list(r.get("undone") or [])
-                return "stopped"
+                return "stopped", list(r.get("undone") or [])
             except Conflict:
-                return "running"
+                return "running", []
             except TestbedError as err:
                 log.warning("abort at peer (attempt %d): %s", attempt + 1, err)
                 await asyncio.sleep(1)
         t.setdefault("notes", []).append("the destination vCenter did not confirm the abort; its reconcile "
                                          "will find the placeholder")
-        return "unknown"
+        return "unknown", []
 
     def _keep_source_copy(self, t: dict[str, Any], name: str, host: str, spec: VmSpec, dest_host: str,
                           dest_name: str, why: str) -> None:
@@ -1132,7 +1128,8 @@ class VCenter:
         #    agent resumes it by itself once it has loaded the device state, which can take seconds
         dest_running = await self._destination_running(t, peer, dest_host, name,
                                                        settle_s=60 if src_status == "completed" else 0)
-        dest_state = "running" if dest_running else await self._stop_destination(t, peer, dest_host, spec)
+        dest_state, dest_undone = ("running", []) if dest_running else \
+            await self._stop_destination(t, peer, dest_host, spec)
         if dest_state == "running" and v is not None and spec is not None:
             # the move completed: the inventory follows the VM; the source copy stays (see below)
             dest_name = dvc["name"] if dvc else self.cfg.name
@@ -1152,7 +1149,7 @@ class VCenter:
         else:
             # it did not switch over (or its destination is stopped now): roll back to the source, which is
             # resumed after a completed migration only once the destination is known to be stopped
-            undone: list[str] = list(t.pop("dest_undone", []))
+            undone: list[str] = list(dest_undone)
             completed = False
             with contextlib.suppress(NotFound, TestbedError):
                 async with self.agent(src_host) as agent:
@@ -1199,14 +1196,13 @@ class VCenter:
             await asyncio.sleep(0.5)
 
     async def _stop_destination(self, t: dict[str, Any], peer: VcClient | None, dest_host: str,
-                                spec: VmSpec | None) -> str:
+                                spec: VmSpec | None) -> tuple[str, list[str]]:
         """Stop the destination's copy before the source resumes: ``stopped``, ``running`` (it runs there: the
-        move completed) or ``unknown`` (not reachable). What was undone goes to ``t["dest_undone"]``."""
-        t.pop("dest_undone", None)
+        move completed) or ``unknown`` (not reachable), and what was undone there."""
         if peer is not None and t.get("admission"):
             return await self._peer_abort(peer, t)
         if peer is not None or spec is None or t.get("stage") != "migrating":
-            return "stopped"       # no destination was started by this task
+            return "stopped", []       # no destination was started by this task
         undone: list[str] = []
         try:
             async with self.agent(dest_host) as agent:
@@ -1216,14 +1212,13 @@ class VCenter:
         except NotFound:
             pass
         except Conflict:
-            return "running"
+            return "running", []
         except (TestbedError, HostUnreachable, TimeoutError) as err:
             t.setdefault("notes", []).append(f"the destination {dest_host} could not be stopped: {err}")
-            return "unknown"
+            return "unknown", []
         moved = spec.model_copy(update={"disks": tuple(
             d.model_copy(update={"datastore": t["placement"].get("datastore") or d.datastore}) for d in spec.disks)})
-        t["dest_undone"] = undone + await self._remove_from_host(dest_host, moved)
-        return "stopped"
+        return "stopped", undone + await self._remove_from_host(dest_host, moved)
 
     async def _source_migration_status(self, host: str, name: str, wait_s: float) -> str:
         deadline = time.monotonic() + wait_s
