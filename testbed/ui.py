@@ -57,6 +57,8 @@ def summary(r: MigrationReport) -> Group:
     facts.add_row("downtime reported by QEMU", _ms(r.downtime_ms.reported))
     facts.add_row("downtime stop to resume (one clock)", _ms(r.downtime_ms.stop_to_resume))
     facts.add_row("downtime observed (heartbeat outage)", _ms(r.downtime_ms.observed))
+    if r.downtime_ms.path_change is not None:
+        facts.add_row("heartbeat path: one-way delay after minus before the move", _ms(r.downtime_ms.path_change))
     facts.add_row(f"pre-copy stalls >= {r.stalls_ms.threshold_ms:.0f} ms: max / total",
                   f"{_ms(r.stalls_ms.max)} / {_ms(r.stalls_ms.total)}")
     i = r.integrity

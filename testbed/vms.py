@@ -341,7 +341,8 @@ class VmManager:
                       allow_postcopy: bool = False, convergence: ConvergenceSettings | None = None,
                       postcopy_recovery_timeout_s: float = 120.0,
                       mirror_mode: str = "write-blocking",
-                      mirror_granularity: int | None = None, accept_unverified: bool = False,
+                      mirror_granularity: int | None = None, disk_sync_timeout_s: float | None = None,
+                      accept_unverified: bool = False,
                       agents: tuple[AgentClient, AgentClient] | None = None) -> MigrationReport:
         """Live-migrate ``name`` with its disks to ``to_host``; the registry follows wherever the VM runs after it
         (a move that was not verified, or failed after the switchover, keeps the source copy: ``source_copy``).
@@ -370,7 +371,7 @@ class VmManager:
             postcopy_recovery_timeout_s=postcopy_recovery_timeout_s,
             link_bandwidth_bps=self.state.link_bandwidth_bps, downtime_limit_ms=downtime_limit_ms,
             hold_switchover=hold_switchover, completion_timeout_s=completion_timeout_s,
-            mirror_mode=mirror_mode, mirror_granularity=mirror_granularity,
+            mirror_mode=mirror_mode, mirror_granularity=mirror_granularity, disk_sync_timeout_s=disk_sync_timeout_s,
             stall_timeout_s=stall_timeout_s, agents=agents, accept_unverified=accept_unverified,
             source=Place(labctl.host(self.state, r.host), ssite.vcenter.name,
                          r.spec.disks[0].datastore if r.spec.disks else topo.datastores_of(t.host(r.host)[3])[0].name),

@@ -83,7 +83,8 @@ def metrics(r: MigrationReport) -> dict[str, Any]:
     mem_rate = sent / secs if secs > 0 else (r.bytes.memory / span["memory-precopy"]
                                             if span.get("memory-precopy") else None)
     return {"result": r.result, "total_s": r.total_s, "downtime_reported_ms": r.downtime_ms.reported,
-            "downtime_observed_ms": r.downtime_ms.observed, "disk_sync_s": round(span.get("disk-sync", 0.0), 3),
+            "downtime_observed_ms": r.downtime_ms.observed, "path_change_ms": r.downtime_ms.path_change,
+            "stop_to_resume_ms": r.downtime_ms.stop_to_resume, "disk_sync_s": round(span.get("disk-sync", 0.0), 3),
             "precopy_s": round(span.get("memory-precopy", 0.0), 3), "memory_bytes": r.bytes.memory,
             "rounds": len(r.rounds), "max_throttle_pct": max((x.throttle_pct for x in r.rounds), default=0),
             "memory_MBps": round(mem_rate / 1e6, 1) if mem_rate else None,
@@ -103,7 +104,8 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
         columns=[("workload", "workload"), ("rtt_set_ms", "RTT set"), ("rtt_ping_ms", "RTT ping"),
                  ("result", "result"), ("total_s", "total s"), ("disk_sync_s", "disk s"), ("precopy_s", "pre-copy s"),
                  ("rounds", "rounds"), ("max_throttle_pct", "throttle %"), ("memory_MBps", "mem MB/s"),
-                 ("downtime_reported_ms", "downtime rep. ms"), ("downtime_observed_ms", "downtime obs. ms")],
+                 ("downtime_reported_ms", "downtime rep. ms"), ("stop_to_resume_ms", "stop->resume ms"),
+                 ("downtime_observed_ms", "downtime obs. ms"), ("path_change_ms", "hb path delta ms")],
         context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "streams": streams, "tcp_buffers": "auto (2x BDP)", "vmotion_mtu": 9000, "busy_workload": busy})
@@ -124,8 +126,9 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
                                         downtime_limit_ms=downtime_limit_ms)
                     row = {"workload": wl_name, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2), **metrics(r)}
                     out.rows.append(row)
-                    log(f"{wl_name} at {rtt} ms: {row['result']}, total {row['total_s']} s, downtime "
-                        f"{row['downtime_reported_ms']} / {row['downtime_observed_ms']} ms"
+                    log(f"{wl_name} at {rtt} ms, to {dest}: "
+                        f"{row['result']}, total {row['total_s']} s, downtime {row['downtime_reported_ms']} / "
+                        f"{row['downtime_observed_ms']} ms, heartbeat path {row['path_change_ms']} ms"
                         + (f": {r.error}; {r.integrity.details}" if r.result != "succeeded" else ""))
                     down.add(f"{wl_name} reported", rtt, row["downtime_reported_ms"])
                     down.add(f"{wl_name} observed", rtt, row["downtime_observed_ms"])

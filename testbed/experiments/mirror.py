@@ -35,6 +35,7 @@ from testbed.lab import observer as obs
 from testbed.vms import VmManager
 
 BLOCK = 4096
+SLOW_LINK_SYNC_S = 150.0   # on the link slower than the guest's writes: a mirror that has not caught up by then fails
 
 
 class DiskSeqSampler:
@@ -121,7 +122,8 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
                     base = rate(samples.at(t_before - 2.5), samples.at(t_before))
                     t0 = time.monotonic()
                     r = await m.migrate(vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity,
-                                        converge=converge, downtime_limit_ms=downtime_limit_ms)
+                                        converge=converge, downtime_limit_ms=downtime_limit_ms,
+                                        disk_sync_timeout_s=SLOW_LINK_SYNC_S if link_bps != bandwidth_bps else None)
                 row: dict[str, Any] = {"link_MBps": link_bps / 1e6, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2),
                                        "mode": label, "vm_memory": vm_memory, **metrics(r)}
                 row["throttle_changes"] = throttle_changes(lab, vm)

@@ -61,6 +61,7 @@ from testbed.qemu.spec import VmSpec
 
 PAGE = 4096
 ROLLBACK_CALL_S = 30.0     # a rollback waits this long for each call to an agent that may be out of reach
+DISK_SYNC_MIN_TIMEOUT_S = 300.0
 
 
 class MigrationError(TestbedError):
@@ -112,6 +113,9 @@ class MigrationRequest:
     # background-throttled: writes complete locally, throttled while the mirror's backlog grows
     mirror_mode: str = "write-blocking"     # | "background-throttled"
     mirror_granularity: int | None = None   # QEMU's default (the image's cluster size) unless set
+    # the disk copy must reach READY (every block there, the guest's writes mirrored) within this, or the move
+    # rolls back; None: three times the disks' size at the link's rate, at least DISK_SYNC_MIN_TIMEOUT_S
+    disk_sync_timeout_s: float | None = None
     allow_postcopy: bool = False           # adaptive: post-copy as the last resort
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     postcopy_recovery_timeout_s: float = 120.0   # a post-copy whose channel broke: reconnect within this
@@ -147,6 +151,7 @@ class Migration:
         self.source_touched = False
         self.rounds: list[Round] = []
         self.hb_before: dict[str, Any] | None = None   # last heartbeat before the switchover
+        self.frozen_s: float | None = None   # the source QEMU's stop to the start of cont on the destination
         self.switch = Switchover()
         self.mono: dict[str, float] = {}
         self.bytes = Bytes()
@@ -360,10 +365,28 @@ class Migration:
                     return
                 await asyncio.sleep(0.1)
 
+        limit_s = self._disk_sync_timeout()
+        deadline = time.monotonic() + limit_s
         poller = asyncio.create_task(poll())
         try:
             while ready != set(jobs):
-                ev = await self._next_event(timeout_s=req.stall_timeout_s * 10, what="the disk mirror")
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    # no event for the whole wait: a stalled mirror, unless the deadline came first
+                    stall_s = req.stall_timeout_s * 10
+                    ev = await self._next_event(timeout_s=min(stall_s, left), what="the disk mirror",
+                                                quiet=TimeoutError if left < stall_s else None)
+                except TimeoutError:
+                    why = ("the guest writes faster than the link takes them; use mirror mode write-blocking (the "
+                           "guest's writes then wait for the destination) or a faster link"
+                           if req.mirror_mode != "write-blocking" else
+                           "the link carries less than the disks hold in that time; allow longer "
+                           "(disk_sync_timeout_s) or use a faster link")
+                    raise MigrationError(
+                        f"the disk copy to {self.where(req.destination)} did not catch up in {limit_s:.0f} s "
+                        f"({self.progress.disk_pct:.0f}% copied, mirror {req.mirror_mode}): {why}") from None
                 if ev["event"] == "mirror-copied":
                     break
                 if ev["event"] == "qmp" and ev["data"]["event"] == "BLOCK_JOB_READY":
@@ -383,8 +406,17 @@ class Migration:
         self.progress.disk_pct = 100.0
         self.on_progress(self.progress)
 
-    async def _next_event(self, timeout_s: float, what: str) -> dict[str, Any]:
-        """The next event from either agent; a destination or source QEMU that died is an error."""
+    def _disk_sync_timeout(self) -> float:
+        if self.req.disk_sync_timeout_s is not None:
+            return self.req.disk_sync_timeout_s
+        rate = self.req.bandwidth_bps or self.req.link_bandwidth_bps
+        size = sum(d.size_bytes for d in self.req.spec.disks)
+        return max(DISK_SYNC_MIN_TIMEOUT_S, 3 * size / rate) if rate else DISK_SYNC_MIN_TIMEOUT_S
+
+    async def _next_event(self, timeout_s: float, what: str,
+                          quiet: type[Exception] | None = None) -> dict[str, Any]:
+        """The next event from either agent; a destination or source QEMU that died is an error. No event in
+        ``timeout_s``: ``MigrationError`` (no progress), or ``quiet`` when the caller's own deadline came."""
         get_s = asyncio.ensure_future(self.sq.get())
         get_d = asyncio.ensure_future(self.dq.get())
         done, pending = await asyncio.wait({get_s, get_d}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -395,6 +427,8 @@ class Migration:
                 late = await p
                 (self.sq if p is get_s else self.dq).put_nowait(late)
         if not done:
+            if quiet is not None:
+                raise quiet()
             raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s")
         task = done.pop()
         ev: dict[str, Any] = task.result()
@@ -560,7 +594,8 @@ class Migration:
                 self.mono.update({k: v for k, v in ev["data"].items() if k in ("mirror_done_s", "continued_s")})
             elif ev["event"] == "migration-resumed":
                 self.mono.update({k: v for k, v in ev["data"].items()
-                                  if k in ("completed_s", "resumed_s", "postcopy_s", "nbd_stopped_s", "bitmaps_s")})
+                                  if k in ("completed_s", "resumed_s", "postcopy_s", "nbd_stopped_s", "bitmaps_s",
+                                           "cont_s")})
         if self.postcopy is not None:
             await self._postcopy_finish()
         qemu_steps = await self._qemu_steps()
@@ -569,6 +604,8 @@ class Migration:
         self.downtime.reported = final.get("downtime")
         if "src-downtime-start" in qemu_steps and "resumed_s" in self.mono:
             self.downtime.stop_to_resume = round((self.mono["resumed_s"] - qemu_steps["src-downtime-start"]) * 1000, 1)
+            # how long the guest's clock stood still: to the start of cont, where the guest runs again
+            self.frozen_s = self.mono.get("cont_s", self.mono["resumed_s"]) - qemu_steps["src-downtime-start"]
         self.bytes.memory = int(ram.get("transferred", 0))
         t0 = self.machine.t0
         self.switch = Switchover(**{k: round(self.mono[m] - t0, 4) for k, m in (
@@ -714,12 +751,13 @@ class Migration:
         ob = self.clocks["observer"]
         times = await integrity.check_guest(
             self.req.observer_socket, self.name, self.hb_before, precopy_s=ob.to_remote(self.mono["migrate_s"]),
-            paused_s=paused,
-            resumed_s=resumed, workload=self.req.workload, integ=self.integrity,
+            paused_s=paused, resumed_s=resumed, workload=self.req.workload, integ=self.integrity,
+            frozen_s=self.frozen_s,
             threshold_ms=self.stalls.threshold_ms)
         self.stalls = times.stalls
         self.downtime.observed = times.observed_ms
         self.downtime.observed_naive = times.naive_ms
+        self.downtime.path_change = times.path_change_ms
         if times.gap_start_s is not None and times.gap_end_s is not None:
             self.switch.heartbeat_gap_start_s = round(ob.to_engine(times.gap_start_s) - self.machine.t0, 4)
             self.switch.heartbeat_gap_end_s = round(ob.to_engine(times.gap_end_s) - self.machine.t0, 4)

@@ -95,25 +95,63 @@ def outage(samples: Sequence[Sequence[float]], paused_s: float,
     return best
 
 
+PATH_WINDOW_S = 1.0      # heartbeats on each side of the outage whose fastest one gives the path's delay
+
+
+def path_delay_change(samples: Sequence[Sequence[float]], out: dict[str, Any], frozen_s: float,
+                      window_s: float = PATH_WINDOW_S) -> dict[str, Any] | None:
+    """How much the heartbeat path's one-way delay changed across the move (ms), from the guest's own send times.
+
+    ``samples``: (receive time, seq, guest clock ns) in receive order; ``out``: ``outage`` of them; ``frozen_s``:
+    how long the guest's clock stood still (the source's stop to the destination's resume, on one clock).
+
+    For each heartbeat, receive time minus the guest's send time (its CLOCK_MONOTONIC) is the path's one-way delay
+    plus a constant (the two clocks' origins). QEMU stops the guest's clocks with its vCPUs and carries them in the
+    migration, so after the move that difference has grown by ``frozen_s`` plus the change in the path's delay
+    (a site-A observer hearing a VM now at site B: about the link's one-way delay more). The smallest difference
+    in ``window_s`` of news on each side stands for the path itself (its fastest packet, no queueing). The result
+    reads an observed downtime both ways: the outage minus ``change_ms`` is what a user whose path to the VM did
+    not change would have felt. None without guest send times (heartbeats of an older agent) on either side.
+    """
+    before: list[float] = []
+    after: list[float] = []
+    top = -1
+    for t, seq, gns, *_ in samples:
+        if seq <= top or not gns:
+            continue
+        top = int(seq)
+        d = float(t) - gns / 1e9
+        if out["start_s"] - window_s <= t <= out["start_s"]:
+            before.append(d)
+        elif out["end_s"] <= t <= out["end_s"] + window_s:
+            after.append(d)
+    if not before or not after:
+        return None
+    change = (min(after) - min(before) - frozen_s) * 1000
+    return {"change_ms": round(change, 3), "before_n": len(before), "after_n": len(after)}
+
+
 @dataclass
 class GuestTimes:
     """What the heartbeats say about the move: observed downtime and stalls (ms), the gap's instants."""
 
     observed_ms: float | None = None
     naive_ms: float | None = None       # the largest raw packet gap (the rule before sequence numbers)
+    path_change_ms: float | None = None   # the heartbeat path's one-way delay after the move minus before it
     gap_start_s: float | None = None    # CLOCK_MONOTONIC
     gap_end_s: float | None = None
     stalls: Stalls = field(default_factory=Stalls)
 
 
 async def check_guest(sock: Path, vm: str, hb0: dict[str, Any] | None, *, precopy_s: float, paused_s: float,
-                      resumed_s: float, workload: Workload, integ: Integrity,
+                      resumed_s: float, workload: Workload, integ: Integrity, frozen_s: float | None = None,
                       threshold_ms: float = 20.0, verify_timeout_s: float = 60.0) -> GuestTimes:
     """Judge the guest after the move (``integ`` is updated); returns the heartbeat figures.
 
     ``hb0``: ``heartbeat_before``; ``precopy_s``, ``paused_s``, ``resumed_s``: CLOCK_MONOTONIC instants of the
-    memory pre-copy's start, the source's pause and the destination's resume. Memory is verified when the guest
-    has re-verified its whole working set after the resume without an error.
+    memory pre-copy's start, the source's pause and the destination's resume; ``frozen_s``: from the source QEMU's
+    stop to that resume (``resumed_s - paused_s`` if not given), for ``path_delay_change``. Memory is verified
+    when the guest has re-verified its whole working set after the resume without an error.
     """
     times = GuestTimes(stalls=Stalls(threshold_ms=threshold_ms))
     if hb0 is None:
@@ -167,6 +205,8 @@ async def check_guest(sock: Path, vm: str, hb0: dict[str, Any] | None, *, precop
     if out is not None:
         times.observed_ms, times.naive_ms = out["gap_ms"], out["naive_ms"]
         times.gap_start_s, times.gap_end_s = out["start_s"], out["end_s"]
+        path = path_delay_change(window["samples"], out, frozen_s if frozen_s is not None else resumed_s - paused_s)
+        times.path_change_ms = path["change_ms"] if path else None
     pre = [g for g in around["gaps"] if g["end_s"] <= paused_s]
     times.stalls.max = round(max((g["gap_ms"] for g in pre), default=0.0), 2)
     times.stalls.total = round(sum(g["gap_ms"] for g in pre), 2)

@@ -62,6 +62,10 @@ class Downtime(BaseModel):
     # from the source QEMU's stop (its src-downtime-start checkpoint) to the guest resumed on the destination, on
     # one clock: what libvirt calls its downtime (QEMU's own figure ends when the source has sent its last byte)
     stop_to_resume: float | None = None
+    # how much longer (ms; negative: shorter) the heartbeats' way from the VM to the observer took after the move
+    # than before it (integrity.path_delay_change): a site-A observer hearing a VM moved to site B hears it about
+    # the link's one-way delay later, which the outage includes; ``observed - path_change`` leaves it out
+    path_change: float | None = None
 
 
 class Stalls(BaseModel):

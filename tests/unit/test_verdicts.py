@@ -79,6 +79,56 @@ def test_a_restarted_or_silent_guest_has_no_outage_to_report() -> None:
     assert integrity.outage([], PAUSED, RESUMED) is None
 
 
+# --- the heartbeat path's one-way delay across the move ------------------------------------------------------
+def sent(t_send: list[float], seqs: range, delay_s: list[float] | float, clock0: float,
+         frozen_s: float = 0.0) -> list[tuple[float, int, int]]:
+    """Heartbeats sent at ``t_send`` (observer's clock) by a guest whose clock reads ``t - clock0 - frozen_s``,
+    each arriving after its path delay."""
+    delays = delay_s if isinstance(delay_s, list) else [delay_s] * len(t_send)
+    return [(t + d, s, round((t - clock0 - frozen_s) * 1e9)) for t, s, d in zip(t_send, seqs, delays, strict=True)]
+
+
+def test_the_path_change_is_the_extra_one_way_delay_of_a_moved_vm() -> None:
+    """Observer at site A, VM moved from A (0.1 ms away) to B (25 ms away); its clock stood still 60 ms."""
+    before = sent([9.0 + i * 0.001 for i in range(1000)], range(1, 1001), 0.0001, clock0=5.0)
+    after = sent([10.060 + i * 0.001 for i in range(1000)], range(1001, 2001), 0.025, clock0=5.0, frozen_s=0.060)
+    tr = before + after
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None
+    assert o["gap_ms"] == pytest.approx(85.9, abs=0.01)      # 9.9991 -> 10.085: 61 ms stopped, 24.9 ms more path
+    p = integrity.path_delay_change(tr, o, frozen_s=0.060)
+    assert p is not None and p["change_ms"] == pytest.approx(24.9, abs=0.01)
+    # the way back (B to A) shortens the outage by as much
+    back = sent([9.0 + i * 0.001 for i in range(1000)], range(1, 1001), 0.025, clock0=5.0) + \
+        sent([10.060 + i * 0.001 for i in range(1000)], range(1001, 2001), 0.0001, clock0=5.0, frozen_s=0.060)
+    o = integrity.outage(back, PAUSED, RESUMED)
+    assert o is not None
+    p = integrity.path_delay_change(back, o, frozen_s=0.060)
+    assert p is not None and p["change_ms"] == pytest.approx(-24.9, abs=0.01)
+    assert o["gap_ms"] - p["change_ms"] == pytest.approx(61.0, abs=0.01)   # the stop and the 1 ms grid: both ways
+
+
+def test_the_path_change_takes_the_fastest_heartbeat_not_the_queued_ones() -> None:
+    """The first heartbeats after the resume wait in a queue (up to 30 ms more); one duplicate comes late."""
+    n = 1000
+    queued = [0.0301 - i * 0.001 if i < 30 else 0.0001 for i in range(n)]
+    tr = sent([9.0 + i * 0.001 for i in range(n)], range(1, n + 1), 0.0001, clock0=5.0)
+    tr.append((10.061, n, round((9.999 - 5.0) * 1e9)))                       # the duplicate: ignored
+    tr += sent([10.060 + i * 0.001 for i in range(n)], range(n + 1, 2 * n + 1), queued, clock0=5.0, frozen_s=0.06)
+    tr.sort()
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None
+    p = integrity.path_delay_change(tr, o, frozen_s=0.060)
+    assert p is not None and p["change_ms"] == pytest.approx(0.0, abs=0.01)
+    assert p["before_n"] > 900 and p["after_n"] > 900
+
+
+def test_no_path_change_without_the_guests_send_times() -> None:
+    tr = beats((9.0, 0.001, range(1, 1001)), (10.080, 0.001, range(1001, 1100)))   # an agent without guest_ns
+    o = integrity.outage(tr, PAUSED, RESUMED)
+    assert o is not None and integrity.path_delay_change(tr, o, frozen_s=0.06) is None
+
+
 # --- the disk judge -------------------------------------------------------------------------------------
 def digest(chunks: list[str], ring: dict[str, Any] | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"size_bytes": len(chunks) * 2**20, "chunk_bytes": 2**20, "chunks": chunks}
@@ -230,6 +280,8 @@ async def test_check_guest_verifies_memory_and_measures_the_outage(observer: tup
     assert integ.memory == "verified" and integ.guest_running, integ.details
     assert times.observed_ms == pytest.approx(81.0, abs=0.01)          # 9.999 -> 10.080, the duplicate ignored
     assert times.naive_ms == pytest.approx(66.0, abs=0.01)             # what the split-gap rule said
+    # the guest's clock moved 1 ms across the 81 ms outage and stood still 60 ms: its path took 20 ms longer
+    assert times.path_change_ms == pytest.approx(20.0, abs=0.01)
 
 
 async def test_check_guest_fails_memory_on_errors(observer: tuple[Path, Track]) -> None:
