@@ -25,11 +25,11 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from rich.text import Text
 
 from testbed.errors import InputError, NotFound
 from testbed.lab import builder
-from testbed.units import format_bytes, parse_rate_bytes
+from testbed.ui import print_prechecks, task_progress_line
+from testbed.units import parse_rate_bytes
 from testbed.vcenter import deploy
 from testbed.vcenter.client import VcClient
 
@@ -137,18 +137,6 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in o.items() if v is not None}
 
 
-def progress_text(vm: str, t: dict[str, Any]) -> Text:
-    p = t.get("progress") or {}
-    parts = [f"{vm}: {p.get('phase', '?')} {p.get('percent', 0):5.1f}%"]
-    if p.get("round"):
-        parts.append(f"round {p['round']}")
-        parts.append(f"dirty {p.get('dirty_rate_bps', 0) / 1e6:6.1f} MB/s vs send "
-                     f"{p.get('send_rate_bps', 0) / 1e6:6.1f} MB/s")
-        parts.append(f"throttle {p.get('throttle_pct', 0)}%")
-        parts.append(f"remaining {format_bytes(p.get('remaining_bytes', 0))}")
-    return Text(" | ".join(parts))
-
-
 def watch(c: VcClient, task_id: str, vm: str, json_path: str | None = None) -> int:
     """Follow a relocate task to its end; print prechecks, the engine's summary and the outcome."""
     from testbed.migration.report import MigrationReport
@@ -156,12 +144,12 @@ def watch(c: VcClient, task_id: str, vm: str, json_path: str | None = None) -> i
     try:
         with Live(console=out, transient=True, refresh_per_second=4) as live:
             # no client-side limit: the move has its own (completion timeout, stall timeout) and ends the task
-            t = c.wait_task(task_id, timeout_s=None, on_update=lambda t: live.update(progress_text(vm, t)))
+            t = c.wait_task(task_id, timeout_s=None, on_update=lambda t: live.update(task_progress_line(vm, t)))
     except KeyboardInterrupt:
         out.print(f"detached: task {task_id} goes on in its vCenter; `testbed task watch {task_id}` follows it "
                   "again", highlight=False)
         return 130
-    print_prechecks(t.get("prechecks", []))
+    print_prechecks(out, t.get("prechecks", []))
     if t.get("result"):
         out.print(summary(MigrationReport.model_validate(t["result"])))
     if json_path:   # on every outcome: the report, or (no engine run, e.g. failed prechecks) the task's end
@@ -187,17 +175,6 @@ def watch(c: VcClient, task_id: str, vm: str, json_path: str | None = None) -> i
     if e.get("hint"):
         out.print(f"  what to do: {e['hint']}", highlight=False)
     return 1
-
-
-def print_prechecks(checks: list[dict[str, Any]]) -> None:
-    if not checks:
-        return
-    table = Table("precheck", "result", "detail", title="prechecks")
-    style = {"ok": "green", "warning": "yellow", "error": "bold red"}
-    for ch in checks:
-        table.add_row(ch["name"], Text(ch["status"], style=style[ch["status"]]),
-                      ch["message"] + (f"\n→ {ch['hint']}" if ch.get("hint") and ch["status"] != "ok" else ""))
-    out.print(table)
 
 
 def relocate(a: argparse.Namespace) -> int:

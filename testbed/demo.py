@@ -19,13 +19,12 @@ from rich.console import Console
 from rich.live import Live
 
 from testbed import labctl
-from testbed.cli_vcenter import print_prechecks, progress_text
 from testbed.errors import TestbedError
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab.topology import LinkSpec, default_topology
 from testbed.migration.report import MigrationReport
-from testbed.ui import summary
+from testbed.ui import print_prechecks, summary, task_progress_line
 from testbed.vcenter import certs, deploy
 
 MiB = 1024**2
@@ -68,8 +67,8 @@ async def run_demo(lab: str, out: Console) -> int:
             "options": {"streams": 1, "downtime_limit_ms": 100}}}, params={"action": "relocate"})
         with Live(console=out, transient=True, refresh_per_second=4) as live:
             task = await asyncio.to_thread(a.wait_task, r["task"], 900,
-                                           lambda tk: live.update(progress_text("demo-vm", tk)))
-        print_prechecks(task["prechecks"])
+                                           lambda tk: live.update(task_progress_line("demo-vm", tk)))
+        print_prechecks(out, task["prechecks"])
         if task.get("result"):
             out.print(summary(MigrationReport.model_validate(task["result"])))
         ok = task["status"] == "SUCCEEDED"

@@ -1,8 +1,11 @@
-"""How migrations look in a terminal: the live progress line and the summary table (rich)."""
+"""How migrations look in a terminal (rich): the live progress line of a move or a vCenter task, the prechecks,
+the summary table."""
 
 from __future__ import annotations
 
-from rich.console import Group
+from typing import Any
+
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -10,6 +13,31 @@ from testbed.migration.engine import Progress
 from testbed.migration.phases import Phase
 from testbed.migration.report import MigrationReport
 from testbed.units import format_bytes
+
+
+def task_progress_line(vm: str, t: dict[str, Any]) -> Text:
+    """A vCenter task's progress (its REST form), one line."""
+    p = t.get("progress") or {}
+    parts = [f"{vm}: {p.get('phase', '?')} {p.get('percent', 0):5.1f}%"]
+    if p.get("round"):
+        parts.append(f"round {p['round']}")
+        parts.append(f"dirty {p.get('dirty_rate_bps', 0) / 1e6:6.1f} MB/s vs send "
+                     f"{p.get('send_rate_bps', 0) / 1e6:6.1f} MB/s")
+        parts.append(f"throttle {p.get('throttle_pct', 0)}%")
+        parts.append(f"remaining {format_bytes(p.get('remaining_bytes', 0))}")
+    return Text(" | ".join(parts))
+
+
+def print_prechecks(console: Console, checks: list[dict[str, Any]]) -> None:
+    """A relocate task's named prechecks as a table (nothing if there are none)."""
+    if not checks:
+        return
+    table = Table("precheck", "result", "detail", title="prechecks")
+    style = {"ok": "green", "warning": "yellow", "error": "bold red"}
+    for ch in checks:
+        table.add_row(ch["name"], Text(ch["status"], style=style[ch["status"]]),
+                      ch["message"] + (f"\n→ {ch['hint']}" if ch.get("hint") and ch["status"] != "ok" else ""))
+    console.print(table)
 
 
 def progress_line(vm: str, p: Progress) -> Text:
