@@ -10,6 +10,13 @@
      |    +-- AgentError         the host agent answered with an error
      +-- QemuError               QEMU failed to launch or a QMP command failed
      +-- CommandError            a local command exited non-zero
+     +-- MigrationError          a move failed in a phase (the engine)
+     +-- ApiError                a vCenter answered an API call with an error (its HTTP status)
+     +-- ThumbprintMismatch      a server's certificate is not the pinned one: nothing was sent
+     +-- Unauthorized            401: no token, a bad, expired or another domain's one
+     |    +-- TokenError         why a session token was refused
+     +-- Forbidden               403: authenticated, but not allowed
+     +-- PhaseError              an illegal phase transition: a bug in the engine, never a user error
 
 Every message says what was tried, on which host or VM, and what to do.
 Wrapping keeps the cause (``raise X(...) from err``).
@@ -87,3 +94,41 @@ class CommandError(TestbedError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+
+
+class MigrationError(TestbedError):
+    """The migration failed in a phase; the message says where and why."""
+
+
+class ApiError(TestbedError):
+    """A vCenter's answer to an API call was an error: its HTTP status and vSphere-style error type."""
+
+    def __init__(self, status: int, message: str, *, error_type: str = "ERROR", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.error_type = error_type
+
+
+class ThumbprintMismatch(TestbedError):
+    """The server's certificate is not the one pinned: nothing was sent to it."""
+
+
+class Unauthorized(TestbedError):
+    """401: no token, a bad one, an expired one, or another domain's."""
+
+
+class TokenError(Unauthorized):
+    """Why a session token was refused (the 401's message)."""
+
+
+class Forbidden(TestbedError):
+    """403: authenticated, but not allowed (e.g. a peer vCenter that is not trusted)."""
+
+
+class PhaseError(TestbedError):
+    """An illegal phase transition: a bug in the engine, never a user error."""
+
+    def __init__(self, current: object, wanted: object) -> None:
+        c, w = (getattr(x, "value", x) for x in (current, wanted))
+        super().__init__(f"illegal phase transition {c} -> {w}")
+        self.current, self.wanted = current, wanted

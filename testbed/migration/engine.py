@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import Conflict, NotFound, TestbedError
+from testbed.errors import Conflict, MigrationError, NotFound, TestbedError
 from testbed.guest.workload import Workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
@@ -62,10 +62,6 @@ from testbed.qemu.spec import VmSpec
 PAGE = 4096
 ROLLBACK_CALL_S = 30.0     # a rollback waits this long for each call to an agent that may be out of reach
 DISK_SYNC_MIN_TIMEOUT_S = 300.0
-
-
-class MigrationError(TestbedError):
-    """The migration failed in a phase; the message says where and why."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from testbed.errors import PhaseError
+
 
 class Phase(enum.Enum):
     CREATED = "created"
@@ -46,14 +48,6 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.DONE: frozenset(), Phase.ROLLED_BACK: frozenset(), Phase.FAILED: frozenset(), Phase.UNVERIFIED: frozenset(),
 }
 assert all(Phase.ROLLBACK in TRANSITIONS[p] for p in _ROLLBACK_FROM)
-
-
-class PhaseError(Exception):
-    """An illegal transition: a bug in the engine, never a user error."""
-
-    def __init__(self, current: Phase, wanted: Phase) -> None:
-        super().__init__(f"illegal phase transition {current.value} -> {wanted.value}")
-        self.current, self.wanted = current, wanted
 
 
 @dataclass

@@ -39,11 +39,20 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from testbed.errors import Conflict, HostUnreachable, InputError, NotFound, TestbedError
+from testbed.errors import (
+    ApiError,
+    Conflict,
+    Forbidden,
+    HostUnreachable,
+    InputError,
+    NotFound,
+    TestbedError,
+    ThumbprintMismatch,
+    Unauthorized,
+)
 from testbed.units import parse_rate_bytes, parse_size
 from testbed.vcenter import sso
-from testbed.vcenter.client import ApiError, ThumbprintMismatch
-from testbed.vcenter.service import Forbidden, Unauthorized, VCenter
+from testbed.vcenter.service import VCenter
 
 log = logging.getLogger("testbed.vcenter.api")
 

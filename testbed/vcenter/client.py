@@ -27,22 +27,11 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from testbed.errors import Conflict, HostUnreachable, InputError, NotFound, TestbedError
+from testbed.errors import ApiError, Conflict, HostUnreachable, InputError, NotFound, TestbedError, ThumbprintMismatch
 from testbed.net.cmd import socket_in_netns
 from testbed.vcenter import certs
 
 SESSION_HEADER = "vmware-api-session-id"
-
-
-class ApiError(TestbedError):
-    def __init__(self, status: int, message: str, *, error_type: str = "ERROR", hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.status = status
-        self.error_type = error_type
-
-
-class ThumbprintMismatch(TestbedError):
-    """The server's certificate is not the one pinned: nothing was sent to it."""
 
 
 def _netns_connection(netns: str) -> type[HTTPSConnection]:

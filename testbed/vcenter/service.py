@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from testbed.errors import Conflict, HostUnreachable, InputError, NotFound, TestbedError
+from testbed.errors import Conflict, Forbidden, HostUnreachable, InputError, NotFound, TestbedError, Unauthorized
 from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
@@ -58,14 +58,6 @@ _PHASE_PCT = {Phase.CREATED: (0, 0), Phase.PRECHECK: (0, 5), Phase.DISK_SYNC: (5
               Phase.MEMORY_PRECOPY: (45, 92), Phase.SWITCHOVER: (92, 95), Phase.VERIFY: (95, 98),
               Phase.COMMIT: (98, 99), Phase.DONE: (100, 100), Phase.ROLLBACK: (0, 0),
               Phase.ROLLED_BACK: (100, 100), Phase.FAILED: (100, 100)}
-
-
-class Unauthorized(TestbedError):
-    """401: no token, a bad one, an expired one, or another domain's."""
-
-
-class Forbidden(TestbedError):
-    """403: authenticated, but not allowed (e.g. a peer vCenter that is not trusted)."""
 
 
 def guest_running(status: dict[str, Any]) -> bool:

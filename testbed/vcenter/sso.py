@@ -18,6 +18,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from testbed.errors import TokenError
+
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
@@ -54,10 +56,6 @@ class Session:
     sid: str
     issued_s: float
     expires_s: float
-
-
-class TokenError(Exception):
-    """Why a token was refused (for the 401 message)."""
 
 
 def issue(secret: bytes, user: str, domain: str, ttl_s: float) -> tuple[str, Session]:

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from testbed import labctl
-from testbed.errors import NotFound
+from testbed.errors import ApiError, NotFound
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab.state import record_alive
@@ -32,7 +32,7 @@ from testbed.lab.topology import DatastoreSpec, HostSpec, SiteSpec, Topology, VC
 from testbed.net import fabric
 from testbed.net.cmd import run
 from testbed.vcenter import certs, deploy, sso
-from testbed.vcenter.client import ApiError, VcClient
+from testbed.vcenter.client import VcClient
 
 from ..conftest import unique_lab_name
 

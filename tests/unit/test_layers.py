@@ -73,3 +73,25 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     bad.write_text("def f():\n    from testbed.vcenter.service import VCenter\n")
     found = [(n, m) for n, m in imports(bad) if (layer(m) or 0) > layer("testbed.lab.builder")]  # type: ignore[operator]
     assert found == [(2, "testbed.vcenter.service"), (2, "testbed.vcenter.service.VCenter")]
+
+
+def test_every_error_class_lives_in_the_one_tree() -> None:
+    """Every exception the testbed defines is in ``testbed/errors.py`` under ``TestbedError`` (a private one that
+    never leaves its module, such as an experiment's stop signal, excepted)."""
+    import inspect
+
+    from testbed import errors
+    outside = []
+    for f in sorted((ROOT / "testbed").rglob("*.py")):
+        if f.name == "errors.py" and f.parent.name == "testbed":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and any(
+                    (getattr(b, "id", None) or getattr(b, "attr", "")).endswith(("Error", "Exception", "Mismatch",
+                                                                                 "NotFound", "Conflict"))
+                    for b in node.bases):
+                outside.append(f"{f.relative_to(ROOT)}:{node.lineno} class {node.name}")
+    assert not outside, "exception classes outside testbed/errors.py:\n" + "\n".join(outside)
+    loose = [n for n, c in inspect.getmembers(errors, inspect.isclass)
+             if issubclass(c, Exception) and not issubclass(c, errors.TestbedError)]
+    assert not loose, f"errors.py classes outside the TestbedError tree: {loose}"

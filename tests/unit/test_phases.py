@@ -2,7 +2,8 @@
 
 import pytest
 
-from testbed.migration.phases import TRANSITIONS, Phase, PhaseError, PhaseMachine
+from testbed.errors import PhaseError
+from testbed.migration.phases import TRANSITIONS, Phase, PhaseMachine
 
 HAPPY = [Phase.PRECHECK, Phase.DISK_SYNC, Phase.MEMORY_PRECOPY, Phase.SWITCHOVER, Phase.VERIFY,
          Phase.COMMIT, Phase.DONE]
