@@ -1,7 +1,8 @@
 """The host agent daemon: JSON-lines RPC on a UNIX socket, one per host.
 
 ``HostAgent`` holds the methods (``vm.*``, ``disk.*``, ``datastore.*``,
-``host.*``, ``events.*``); ``serve`` accepts connections and dispatches
+``host.*``, ``net.*``, ``migration.*``, ``events.*``), each registered under its
+protocol name with ``@method``; ``serve`` accepts connections and dispatches
 requests concurrently; events from every VM's QMP go to the connections that
 subscribed.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import platform
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.errors import Conflict, InputError, NotFound, QemuError
 from testbed.hostd import protocol
@@ -29,6 +32,19 @@ from testbed.qemu.cmdline import VmPaths
 from testbed.qemu.spec import VmSpec
 
 log = logging.getLogger("testbed.hostd")
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+METHODS: dict[str, str] = {}   # the agent protocol's method names -> HostAgent's handlers
+
+
+def method(name: str) -> Callable[[Handler], Handler]:
+    """A ``HostAgent`` handler of the protocol method ``name`` (``vm.start``): only these can be called."""
+    def register(fn: Handler) -> Handler:
+        if name in METHODS:
+            raise ValueError(f"agent method {name} defined twice ({METHODS[name]}, {fn.__name__})")
+        METHODS[name] = fn.__name__
+        return fn
+    return register
 
 
 class Connection:
@@ -78,9 +94,11 @@ class HostAgent:
             await conn.send(msg)
 
     # --- host ------------------------------------------------------------------
+    @method("host.ping")
     async def m_host_ping(self, conn: Connection) -> dict[str, Any]:
         return {"host": self.cfg.name, "pid": os.getpid(), "time_s": time.time()}
 
+    @method("host.facts")
     async def m_host_facts(self, conn: Connection) -> dict[str, Any]:
         if self._facts_cache is None:
             self._facts_cache = await self._static_facts()
@@ -99,6 +117,7 @@ class HostAgent:
             "vms": sorted(self.vms),
         }
 
+    @method("host.counters")
     async def m_host_counters(self, conn: Connection) -> dict[str, dict[str, int]]:
         """Byte counters of the host's interfaces (vmk1 is the vMotion network)."""
         out = {}
@@ -109,19 +128,24 @@ class HostAgent:
         return out
 
     # --- datastores and disks --------------------------------------------------
+    @method("datastore.list")
     async def m_datastore_list(self, conn: Connection) -> list[dict[str, Any]]:
         return await self.datastores.list()
 
+    @method("disk.create")
     async def m_disk_create(self, conn: Connection, datastore: str, file: str, size_bytes: int,
                             format: str = "qcow2", encrypted: bool = False) -> dict[str, Any]:
         return await self.datastores.create(datastore, file, size_bytes, format, encrypted)
 
+    @method("disk.import")
     async def m_disk_import(self, conn: Connection, datastore: str, file: str, source: str) -> dict[str, Any]:
         return await self.datastores.import_image(datastore, file, source)
 
+    @method("disk.info")
     async def m_disk_info(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:
         return await self.datastores.info(datastore, file)
 
+    @method("disk.delete")
     async def m_disk_delete(self, conn: Connection, datastore: str, file: str) -> None:
         for vm in self.vms.values():
             if vm.alive and self.datastores.path(datastore, file) in vm.disk_paths:
@@ -137,6 +161,7 @@ class HostAgent:
             raise NotFound(f"VM {name!r} is not on host {self.cfg.name}",
                            hint="`testbed vm list` shows where each VM is") from None
 
+    @method("vm.start")
     async def m_vm_start(self, conn: Connection, spec: dict[str, Any], incoming: bool = False) -> dict[str, Any]:
         vspec = VmSpec.model_validate(spec)
         old = self.vms.get(vspec.name)
@@ -176,16 +201,19 @@ class HostAgent:
             raise
         return vm.describe()
 
+    @method("vm.stop")
     async def m_vm_stop(self, conn: Connection, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
         vm = self._vm(name)
         how = await vm.stop(timeout_s)
         return {**vm.describe(), "how": how}
 
+    @method("vm.kill")
     async def m_vm_kill(self, conn: Connection, name: str) -> dict[str, Any]:
         vm = self._vm(name)
         how = await vm.kill()
         return {**vm.describe(), "how": how}
 
+    @method("vm.remove")
     async def m_vm_remove(self, conn: Connection, name: str) -> None:
         """Forget a stopped VM and remove its directory (console log included)."""
         vm = self.vms.get(name)
@@ -197,6 +225,7 @@ class HostAgent:
         self.vms.pop(name, None)
         shutil.rmtree(vm_dir, ignore_errors=True)
 
+    @method("vm.list")
     async def m_vm_list(self, conn: Connection) -> list[dict[str, Any]]:
         out = []
         for vm in self.vms.values():
@@ -207,6 +236,7 @@ class HostAgent:
             out.append(d)
         return out
 
+    @method("vm.status")
     async def m_vm_status(self, conn: Connection, name: str) -> dict[str, Any]:
         vm = self._vm(name)
         d = vm.describe()
@@ -214,10 +244,12 @@ class HostAgent:
             d["status"] = (await vm.execute("query-status"))["status"]
         return d
 
+    @method("vm.qmp")
     async def m_vm_qmp(self, conn: Connection, name: str, command: str,
                        arguments: dict[str, Any] | None = None) -> Any:
         return await self._vm(name).execute(command, arguments)
 
+    @method("vm.console_log")
     async def m_vm_console_log(self, conn: Connection, name: str) -> dict[str, Any]:
         """The VM's console: what it printed on earlier hosts (imported at migration), then here."""
         vm_dir = self.cfg.vms_dir / name
@@ -229,11 +261,13 @@ class HostAgent:
                 parts.append((vm_dir / f).read_bytes())
         return {"text": b"".join(parts).decode(errors="replace")}
 
+    @method("vm.import_console_history")
     async def m_vm_import_console_history(self, conn: Connection, name: str, text: str) -> None:
         """Keep the console of the VM's life before it came here (written at migration commit)."""
         self._vm(name)
         (self.cfg.vms_dir / name / "serial-history.log").write_text(text)
 
+    @method("vm.corrupt_memory")
     async def m_vm_corrupt_memory(self, conn: Connection, name: str, gpa: int, length: int = 1) -> dict[str, Any]:
         """Fault injection: invert ``length`` bytes of guest RAM at ``gpa`` (through the gdbstub)."""
         from testbed.qemu.gdbstub import GdbStub, flip_bytes
@@ -256,6 +290,7 @@ class HostAgent:
         return {"gpa": gpa, "before": old.hex(), "after": new.hex()}
 
     # --- network probes (the vMotion precheck) ----------------------------------------------
+    @method("net.probe_listen")
     async def m_net_probe_listen(self, conn: Connection, count: int = 2, open_s: float = 30.0) -> dict[str, Any]:
         """Listen on ``count`` ephemeral ports of the vMotion address for ``open_s``; count who connects."""
         if not self.cfg.vmotion_address:
@@ -285,6 +320,7 @@ class HostAgent:
         t.add_done_callback(self._background.discard)
         return {"id": probe_id, "address": self.cfg.vmotion_address, "ports": ports}
 
+    @method("net.probe_connect")
     async def m_net_probe_connect(self, conn: Connection, address: str, ports: list[int],
                                   connect_timeout_s: float = 5.0) -> list[dict[str, Any]]:
         """Connect from this host to ``address`` on each port; how each went and how long it took."""
@@ -302,6 +338,7 @@ class HostAgent:
         return out
 
     # --- migration ---------------------------------------------------------------------
+    @method("migration.prepare_incoming")
     async def m_migration_prepare_incoming(self, conn: Connection, spec: dict[str, Any],
                                            streams: int = 1, postcopy: bool = False) -> dict[str, Any]:
         """Destination: start QEMU paused for incoming, NBD export of its disks, migrate-incoming."""
@@ -317,6 +354,7 @@ class HostAgent:
             await self.vms[name].kill()
             raise
 
+    @method("migration.abort_incoming")
     async def m_migration_abort_incoming(self, conn: Connection, name: str) -> dict[str, Any]:
         """Destination rollback: stop the incoming QEMU unless its guest already runs here (then ``Conflict``).
 
@@ -335,6 +373,7 @@ class HostAgent:
             return {"undone": [f"incoming QEMU of {name} on {self.cfg.name} stopped (was {status})"]}
         return {"undone": []}
 
+    @method("migration.mirror")
     async def m_migration_mirror(self, conn: Connection, name: str, nbd_host: str, nbd_port: int,
                                  mode: str = "write-blocking", granularity: int | None = None) -> list[str]:
         """Source: mirror every disk to the destination's NBD export (write-blocking or background-throttled)."""
@@ -344,6 +383,7 @@ class HostAgent:
         role = self.sources[name] = SourceRole(vm, Path(self.cfg.dir))
         return await role.mirror(nbd_host, nbd_port, mode, granularity)
 
+    @method("migration.start")
     async def m_migration_start(self, conn: Connection, name: str, uri: str, streams: int = 1,
                                 auto_converge: bool = True, max_bandwidth_bps: int | None = None,
                                 downtime_limit_ms: int = 300, hold_switchover: bool = False,
@@ -355,12 +395,15 @@ class HostAgent:
         await role.migrate(uri, streams, auto_converge, max_bandwidth_bps, downtime_limit_ms, hold_switchover,
                            max_throttle_pct, postcopy=postcopy, sdps=sdps)
 
+    @method("migration.tune")
     async def m_migration_tune(self, conn: Connection, name: str, downtime_limit_ms: int | None = None) -> None:
         await self._source(name).tune(downtime_limit_ms)
 
+    @method("migration.start_postcopy")
     async def m_migration_start_postcopy(self, conn: Connection, name: str) -> None:
         await self._source(name).start_postcopy()
 
+    @method("migration.pause")
     async def m_migration_pause(self, conn: Connection, name: str) -> None:
         """Post-copy on a broken channel: ``migrate-pause`` on whichever role this host has."""
         if name in self.sources:
@@ -370,6 +413,7 @@ class HostAgent:
         else:
             raise NotFound(f"VM {name} is not migrating on host {self.cfg.name}")
 
+    @method("migration.recover")
     async def m_migration_recover(self, conn: Connection, name: str) -> dict[str, Any]:
         """Destination: listen for the source again after a post-copy failure."""
         role = self.destinations.get(name)
@@ -377,6 +421,7 @@ class HostAgent:
             raise NotFound(f"VM {name} is not migrating to host {self.cfg.name}")
         return {"uri": await role.recover()}
 
+    @method("migration.resume")
     async def m_migration_resume(self, conn: Connection, name: str, uri: str) -> dict[str, Any]:
         """Source: reconnect a paused post-copy to ``uri``, if the destination answers at all."""
         host = uri.split(":")[1]
@@ -385,9 +430,11 @@ class HostAgent:
         await self._source(name).resume(uri)
         return {"resumed": True}
 
+    @method("migration.release_switchover")
     async def m_migration_release_switchover(self, conn: Connection, name: str) -> None:
         self._source(name).release_switchover()
 
+    @method("migration.cancel")
     async def m_migration_cancel(self, conn: Connection, name: str, resume_completed: bool = False) -> dict[str, Any]:
         """Source rollback: cancel migration and mirrors, resume the guest here (after a completed migration only
         with ``resume_completed``: the caller has stopped the destination)."""
@@ -405,6 +452,7 @@ class HostAgent:
             return {"undone": [], "completed": False}
         return await role.cancel(resume_completed)
 
+    @method("migration.finish")
     async def m_migration_finish(self, conn: Connection, name: str) -> None:
         """Forget the migration roles of ``name`` on this host (after commit or rollback)."""
         role = self.sources.pop(name, None)
@@ -420,11 +468,13 @@ class HostAgent:
         except KeyError:
             raise NotFound(f"VM {name} is not migrating from host {self.cfg.name}") from None
 
+    @method("disk.digest")
     async def m_disk_digest(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:
         """Per-MiB SHA-256 of a disk's contents, and the guest agent's block ring if present."""
         from testbed.hostd.diskcheck import digest
         return await digest(self.datastores.path(datastore, file), self.cfg.name)
 
+    @method("vm.downtime_trace")
     async def m_vm_downtime_trace(self, conn: Connection, name: str) -> dict[str, float]:
         """QEMU's switchover checkpoints of VM ``name`` here: ``{"<checkpoint>_s": CLOCK_MONOTONIC}``."""
         from testbed.qemu.cmdline import downtime_checkpoints
@@ -435,10 +485,12 @@ class HostAgent:
             return {}
         return {f"{k}_s": v for k, v in downtime_checkpoints(text, time.time() - time.monotonic()).items()}
 
+    @method("host.clock")
     async def m_host_clock(self, conn: Connection) -> dict[str, float]:
         """This host's CLOCK_MONOTONIC now: the engine maps every instant this agent reports onto its own clock."""
         return {"monotonic_s": time.monotonic()}
 
+    @method("disk.digest_live")
     async def m_disk_digest_live(self, conn: Connection, name: str, disk: int) -> dict[str, Any]:
         """``disk.digest`` of disk ``disk`` of a running VM, read through its QEMU at one instant (fleecing), with
         the chunks the guest wrote since it resumed here (``written_chunks``; None if it did not arrive here)."""
@@ -450,6 +502,7 @@ class HostAgent:
         return await point_in_time(vm.execute, f"disk{disk}", vm.paths.dir, f"VM {name} on host {self.cfg.name}")
 
     # --- events ----------------------------------------------------------------------
+    @method("events.subscribe")
     async def m_events_subscribe(self, conn: Connection, vms: list[str] | None = None) -> None:
         conn.subscribed = set(vms or [])
 
@@ -457,19 +510,18 @@ class HostAgent:
     async def handle(self, conn: Connection, msg: dict[str, Any]) -> None:
         req_id = msg.get("id")
         method = str(msg.get("method", ""))
-        fn = getattr(self, "m_" + method.replace(".", "_"), None)
         try:
-            if fn is None or not method:
+            if method not in METHODS:
                 raise InputError(f"host agent on {self.cfg.name} has no method {method!r}")
+            fn = getattr(self, METHODS[method])
             params = msg.get("params") or {}
             if not isinstance(params, dict):
                 raise InputError("params must be an object")
             try:
-                result = await fn(conn, **params)
+                inspect.signature(fn).bind(conn, **params)
             except TypeError as err:
-                if "argument" in str(err) and "m_" in str(err):
-                    raise InputError(f"bad parameters for {method}: {err}") from err
-                raise
+                raise InputError(f"bad parameters for {method}: {err}") from err
+            result = await fn(conn, **params)
             await conn.send({"id": req_id, "result": result})
         except asyncio.CancelledError:
             raise

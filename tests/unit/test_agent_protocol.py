@@ -63,6 +63,24 @@ async def test_ping_and_unknown_method(agent: RawClient) -> None:
 async def test_bad_parameters_are_an_input_error(agent: RawClient) -> None:
     r = await agent.call("disk.create", datastore="ds1")
     assert r["error"]["kind"] == "InputError"
+    assert "bad parameters for disk.create" in r["error"]["message"]
+    r = await agent.call("host.ping", extra=1)
+    assert r["error"]["kind"] == "InputError" and "extra" in r["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["host_ping", "m_host_ping", "host.ping.x", "__init__", "handle", "client",
+                                  "warm_up", ""])
+async def test_only_registered_methods_can_be_called(agent: RawClient, name: str) -> None:
+    """The method name is looked up in the registry (``@method``), never turned into an attribute name."""
+    r = await agent.call(name)
+    assert r["error"]["kind"] == "InputError" and "no method" in r["error"]["message"]
+
+
+def test_every_handler_is_registered_once() -> None:
+    from testbed.hostd.server import METHODS, HostAgent
+    handlers = {n for n in dir(HostAgent) if n.startswith("m_")}
+    assert handlers == set(METHODS.values())
+    assert all(name.count(".") == 1 for name in METHODS)
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (run `make setup`)")
