@@ -32,7 +32,7 @@ from testbed.migration.convergence import ConvergenceSettings, normalize
 from testbed.migration.engine import Migration, MigrationRequest, Place
 from testbed.migration.report import MigrationReport
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
-from testbed.qemu.spec import VM_NAME_RE, BootSpec, DiskSpec, NicSpec, VmSpec
+from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec, check_vm_name
 
 
 class Residence(BaseModel):
@@ -90,9 +90,7 @@ def resolve_machine(facts: dict[str, Any], machine: str) -> str:
 
 
 def check_vm_request(name: str, memory_bytes: int) -> None:
-    if not VM_NAME_RE.match(name):
-        raise InputError(f"VM name {name!r} is not allowed",
-                         hint="use 1-31 lowercase letters, digits and '-', starting with a letter")
+    check_vm_name(name)
     if memory_bytes < 64 * 1024**2:
         raise InputError(f"VM {name}: {memory_bytes // 1024**2} MiB of memory is too little",
                          hint="give at least 64M (the built-in guest wants 256M or more)")

@@ -48,7 +48,7 @@ class Datastores:
                            hint="datastores here: " + ", ".join(self._by_name)) from None
 
     def path(self, datastore: str, file: str) -> Path:
-        if not FILE_RE.match(file):
+        if not FILE_RE.fullmatch(file):
             raise InputError(f"disk file name {file!r} is not allowed",
                              hint="use letters, digits, '.', '_' and '-'")
         return Path(self.get(datastore).path) / file

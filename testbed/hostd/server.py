@@ -29,7 +29,7 @@ from testbed.hostd.datastore import Datastores
 from testbed.hostd.migration import DestinationRole, SourceRole, reachable
 from testbed.hostd.vm import VmProcess
 from testbed.qemu.cmdline import VmPaths
-from testbed.qemu.spec import VmSpec
+from testbed.qemu.spec import VmSpec, check_vm_name
 
 log = logging.getLogger("testbed.hostd")
 
@@ -521,6 +521,14 @@ class HostAgent:
                 inspect.signature(fn).bind(conn, **params)
             except TypeError as err:
                 raise InputError(f"bad parameters for {method}: {err}") from err
+            # every method's ``name`` is a VM's, and becomes a directory under vms_dir: the one rule, first
+            if "name" in params:
+                check_vm_name(params["name"])
+            vms = params.get("vms")
+            if vms is not None and not isinstance(vms, list):
+                raise InputError(f"{method}: vms must be a list of VM names")
+            for vm_name in vms or []:
+                check_vm_name(vm_name)
             result = await fn(conn, **params)
             await conn.send({"id": req_id, "result": result})
         except asyncio.CancelledError:

@@ -41,7 +41,7 @@ class _Frozen(BaseModel):
 
 
 def _check_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(f"name {value!r} must be 1-15 characters: lowercase letters, "
                          "digits and '-', starting with a letter")
     return value
@@ -155,7 +155,7 @@ class Topology(_Frozen):
     @field_validator("name")
     @classmethod
     def _labname(cls, v: str) -> str:
-        if not LAB_NAME_RE.match(v):
+        if not LAB_NAME_RE.fullmatch(v):
             raise ValueError(f"lab name {v!r} must be 1-8 lowercase letters or digits, "
                              "starting with a letter (it prefixes namespace names)")
         return v

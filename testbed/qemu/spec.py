@@ -11,8 +11,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-VM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+from testbed.errors import InputError
+
+VM_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")      # whole names only (fullmatch: no trailing newline)
+VM_NAME_RULE = "1-31 lowercase letters, digits and '-', starting with a letter"
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
+
+
+def vm_name_ok(name: object) -> bool:
+    """The one VM-name rule (CLI, API, scenarios, specs, and every host agent method that takes a name)."""
+    return isinstance(name, str) and VM_NAME_RE.fullmatch(name) is not None
+
+
+def check_vm_name(name: object) -> str:
+    """``name`` if it is a VM name, else ``InputError`` saying the rule."""
+    if not vm_name_ok(name):
+        raise InputError(f"VM name {name!r} is not allowed", hint=f"use {VM_NAME_RULE}")
+    return str(name)
 
 
 class _Frozen(BaseModel):
@@ -33,7 +48,7 @@ class NicSpec(_Frozen):
 
     @model_validator(mode="after")
     def _mac(self) -> NicSpec:
-        if not MAC_RE.match(self.mac):
+        if not MAC_RE.fullmatch(self.mac):
             raise ValueError(f"MAC {self.mac!r} must look like 52:54:00:xx:xx:xx (lowercase)")
         return self
 
@@ -75,7 +90,6 @@ class VmSpec(_Frozen):
 
     @model_validator(mode="after")
     def _name(self) -> VmSpec:
-        if not VM_NAME_RE.match(self.name):
-            raise ValueError(f"VM name {self.name!r} must be 1-31 characters: lowercase "
-                             "letters, digits and '-', starting with a letter")
+        if not vm_name_ok(self.name):
+            raise ValueError(f"VM name {self.name!r} must be {VM_NAME_RULE}")
         return self

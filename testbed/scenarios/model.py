@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from testbed.errors import InputError
 from testbed.guest.workload import parse_workload
 from testbed.lab.topology import LinkSpec, Topology, default_topology
-from testbed.qemu.spec import VM_NAME_RE
+from testbed.qemu.spec import VM_NAME_RULE, vm_name_ok
 from testbed.units import parse_size
 
 PHASES = ("prechecks", "disk-sync", "memory-precopy", "switchover")
@@ -57,8 +57,8 @@ class VmDef(_Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not VM_NAME_RE.match(v):
-            raise ValueError(f"VM name {v!r} must be 1-31 lowercase letters, digits and '-', starting with a letter")
+        if not vm_name_ok(v):
+            raise ValueError(f"VM name {v!r} must be {VM_NAME_RULE}")
         return v
 
     @field_validator("memory", mode="before")

@@ -76,6 +76,30 @@ async def test_only_registered_methods_can_be_called(agent: RawClient, name: str
     assert r["error"]["kind"] == "InputError" and "no method" in r["error"]["message"]
 
 
+@pytest.mark.parametrize("name", ["/", "../x", "web01\n", "a/b", "", "Web01", 7, None, "x" * 40])
+async def test_a_vm_name_is_checked_before_any_method_runs(agent: RawClient, tmp_path: Path, name: Any) -> None:
+    """``vm.remove`` of ``/`` once meant ``rmtree(vms_dir / "/")``: the root file system."""
+    marker = tmp_path / "host" / "keep-me"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("x")
+    for method in ("vm.remove", "vm.console_log", "vm.status", "vm.import_console_history"):
+        params = {"name": name, **({"text": "x"} if method == "vm.import_console_history" else {})}
+        r = await agent.call(method, **params)
+        assert r["error"]["kind"] == "InputError", (method, r)
+        assert "is not allowed" in r["error"]["message"] and "lowercase letters" in r["error"]["hint"]
+    r = await agent.call("events.subscribe", vms=[name])
+    assert r["error"]["kind"] == "InputError"
+    assert marker.read_text() == "x"
+
+
+async def test_a_good_name_that_is_not_there_is_not_found(agent: RawClient) -> None:
+    r = await agent.call("vm.remove", name="web01")
+    assert r["error"]["kind"] == "NotFound"
+    assert (await agent.call("events.subscribe", vms=["web01"]))["result"] is None
+    r = await agent.call("events.subscribe", vms="web01")
+    assert r["error"]["kind"] == "InputError"
+
+
 def test_every_handler_is_registered_once() -> None:
     from testbed.hostd.server import METHODS, HostAgent
     handlers = {n for n in dir(HostAgent) if n.startswith("m_")}

@@ -77,3 +77,28 @@ def test_unknown_host_lists_the_known_ones() -> None:
 def test_lab_name_must_fit_interface_prefixes() -> None:
     with pytest.raises(ValueError, match="lab name"):
         topo.default_topology("Much-Too-Long-Name")
+
+
+@pytest.mark.parametrize("name", ["h1\n", "h1/x", "../h1"])
+def test_a_name_with_a_trailing_newline_or_a_path_is_refused(name: str) -> None:
+    """The rules match whole names: ``^...$`` with ``re.match`` let "h1\\n" through."""
+    with pytest.raises(ValueError):
+        topo.Topology.model_validate({"sites": [
+            {"name": "a", "vcenter": {"name": "vc"}, "hosts": [{"name": name}]}]})
+    with pytest.raises(ValueError):
+        topo.default_topology("tb\n")
+
+
+@pytest.mark.parametrize("name", ["web01\n", "/", "../x", "Web01", "-web", "a" * 32])
+def test_the_one_vm_name_rule(name: str) -> None:
+    from pydantic import ValidationError
+
+    from testbed.qemu.spec import VmSpec, check_vm_name, vm_name_ok
+    assert not vm_name_ok(name)
+    with pytest.raises(InputError, match="is not allowed"):
+        check_vm_name(name)
+    spec = {"memory_bytes": 256 << 20, "boot": {"kernel": "/k", "initrd": "/i"}}
+    with pytest.raises(ValidationError, match="must be 1-31 lowercase letters"):
+        VmSpec.model_validate({"name": name, **spec})
+    assert VmSpec.model_validate({"name": "web01", **spec}).name == "web01"
+    assert vm_name_ok("web01") and vm_name_ok("a" * 31)
