@@ -381,8 +381,7 @@ class VmManager:
                 if report.source_kept:
                     rec.source_copy = (rec.host, rec.spec)
                 rec.host = to_host
-                rec.spec = rec.spec.model_copy(update={"disks": tuple(
-                    d.model_copy(update={"datastore": ds}) for d in rec.spec.disks)})
+                rec.spec = rec.spec.moved_to(ds)
                 rec.history.append(Residence(host=to_host, since_s=time.time()))
         return report
 

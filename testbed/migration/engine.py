@@ -140,8 +140,7 @@ class Migration:
         self.fault = fault
         self.src: AgentClient | None = None
         self.dst: AgentClient | None = None
-        self.dest_spec = req.spec.model_copy(update={"disks": tuple(
-            d.model_copy(update={"datastore": req.destination.datastore}) for d in req.spec.disks)})
+        self.dest_spec = req.spec.moved_to(req.destination.datastore)
         self.created_disks: list[tuple[str, str]] = []
         self.dest_started = False
         self.source_touched = False

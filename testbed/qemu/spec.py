@@ -82,6 +82,13 @@ class VmSpec(_Frozen):
     cpu_model: str = "qemu64"
     agent: bool = True                         # runs the testbed guest agent
 
+    def moved_to(self, datastore: str | None) -> VmSpec:
+        """The same VM with every disk on ``datastore`` (a move's destination; None: where they are)."""
+        if datastore is None:
+            return self
+        return self.model_copy(update={"disks": tuple(d.model_copy(update={"datastore": datastore})
+                                                      for d in self.disks)})
+
     @model_validator(mode="after")
     def _boot_disk(self) -> VmSpec:
         if self.boot.from_disk and not self.disks:

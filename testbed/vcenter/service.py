@@ -968,8 +968,7 @@ class VCenter:
     async def _commit_move(self, t: dict[str, Any], v: dict[str, Any], spec: VmSpec, dest_host: str, dest_ds: str,
                            peer: VcClient | None, dest_name: str, verdict: str) -> None:
         name = v["name"]
-        moved_spec = spec.model_copy(update={"disks": tuple(d.model_copy(update={"datastore": dest_ds})
-                                                            for d in spec.disks)})
+        moved_spec = spec.moved_to(dest_ds)
         history = [*v.get("history", []), {"host": dest_host, "vcenter": dest_name, "since_s": time.time()}]
         if peer is not None:
             err: TestbedError | None = None
@@ -1014,8 +1013,7 @@ class VCenter:
             raise Conflict(f"a VM named {name} is already in vCenter {self.cfg.name}")
         aid = hostconn.new_ticket_id()
         placeholder = {"name": name, "host": host, "state": "incoming",
-                       "spec": spec.model_copy(update={"disks": tuple(d.model_copy(update={"datastore": ds})
-                                                                      for d in spec.disks)}).model_dump(mode="json"),
+                       "spec": spec.moved_to(ds).model_dump(mode="json"),
                        "ip": vm.get("ip"), "workload": vm.get("workload", "idle"),
                        "builtin_guest": vm.get("builtin_guest", True), "created_s": time.time(),
                        "history": vm.get("history", []), "admission": aid, "from_vcenter": peer}
@@ -1208,8 +1206,7 @@ class VCenter:
         except (TestbedError, HostUnreachable, TimeoutError) as err:
             t.setdefault("notes", []).append(f"the destination {dest_host} could not be stopped: {err}")
             return "unknown", []
-        moved = spec.model_copy(update={"disks": tuple(
-            d.model_copy(update={"datastore": t["placement"].get("datastore") or d.datastore}) for d in spec.disks)})
+        moved = spec.moved_to(t["placement"].get("datastore"))
         return "stopped", undone + await self._remove_from_host(dest_host, moved)
 
     async def _source_migration_status(self, host: str, name: str, wait_s: float) -> str:

@@ -102,3 +102,14 @@ def test_the_one_vm_name_rule(name: str) -> None:
         VmSpec.model_validate({"name": name, **spec})
     assert VmSpec.model_validate({"name": "web01", **spec}).name == "web01"
     assert vm_name_ok("web01") and vm_name_ok("a" * 31)
+
+
+def test_a_spec_moved_to_a_datastore_keeps_everything_else() -> None:
+    from testbed.qemu.spec import VmSpec
+    spec = VmSpec.model_validate({"name": "web01", "memory_bytes": 256 << 20, "boot": {"kernel": "/k", "initrd": "/i"},
+                                  "disks": [{"datastore": "ds-a", "file": "web01.qcow2", "size_bytes": 1 << 30},
+                                            {"datastore": "ds-a", "file": "web01-1.qcow2", "size_bytes": 1 << 20}]})
+    moved = spec.moved_to("ds-b")
+    assert [d.datastore for d in moved.disks] == ["ds-b", "ds-b"]
+    assert [d.file for d in moved.disks] == ["web01.qcow2", "web01-1.qcow2"] and moved.name == spec.name
+    assert spec.disks[0].datastore == "ds-a" and spec.moved_to(None) is spec
