@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from pydantic import BaseModel, Field
 from testbed import labctl
 from testbed.errors import Conflict, InputError, NotFound, TestbedError
 from testbed.guest.workload import Workload, agent_cmdline, parse_workload
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import AgentClient, remove_vm
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab import topology as topo
@@ -33,6 +34,8 @@ from testbed.migration.engine import Migration, MigrationRequest, Place
 from testbed.migration.report import MigrationReport
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
 from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec, check_vm_name
+
+log = logging.getLogger("testbed.vms")
 
 
 class Residence(BaseModel):
@@ -217,15 +220,14 @@ class VmManager:
         return record
 
     async def _undo_create(self, record: VmRecord) -> None:
-        with contextlib.suppress(TestbedError, asyncio.TimeoutError):
+        failed: list[str] = []
+        try:
             async with self.agent(record.host) as agent:
-                with contextlib.suppress(TestbedError):
-                    await agent.call("vm.stop", name=record.name)
-                with contextlib.suppress(TestbedError):
-                    await agent.call("vm.remove", name=record.name)
-                for d in record.spec.disks:
-                    with contextlib.suppress(TestbedError):
-                        await agent.call("disk.delete", datastore=d.datastore, file=d.file)
+                _, failed = await remove_vm(agent, record.name, ((d.datastore, d.file) for d in record.spec.disks))
+        except (TimeoutError, TestbedError) as err:
+            failed = [f"host {record.host}: {str(err).splitlines()[0]}"]
+        if failed:
+            log.warning("undoing the creation of VM %s: %s", record.name, "; ".join(failed))
         with self.registry.edit() as vms:
             vms.pop(record.name, None)
 
@@ -261,15 +263,8 @@ class VmManager:
 
     async def _remove_from(self, host: str, spec: VmSpec) -> None:
         async with self.agent(host) as agent:
-            with contextlib.suppress(NotFound):
-                await agent.call("migration.finish", name=spec.name)
-            with contextlib.suppress(NotFound):
-                await agent.call("vm.stop", name=spec.name)
-            with contextlib.suppress(NotFound):
-                await agent.call("vm.remove", name=spec.name)
-            for d in spec.disks:
-                with contextlib.suppress(NotFound):
-                    await agent.call("disk.delete", datastore=d.datastore, file=d.file)
+            await remove_vm(agent, spec.name, ((d.datastore, d.file) for d in spec.disks), finish_migration=True,
+                            strict=True)
 
     async def list(self) -> list[dict[str, Any]]:
         vms = self.registry.load()

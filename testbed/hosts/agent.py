@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import paramiko
@@ -29,6 +29,14 @@ _REMOTE_KINDS: dict[str, type[errors.TestbedError]] = {
     "NotFound": errors.NotFound, "Conflict": errors.Conflict,
     "InputError": errors.InputError, "QemuError": errors.QemuError,
 }
+
+
+def remote_error(host: str, e: dict[str, Any]) -> errors.TestbedError:
+    """An agent's error answer as the matching local exception (``AgentError`` for a kind we do not share)."""
+    cls = _REMOTE_KINDS.get(e.get("kind", ""))
+    if cls is not None:
+        return cls(e.get("message", "?"), hint=e.get("hint"))
+    return AgentError(f"host {host}: {e.get('message')}", kind=e.get("kind", "AgentError"), hint=e.get("hint"))
 
 
 class AgentClient:
@@ -97,13 +105,7 @@ class AgentClient:
         if fut is None or fut.done():
             return
         if "error" in msg:
-            e = msg["error"] or {}
-            cls = _REMOTE_KINDS.get(e.get("kind", ""))
-            if cls is not None:
-                fut.set_exception(cls(e.get("message", "?"), hint=e.get("hint")))
-            else:
-                fut.set_exception(AgentError(f"host {self.host}: {e.get('message')}",
-                                             kind=e.get("kind", "AgentError"), hint=e.get("hint")))
+            fut.set_exception(remote_error(self.host, msg["error"] or {}))
         else:
             fut.set_result(msg.get("result"))
 
@@ -160,3 +162,34 @@ class AgentClient:
         with contextlib.suppress(Exception):
             self._chan.close()
         await asyncio.to_thread(self._session.close)
+
+
+async def remove_vm(agent: AgentClient, name: str, disks: Iterable[tuple[str, str]], *, finish_migration: bool = False,
+                    strict: bool = False, timeout_s: float | None = None) -> tuple[list[str], list[str]]:
+    """Stop VM ``name`` on the agent's host, forget it and delete its ``disks`` ((datastore, file) pairs): what
+    was done and what failed, in words, one line a step.
+
+    The one way a VM leaves a host. What is already gone (``NotFound``) is in neither list. Any other error is
+    raised when ``strict`` (a commit must not half-succeed in silence); otherwise it is listed as failed and the
+    remaining steps are still tried. ``finish_migration``: first drop the host's migration role
+    for the VM (a move that ended)."""
+    steps: list[tuple[str, str, dict[str, Any]]] = []
+    if finish_migration:
+        steps.append((f"migration of {name} finished", "migration.finish", {"name": name}))
+    steps += [(f"VM {name} stopped", "vm.stop", {"name": name}), (f"VM {name} removed", "vm.remove", {"name": name})]
+    steps += [(f"disk {file} deleted", "disk.delete", {"datastore": ds, "file": file}) for ds, file in disks]
+    done: list[str] = []
+    failed: list[str] = []
+    for what, method, params in steps:
+        try:
+            await agent.call(method, timeout_s=timeout_s, **params)
+        except errors.NotFound:
+            continue            # already gone
+        except (errors.TestbedError, TimeoutError) as err:
+            if strict:
+                raise
+            first = err.message.splitlines()[0] if isinstance(err, errors.TestbedError) else "no answer in time"
+            failed.append(f"{method} {params.get('file') or name} on {agent.host}: {first}")
+            continue
+        done.append(what)
+    return done, failed

@@ -30,7 +30,7 @@ from typing import Any
 
 from testbed.errors import Conflict, MigrationError, NotFound, TestbedError
 from testbed.guest.workload import Workload
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import AgentClient, remove_vm
 from testbed.hosts.base import Host
 from testbed.lab import observer as obs
 from testbed.lab import quality
@@ -800,10 +800,7 @@ class Migration:
             await self.dst.call("vm.import_console_history", name=self.name, text=console)
         await self.src.call("migration.finish", name=self.name)
         await self.dst.call("migration.finish", name=self.name)
-        await self.src.call("vm.stop", name=self.name)
-        await self.src.call("vm.remove", name=self.name)
-        for d in self.req.spec.disks:
-            await self.src.call("disk.delete", datastore=d.datastore, file=d.file)
+        await remove_vm(self.src, self.name, ((d.datastore, d.file) for d in self.req.spec.disks), strict=True)
 
     # --- ROLLBACK ------------------------------------------------------------------------------------------
     async def _rollback(self, why: str) -> None:

@@ -32,9 +32,18 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from testbed.errors import Conflict, Forbidden, HostUnreachable, InputError, NotFound, TestbedError, Unauthorized
+from testbed.errors import (
+    Conflict,
+    Forbidden,
+    HostError,
+    HostUnreachable,
+    InputError,
+    NotFound,
+    TestbedError,
+    Unauthorized,
+)
 from testbed.guest.workload import parse_workload
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import AgentClient, remove_vm
 from testbed.hosts.base import Host
 from testbed.lab import builder
 from testbed.lab import observer as obs
@@ -405,19 +414,21 @@ class VCenter:
                        f"workload {wl.describe()}) by {user or 'system'}", vm=name, host=host)
         return await self.vm_info(name)
 
-    async def _remove_from_host(self, host: str | Host, spec: VmSpec) -> list[str]:
-        done = []
-        with contextlib.suppress(HostUnreachable, TestbedError, TimeoutError):
+    async def _remove_from_host(self, host: str | Host, spec: VmSpec, *, strict: bool = False) -> list[str]:
+        """Stop and remove ``spec``'s VM and disks from ``host``: what was done, in words. What could not be done
+        is logged and listed too ("... failed: ..."), or, with ``strict``, raised as a ``HostError``."""
+        where = host if isinstance(host, str) else host.name
+        try:
             async with self.agent(host) as agent:
-                for method in ("vm.stop", "vm.remove"):
-                    with contextlib.suppress(NotFound, TestbedError):
-                        await agent.call(method, name=spec.name)
-                        done.append(f"{method} {spec.name}")
-                for d in spec.disks:
-                    with contextlib.suppress(NotFound, TestbedError):
-                        await agent.call("disk.delete", datastore=d.datastore, file=d.file)
-                        done.append(f"disk {d.file} deleted")
-        return done
+                done, failed = await remove_vm(agent, spec.name, ((d.datastore, d.file) for d in spec.disks))
+        except (HostUnreachable, TestbedError, TimeoutError) as err:
+            done, failed = [], [f"host {where}: {str(err).splitlines()[0] or 'no answer in time'}"]
+        if failed:
+            log.warning("removing VM %s from %s: %s", spec.name, where, "; ".join(failed))
+            if strict:
+                raise HostError(f"VM {spec.name} could not be removed from host {where}: {'; '.join(failed)}",
+                                hint="see the host's agent log; the inventory is unchanged, so try again")
+        return done + [f"failed: {f}" for f in failed]
 
     async def vm_info(self, name: str, live: bool = True) -> dict[str, Any]:
         v = self.vm(name)
@@ -958,7 +969,7 @@ class VCenter:
                                    hint=f"stop it first (on the host), or delete the VM {name} where it runs now")
                 with contextlib.suppress(NotFound, TestbedError):
                     await agent.call("migration.finish", name=name)
-            done = await self._remove_from_host(c["host"], spec)
+            done = await self._remove_from_host(c["host"], spec, strict=True)
             self.inv.delete_source_copy(name)
         self.inv.event("VmSourceCopyDiscardedEvent", f"source copy of VM {name} on {c['host']} discarded by "
                        f"{user or 'system'}: {', '.join(done) or 'nothing was left there'}", vm=name, host=c["host"],

@@ -100,6 +100,37 @@ async def test_a_good_name_that_is_not_there_is_not_found(agent: RawClient) -> N
     assert r["error"]["kind"] == "InputError"
 
 
+class Agent:
+    """What ``remove_vm`` needs of an ``AgentClient``, over the raw socket of the real agent."""
+
+    host = "esx-t1"
+
+    def __init__(self, raw: RawClient) -> None:
+        self.raw = raw
+
+    async def call(self, method: str, timeout_s: float | None = None, **params: Any) -> Any:
+        from testbed.hosts.agent import remote_error
+        r = await self.raw.call(method, **params)
+        if "error" in r:
+            raise remote_error(self.host, r["error"])
+        return r["result"]
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (run `make setup`)")
+async def test_remove_vm_says_what_it_did_and_what_failed(agent: RawClient) -> None:
+    from testbed.errors import InputError
+    from testbed.hosts.agent import remove_vm
+    await agent.call("disk.create", datastore="ds1", file="web01.qcow2", size_bytes=1 << 20)
+    a = Agent(agent)
+    # no VM web01 here (NotFound: already gone, not listed); its disk is deleted; a bad file name fails
+    done, failed = await remove_vm(a, "web01", [("ds1", "web01.qcow2"), ("ds1", "../etc")])  # type: ignore[arg-type]
+    assert done == ["disk web01.qcow2 deleted"]
+    assert len(failed) == 1 and failed[0].startswith("disk.delete ../etc on esx-t1:")
+    assert (await agent.call("datastore.list"))["result"][0]["disks"] == []
+    with pytest.raises(InputError):                     # a commit's removal stops at the first real error
+        await remove_vm(a, "web01", [("ds1", "../etc")], strict=True)  # type: ignore[arg-type]
+
+
 def test_every_handler_is_registered_once() -> None:
     from testbed.hostd.server import METHODS, HostAgent
     handlers = {n for n in dir(HostAgent) if n.startswith("m_")}
