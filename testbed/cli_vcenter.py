@@ -198,10 +198,7 @@ def migrate(a: argparse.Namespace) -> int:
                             "options": _options(a)}
     if dst != src:
         cfg = deploy.config_of(a.lab, dst)
-        from testbed.vcenter import certs
-        spec["destination_vcenter"] = {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}",
-                                       "password": deploy.admin_password(cfg),
-                                       "thumbprint": certs.thumbprint_file(cfg.cert)}
+        spec["destination_vcenter"] = deploy.destination_vcenter(cfg)
     with c:
         r = c.post(f"/api/vcenter/vm/{a.vm}", {"spec": spec}, params={"action": "relocate"})
         out.print(f"{'cross-vCenter ' if dst != src else ''}relocate of {a.vm}: {src} -> {dst} "

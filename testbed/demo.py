@@ -62,8 +62,7 @@ async def run_demo(lab: str, out: Console) -> int:
                   f"certificate {thumb[:23]}...", highlight=False)
         r = await asyncio.to_thread(a.post, "/api/vcenter/vm/demo-vm", {"spec": {
             "placement": {"host": "esx-b1"},
-            "destination_vcenter": {"url": b_cfg.url, "user_name": f"administrator@{b_cfg.sso_domain}",
-                                    "password": deploy.admin_password(b_cfg), "thumbprint": thumb},
+            "destination_vcenter": deploy.destination_vcenter(b_cfg),
             "options": {"streams": 1, "downtime_limit_ms": 100}}}, params={"action": "relocate"})
         with Live(console=out, transient=True, refresh_per_second=4) as live:
             task = await asyncio.to_thread(a.wait_task, r["task"], 900,

@@ -29,7 +29,7 @@ from testbed.lab import observer as obs
 from testbed.net import fabric
 from testbed.scenarios.model import Expect, Move, Scenario
 from testbed.units import parse_rate_bytes
-from testbed.vcenter import certs, deploy
+from testbed.vcenter import deploy
 from testbed.vcenter.client import VcClient
 
 Log = Callable[[str], None]
@@ -117,9 +117,7 @@ class Run:
                                 "options": m.options.model_dump(exclude_none=True)}
         if dvc != svc:
             cfg = deploy.config_of(self.lab, dvc)
-            spec["destination_vcenter"] = {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}",
-                                           "password": deploy.admin_password(cfg),
-                                           "thumbprint": certs.thumbprint_file(cfg.cert)}
+            spec["destination_vcenter"] = deploy.destination_vcenter(cfg)
         c = self.client(svc)
         tid = c.post(f"/api/vcenter/vm/{m.vm}", {"spec": spec}, params={"action": "relocate"})["task"]
         builtin = next(v.builtin_guest for v in self.sc.vms if v.name == m.vm)

@@ -128,6 +128,13 @@ def stop(lab: str, name: str, *, kill: bool = False, timeout_s: float = 10.0) ->
     return f"vCenter {name} (pid {rec.pid}) {'killed' if kill else 'stopped'}"
 
 
+def destination_vcenter(cfg: VcenterConfig) -> dict[str, str]:
+    """A relocate's ``destination_vcenter`` for a vCenter of this lab: its URL, its administrator's
+    credentials and the thumbprint of its certificate (pinned: nothing is sent to another server)."""
+    return {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}", "password": admin_password(cfg),
+            "thumbprint": certs.thumbprint_file(cfg.cert)}
+
+
 def client(lab: str, name: str, *, login: bool = True, user: str | None = None,
            password: str | None = None) -> VcClient:
     """A client of vCenter ``name``, connecting from its namespace, pinned to its certificate."""

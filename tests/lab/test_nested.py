@@ -28,7 +28,7 @@ from testbed.errors import TestbedError
 from testbed.lab import builder
 from testbed.lab import observer as obs
 from testbed.lab.topology import HostSpec, SiteSpec, Topology, VCenterSpec
-from testbed.vcenter import certs, deploy
+from testbed.vcenter import deploy
 
 from ..conftest import unique_lab_name
 
@@ -90,9 +90,7 @@ def create_and_boot(lab: str, vm: str, host: str, memory: str, disk: str | None,
 def relocate(lab: str, vm: str, src_vc: str, dst_vc: str, dst_host: str) -> dict[str, Any]:
     cfg = deploy.config_of(lab, dst_vc)
     spec = {"placement": {"host": dst_host},
-            "destination_vcenter": {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}",
-                                    "password": deploy.admin_password(cfg),
-                                    "thumbprint": certs.thumbprint_file(cfg.cert)}}
+            "destination_vcenter": deploy.destination_vcenter(cfg)}
     with deploy.client(lab, src_vc) as c:
         tid = c.post(f"/api/vcenter/vm/{vm}", {"spec": spec}, params={"action": "relocate"})["task"]
         return c.wait_task(tid, timeout_s=900)

@@ -31,7 +31,7 @@ from testbed.lab.state import record_alive
 from testbed.lab.topology import DatastoreSpec, HostSpec, SiteSpec, Topology, VCenterSpec
 from testbed.net import fabric
 from testbed.net.cmd import run
-from testbed.vcenter import certs, deploy, sso
+from testbed.vcenter import deploy, sso
 from testbed.vcenter.client import VcClient
 
 from ..conftest import unique_lab_name
@@ -75,9 +75,7 @@ def client(lab: str, vc: str, login: bool = True) -> VcClient:
 def dest_spec(lab: str, vc: str = "vc-b", **placement: Any) -> dict[str, Any]:
     cfg = deploy.config_of(lab, vc)
     return {"placement": {"host": "esx-b1", **placement},
-            "destination_vcenter": {"url": cfg.url, "user_name": f"administrator@{cfg.sso_domain}",
-                                    "password": deploy.admin_password(cfg),
-                                    "thumbprint": certs.thumbprint_file(cfg.cert)}}
+            "destination_vcenter": deploy.destination_vcenter(cfg)}
 
 
 def relocate(c: VcClient, vm: str, spec: dict[str, Any], timeout_s: float = 300) -> dict[str, Any]:
