@@ -2,6 +2,7 @@
 
     TestbedError                 anything the testbed reports to a person
      +-- InputError              bad input: topology, names, sizes, workload specs
+     |    +-- PrecheckFailed     a relocate's prechecks found errors (carries the failed checks)
      +-- NotFound                a lab, host, VM, datastore or disk that does not exist
      +-- Conflict                a name already taken, a lab already up
      +-- LabError                building or tearing down the lab failed
@@ -43,6 +44,14 @@ class TestbedError(Exception):
 
 class InputError(TestbedError):
     """The user gave something malformed."""
+
+
+class PrecheckFailed(InputError):
+    """A relocate's named prechecks found errors; ``checks`` are the failed ones (name, status, message, hint)."""
+
+    def __init__(self, message: str, *, checks: list[dict[str, object]], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.checks = checks
 
 
 class NotFound(TestbedError):

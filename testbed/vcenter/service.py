@@ -39,6 +39,7 @@ from testbed.errors import (
     HostUnreachable,
     InputError,
     NotFound,
+    PrecheckFailed,
     TestbedError,
     Unauthorized,
 )
@@ -547,7 +548,10 @@ class VCenter:
             t["result"] = result
         if error is not None:
             t["error"] = {"message": str(error.args[0] if isinstance(error, TestbedError) else error),
-                          "hint": error.hint if isinstance(error, TestbedError) else None}
+                          "hint": error.hint if isinstance(error, TestbedError) else None,
+                          "kind": type(error).__name__ if isinstance(error, TestbedError) else "InternalError"}
+            if isinstance(error, PrecheckFailed):
+                t["error"]["failed_checks"] = [c["name"] for c in error.checks]
         t["progress"] = {**t.get("progress", {}), "percent": 100}
         self.inv.put_task(t)
         self.inv.event("TaskCompletedEvent" if ok else "TaskFailedEvent",
@@ -789,9 +793,9 @@ class VCenter:
             self.inv.put_task(t)
             bad = prechecks.failed(t["prechecks"])
             if bad:
-                raise InputError(f"prechecks failed for relocating VM {name} to {dest_host}: "
-                                 + "; ".join(f"[{c['name']}] {c['message']}" for c in bad),
-                                 hint=" / ".join(c["hint"] for c in bad if c.get("hint")) or None)
+                raise PrecheckFailed(f"prechecks failed for relocating VM {name} to {dest_host}: "
+                                     + "; ".join(f"[{c['name']}] {c['message']}" for c in bad), checks=bad,
+                                     hint=" / ".join(c["hint"] for c in bad if c.get("hint")) or None)
             # 3. admission at the destination
             self._progress(t, "admission", 4)
             spec = VmSpec.model_validate(v["spec"])

@@ -302,6 +302,7 @@ def test_each_precheck_fails_on_purpose(vclab: str, app1: str, enc1: str, check:
     bad = [n for n, x in got.items() if x["status"] == "error"]
     assert bad == (["port-groups"] if check == "bandwidth" else [check]), t["prechecks"]
     assert t["error"]["message"].startswith(f"prechecks failed for relocating VM {vm}")
+    assert t["error"]["kind"] == "PrecheckFailed" and t["error"]["failed_checks"] == bad
     # nothing moved: the VM runs where it was, in the inventory where it was
     assert running_on(vclab, vm) == [("esx-a2" if vm == enc1 else "esx-a1")]
     assert inventory_host(vclab, "vc-b", vm) is None
