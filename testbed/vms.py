@@ -1,9 +1,9 @@
-"""VM lifecycle on a lab: create, start, stop, delete, list, console, heartbeat.
+"""VM specs and their creation on a host (``build_vm_spec``, ``realize_on_host``: the vCenters use these), and
+``VmManager``, the engine-level VM manager of a lab without vCenters.
 
-The lab keeps a registry of its VMs (``<labdir>/vms.json``): where each one
-lives, its spec, its address on the VM network, and the hosts it has lived
-on. The host agents hold the truth about what runs; the registry says where
-to ask. (The vCenter services take this role over once they exist.)
+``VmManager`` keeps a registry (``<labdir>/vms.json``: where each VM lives, its spec, its address, its hosts)
+and reaches the hosts with the lab operator's key; the engine's lab tests, ``testbed bench``, the experiments
+and ``benchmarks/`` use it. The CLI, the demo and scenarios go through the vCenters.
 """
 
 from __future__ import annotations

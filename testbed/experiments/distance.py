@@ -1,4 +1,4 @@
-"""The XvMotion distance experiments (issue 7): the same migrations at growing RTT.
+"""The XvMotion distance experiments: the same migrations at growing RTT (docs/long-distance.md).
 
 Every migration crosses the site-to-site link (esx-a1 <-> esx-b1, ping-pong),
 whose delay and bandwidth are set with ``labctl.set_link``: on this machine

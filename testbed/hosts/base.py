@@ -1,4 +1,4 @@
-"""One interface for every host kind (netns here; nested and vagrant later).
+"""One interface for every host kind (netns, nested, vagrant).
 
 A host is reached over SSH; its agent (``testbed-hostd``) is found the same way
 on every kind: the command ``$TESTBED_HOSTD`` (default ``testbed-hostd``) with

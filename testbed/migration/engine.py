@@ -1,20 +1,14 @@
-"""The XvMotion engine: drive source and destination QEMU through their host agents.
+"""The XvMotion engine: drive source and destination QEMU through their host agents (phases: ``phases``).
 
-Phase 1 (DISK_SYNC): an empty disk of the same size on the destination datastore,
-the destination QEMU paused for incoming with its disks exported over NBD on
-the vMotion address, and ``blockdev-mirror`` (write-blocking) from the source
-until every job has copied its disk (READY follows once the destination has
-flushed; the source agent holds the switchover until then). Phase 2 (MEMORY_PRECOPY): ``migrate`` with multifd
-streams and auto-converge; every pre-copy round recorded. Phase 3 (SWITCHOVER):
-the agents switch over on their own (see ``testbed.hostd.migration``); the
-engine watches. Then VERIFY (the guest's own checks, disk digests), and the
-verdict rule (``verdict``): COMMIT (source QEMU and disks removed) only when
-memory and every disk are verified; FAILED when a check failed, UNVERIFIED
-when one could not be made: in both the VM runs on the destination and the
-source copy is kept, paused, disks untouched, until the user decides (unless
-the caller passed ``accept_unverified``). Before the switchover a failure is a
-ROLLBACK: the destination is removed first, then the source resumes: never
-two running copies, never none.
+DISK_SYNC: the destination's empty disks exported over NBD on its vMotion address, ``blockdev-mirror``
+(write-blocking, or background with a throttle) from the source until every job has copied its disk, within a
+deadline. MEMORY_PRECOPY: ``migrate`` (multifd streams), every round recorded, the convergence controller
+(``convergence``: auto-converge, SDPS, downtime steps, post-copy) deciding. SWITCHOVER: the agents switch over
+on their own (``testbed.hostd.migration``); the engine watches, on one clock (``clock``). VERIFY
+(``integrity``): the guest's own checks, disk digests at one instant, the outage in sequence numbers. Then the
+verdict rule: COMMIT only when memory and every disk are verified; FAILED or UNVERIFIED keep the source copy,
+paused. Before the switchover a failure is a ROLLBACK: the destination is stopped first, then the source
+resumes: never two running copies, never none.
 """
 
 from __future__ import annotations
