@@ -13,6 +13,7 @@ Errors come back as ``ApiError`` with the HTTP status and the server's message.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -161,6 +162,20 @@ class VcClient:
         if self.token:
             self.delete("/api/session")
             self.token = None
+
+    # --- the same calls for async code (a vCenter's service calling its peers): requests blocks, so each runs
+    # in a worker thread; the one place that knows it
+    async def aget(self, path: str, **kw: Any) -> Any:
+        return await asyncio.to_thread(self.get, path, **kw)
+
+    async def apost(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return await asyncio.to_thread(self.post, path, body, **kw)
+
+    async def alogin(self, user: str, password: str) -> str:
+        return await asyncio.to_thread(self.login, user, password)
+
+    async def alogout(self) -> None:
+        await asyncio.to_thread(self.logout)
 
     def close(self) -> None:
         self.http.close()

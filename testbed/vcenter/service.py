@@ -201,11 +201,11 @@ class VCenter:
 
     async def establish_trust(self, peer: VcClient) -> dict[str, Any]:
         """Source side: prove who we are to ``peer`` (logged in), and record it as trusted here."""
-        about = await asyncio.to_thread(peer.get, "/api/testbed/about")
-        nonce = await asyncio.to_thread(peer.post, "/api/testbed/trust/challenge")
+        about = await peer.aget("/api/testbed/about")
+        nonce = await peer.apost("/api/testbed/trust/challenge")
         import base64
         sig = base64.b64encode(certs.sign(self.cfg.key, f"{nonce}|{self.cfg.name}".encode())).decode()
-        await asyncio.to_thread(peer.post, "/api/testbed/trust", {
+        await peer.apost("/api/testbed/trust", {
             "name": self.cfg.name, "url": self.cfg.url, "certificate": self.cert_pem, "nonce": nonce,
             "signature": sig})
         if about["certificate"] and certs.thumbprint_pem(about["certificate"]) != peer.thumbprint:
@@ -767,7 +767,7 @@ class VCenter:
                 src_names = [self.inv.host(src_host)["facts"].get("hostname", src_host)]  # type: ignore[index]
                 dest_ds = placement.get("datastore")
                 if peer is not None:
-                    theirs_job = asyncio.to_thread(peer.post, "/api/testbed/xvmotion/precheck", {
+                    theirs_job = peer.apost("/api/testbed/xvmotion/precheck", {
                         "vm": vmf, "source_facts": source_facts, "host": dest_host, "datastore": dest_ds,
                         "source_names": src_names}, signed=True)
                 else:
@@ -803,7 +803,7 @@ class VCenter:
                 spec = spec.model_copy(update={"nics": tuple(n.model_copy(update={"port_group": network})
                                                              for n in spec.nics)})
             if peer is not None:
-                adm = await asyncio.to_thread(peer.post, "/api/testbed/xvmotion/admit", {
+                adm = await peer.apost("/api/testbed/xvmotion/admit", {
                     "vm": {**{k: v[k] for k in ("name", "ip", "workload", "builtin_guest", "history") if k in v},
                            "spec": spec.model_dump(mode="json")},
                     "host": dest_host, "datastore": dest_ds, "source_vcenter": self.cfg.name,
@@ -866,7 +866,7 @@ class VCenter:
         finally:
             if peer is not None:
                 with contextlib.suppress(TestbedError):
-                    await asyncio.to_thread(peer.logout)
+                    await peer.alogout()
                 peer.close()
 
     def _site_of(self, host: str) -> int:
@@ -905,13 +905,13 @@ class VCenter:
         peer = self.peer_client(url, thumbprint)
         try:
             if dest_vc.get("user_name"):
-                await asyncio.to_thread(peer.login, dest_vc["user_name"], dest_vc.get("password", ""))
+                await peer.alogin(dest_vc["user_name"], dest_vc.get("password", ""))
             else:
                 # enhanced linked mode: the same SSO domain, so this vCenter's session is valid there
                 token, _ = sso.issue(self.secret, user, self.cfg.sso_domain, 600)
                 peer.token = token
             about = await self.establish_trust(peer) if trusted is None or dest_vc.get("user_name") else \
-                await asyncio.to_thread(peer.get, "/api/testbed/about")
+                await peer.aget("/api/testbed/about")
         except BaseException:
             peer.close()
             raise
@@ -924,7 +924,7 @@ class VCenter:
             return "stopped", []
         for attempt in range(3):
             try:
-                r = await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/abort", {},
+                r = await peer.apost(f"/api/testbed/xvmotion/{t['admission']}/abort", {},
                                             signed=True)
                 return "stopped", list(r.get("undone") or [])
             except Conflict:
@@ -989,7 +989,7 @@ class VCenter:
             err: TestbedError | None = None
             for _ in range(5):
                 try:
-                    await asyncio.to_thread(peer.post, f"/api/testbed/xvmotion/{t['admission']}/commit",
+                    await peer.apost(f"/api/testbed/xvmotion/{t['admission']}/commit",
                                             {"spec": moved_spec.model_dump(mode="json"), "history": history,
                                              "verdict": verdict}, signed=True)
                     err = None
@@ -1186,7 +1186,7 @@ class VCenter:
             alive = False
             with contextlib.suppress(NotFound, TestbedError, HostUnreachable, TimeoutError):
                 if peer is not None and t.get("admission"):
-                    st = await asyncio.to_thread(peer.get, f"/api/testbed/xvmotion/{t['admission']}", signed=True)
+                    st = await peer.aget(f"/api/testbed/xvmotion/{t['admission']}", signed=True)
                     if st["running"]:
                         return True
                     alive = st.get("status") is not None
