@@ -84,6 +84,7 @@ def metrics(r: MigrationReport) -> dict[str, Any]:
                                             if span.get("memory-precopy") else None)
     return {"result": r.result, "total_s": r.total_s, "downtime_reported_ms": r.downtime_ms.reported,
             "downtime_observed_ms": r.downtime_ms.observed, "path_change_ms": r.downtime_ms.path_change,
+            "downtime_observed_naive_ms": r.downtime_ms.observed_naive,
             "stop_to_resume_ms": r.downtime_ms.stop_to_resume, "disk_sync_s": round(span.get("disk-sync", 0.0), 3),
             "precopy_s": round(span.get("memory-precopy", 0.0), 3), "memory_bytes": r.bytes.memory,
             "rounds": len(r.rounds), "max_throttle_pct": max((x.throttle_pct for x in r.rounds), default=0),
