@@ -48,11 +48,17 @@ class DiskSeqSampler:
     def __init__(self, sock: Any, vm: str, period_s: float = 0.1) -> None:
         self.sock, self.vm, self.period_s = sock, vm, period_s
         self.samples: list[tuple[float, int]] = []     # (heartbeat arrival, disk_seq)
+        self.errors: list[str] = []                    # queries the observer did not answer (kept in the row)
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
-            st = await obs.query(self.sock, {"op": "stats", "vm": self.vm, "since_s": time.monotonic() - 1.0})
+            try:
+                st = await obs.query(self.sock, {"op": "stats", "vm": self.vm, "since_s": time.monotonic() - 1.0})
+            except (OSError, TimeoutError) as err:   # one missed sample, said in the row: not a dead sampler
+                self.errors.append(f"{time.monotonic():.1f}: {type(err).__name__}: {err}")
+                await asyncio.sleep(self.period_s)
+                continue
             if st["count"] and st["last"] is not None:
                 self.samples.append((float(st["last_s"]), int(st["last"]["disk_seq"])))
             await asyncio.sleep(self.period_s)
@@ -127,6 +133,7 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
                 row: dict[str, Any] = {"link_MBps": link_bps / 1e6, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2),
                                        "mode": label, "vm_memory": vm_memory, **metrics(r)}
                 row["throttle_changes"] = throttle_changes(lab, vm)
+                row["sampler_errors"] = samples.errors[:20]
                 sync = next((p for p in r.phases if p.name == "disk-sync"), None)
                 paused = r.switchover.source_paused_s
                 if sync is not None and paused is not None:
