@@ -60,8 +60,8 @@ demo: setup image
 	$(VENV)/bin/testbed demo
 
 test: setup image host-image
-	$(VENV)/bin/ruff check testbed tests
-	$(VENV)/bin/mypy testbed
+	$(VENV)/bin/ruff check testbed tests benchmarks
+	$(VENV)/bin/mypy testbed benchmarks
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup image
@@ -93,8 +93,8 @@ bench-wan: setup
 	$(VENV)/bin/python benchmarks/wan_delayline.py
 
 lint: venv
-	$(VENV)/bin/ruff check testbed tests
-	$(VENV)/bin/mypy testbed
+	$(VENV)/bin/ruff check testbed tests benchmarks
+	$(VENV)/bin/mypy testbed benchmarks
 
 clean:
 	rm -rf images/guest/build $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -52,7 +53,8 @@ async def main() -> int:
     t = default_topology(a.lab).model_copy(update={"link": LinkSpec(bandwidth_bps=link)})
     out = Console()
     await labctl.up(t, start_agents_now=True)   # the engine alone: no vCenters
-    rows, reports = [], []
+    rows: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
     try:
         m = VmManager(a.lab)
         t0 = time.monotonic()
@@ -94,10 +96,10 @@ async def main() -> int:
                   title=f"{a.runs} migrations, {a.workload}, link {a.link}, converge {a.converge}, downtime-limit "
                         f"{a.downtime_limit} ms, {a.streams} stream(s)")
     for i, x in enumerate(rows, 1):
-        table.add_row(str(i), *(f"{x[k]:.2f}" for k in keys), str(x["rounds"]), x["integrity"])
+        table.add_row(str(i), *(f"{float(x[k]):.2f}" for k in keys), str(x["rounds"]), str(x["integrity"]))
     if rows:
         for label, p in (("p50", 50), ("max", 100)):
-            table.add_row(label, *(f"{pct([x[k] for x in rows], p):.2f}" for k in keys), "", "")
+            table.add_row(label, *(f"{pct([float(x[k]) for x in rows], p):.2f}" for k in keys), "", "")
     out.print(table)
     out.print("start->resumed: from the engine's start (SSH to both agents included) to the guest running on the "
               "destination; data path: from the disk sync's start; limit: bytes the source sent on its vMotion "
