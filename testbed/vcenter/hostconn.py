@@ -14,6 +14,7 @@ the agent command, with an expiry, revoked when the move ends.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -176,6 +177,23 @@ class TicketHost(Host):
     def discard(self) -> None:
         self.key_path.unlink(missing_ok=True)
         self.known_hosts.unlink(missing_ok=True)
+
+
+# --- the same for async code (the vCenter's service): paramiko blocks, so each runs in a worker thread -------
+async def aadd_host(address: str, user: str, password: str, **kw: Any) -> Added:
+    return await asyncio.to_thread(add_host, address, user, password, **kw)
+
+
+async def aforget_vcenter_key(host: ManagedHost, vc_name: str) -> None:
+    await asyncio.to_thread(forget_vcenter_key, host, vc_name)
+
+
+async def agrant_ticket(host: ManagedHost, ticket_id: str, ttl_s: float) -> dict[str, Any]:
+    return await asyncio.to_thread(grant_ticket, host, ticket_id, ttl_s)
+
+
+async def arevoke_ticket(host: ManagedHost, ticket_id: str) -> None:
+    await asyncio.to_thread(revoke_ticket, host, ticket_id)
 
 
 def new_ticket_id() -> str:

@@ -259,8 +259,8 @@ class VCenter:
             if h["address"] == address:
                 raise Conflict(f"host {hostname} ({address}) is already in vCenter {self.cfg.name} as {h['name']}")
         t0 = time.monotonic()
-        added = await asyncio.to_thread(hostconn.add_host, address, user, password, vc_name=self.cfg.name,
-                                        pubkey=self.pubkey, thumbprint=thumbprint)
+        added = await hostconn.aadd_host(address, user, password, vc_name=self.cfg.name, pubkey=self.pubkey,
+                                        thumbprint=thumbprint)
         hostconn.write_known_host(self.cfg.known_hosts, address, added.host_key)
         t1 = time.monotonic()
         tmp = hostconn.ManagedHost(hostname, address, self.cfg.ssh_key, self.cfg.known_hosts)
@@ -321,7 +321,7 @@ class VCenter:
             raise Conflict(f"host {name} still has VMs in vCenter {self.cfg.name}: {', '.join(on)}",
                            hint="move or delete them first")
         with contextlib.suppress(HostUnreachable, TestbedError):
-            await asyncio.to_thread(hostconn.forget_vcenter_key, h, self.cfg.name)
+            await hostconn.aforget_vcenter_key(h, self.cfg.name)
         self.inv.delete_host(name)
         self.inv.event("HostRemovedEvent", f"host {name} removed", host=name)
 
@@ -1034,7 +1034,7 @@ class VCenter:
                        "history": vm.get("history", []), "admission": aid, "from_vcenter": peer}
         self.inv.put_vm(placeholder)
         try:
-            ticket = await asyncio.to_thread(hostconn.grant_ticket, self.managed(host), aid, TICKET_TTL_S)
+            ticket = await hostconn.agrant_ticket(self.managed(host), aid, TICKET_TTL_S)
         except BaseException:
             self.inv.delete_vm(name)
             raise
@@ -1062,7 +1062,7 @@ class VCenter:
         a["state"] = "committed"
         self.inv.put_admission(a)
         with contextlib.suppress(TestbedError):
-            await asyncio.to_thread(hostconn.revoke_ticket, self.managed(a["host"]), aid)
+            await hostconn.arevoke_ticket(self.managed(a["host"]), aid)
         self.inv.event("VmMigratedEvent", f"VM {a['vm']} arrived from vCenter {peer} on {a['host']} and is "
                        f"registered here (integrity: {body.get('verdict', 'not said')})", vm=a["vm"], host=a["host"])
         return {"state": "committed"}
@@ -1089,7 +1089,7 @@ class VCenter:
         a["state"] = "aborted"
         self.inv.put_admission(a)
         with contextlib.suppress(TestbedError):
-            await asyncio.to_thread(hostconn.revoke_ticket, self.managed(a["host"]), aid)
+            await hostconn.arevoke_ticket(self.managed(a["host"]), aid)
         self.inv.event("VmMigrationAbortedEvent", f"incoming VM {a['vm']} from {peer} aborted; removed from "
                        f"{a['host']}: {', '.join(done) or 'nothing there'}", vm=a["vm"], host=a["host"])
         return {"state": "aborted", "undone": done}
