@@ -6,7 +6,7 @@ Every route but ``POST /api/session`` needs a session token in the
 with the HTTP status that fits: 400 bad input (malformed JSON and unknown
 fields included), 401 no/expired/foreign token, 403 not allowed (an untrusted
 peer), 404 unknown object, 409 busy or already there, 503 a host or peer
-that does not answer.
+that does not answer or could not do what was asked.
 
     POST   /api/session                          log in (basic auth) -> token
     GET    /api/session | DELETE /api/session    who am I | log out
@@ -43,6 +43,7 @@ from testbed.errors import (
     ApiError,
     Conflict,
     Forbidden,
+    HostError,
     HostUnreachable,
     InputError,
     NotFound,
@@ -150,7 +151,16 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (Unauthorized, 401, "UNAUTHENTICATED"), (Forbidden, 403, "UNAUTHORIZED"), (NotFound, 404, "NOT_FOUND"),
     (Conflict, 409, "RESOURCE_BUSY"), (InputError, 400, "INVALID_ARGUMENT"),
     (ThumbprintMismatch, 400, "INVALID_ARGUMENT"), (HostUnreachable, 503, "SERVICE_UNAVAILABLE"),
+    (HostError, 503, "SERVICE_UNAVAILABLE"),     # a host could not do it (its agent says why): not our 500
 ]
+
+
+def status_of(err: TestbedError) -> tuple[int, str]:
+    """The HTTP status and vSphere error type of an error the service raised (500 only for what none names)."""
+    for cls, st, k in _STATUS:
+        if isinstance(err, cls):
+            return st, k
+    return (err.status, err.error_type) if isinstance(err, ApiError) else (500, "ERROR")
 
 
 def error_body(kind: str, message: str, hint: str | None = None) -> dict[str, Any]:
@@ -200,11 +210,7 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     app.state.vc = vc
     @app.exception_handler(TestbedError)
     async def _testbed_error(request: Request, err: TestbedError) -> JSONResponse:
-        status, kind = (err.status, err.error_type) if isinstance(err, ApiError) else (500, "ERROR")
-        for cls, st, k in _STATUS:
-            if isinstance(err, cls):
-                status, kind = st, k
-                break
+        status, kind = status_of(err)
         return JSONResponse(error_body(kind, str(err.args[0]) if err.args else str(err), err.hint),
                             status_code=status)
 

@@ -132,3 +132,15 @@ def test_merge_reports_every_check_once_worst_first_in_a_fixed_order() -> None:
     lic = merged[1]
     assert lic["status"] == "error" and lic["message"] == "a: fine; b: standard" and lic["hint"]
     assert prechecks.failed(merged) == [lic]
+
+
+def test_errors_map_to_the_status_that_fits_and_a_host_failure_is_not_a_500() -> None:
+    from testbed import errors
+    from testbed.vcenter.api import status_of
+    assert status_of(errors.PrecheckFailed("x", checks=[])) == (400, "INVALID_ARGUMENT")
+    assert status_of(errors.TokenError("x")) == (401, "UNAUTHENTICATED")
+    assert status_of(errors.NotFound("x")) == (404, "NOT_FOUND")
+    assert status_of(errors.HostUnreachable("x")) == (503, "SERVICE_UNAVAILABLE")
+    assert status_of(errors.HostError("x")) == (503, "SERVICE_UNAVAILABLE")
+    assert status_of(errors.AgentError("x", kind="QemuError")) == (503, "SERVICE_UNAVAILABLE")
+    assert status_of(errors.ApiError(502, "peer", error_type="X")) == (502, "X")
