@@ -223,7 +223,7 @@ class VmManager:
         failed: list[str] = []
         try:
             async with self.agent(record.host) as agent:
-                _, failed = await remove_vm(agent, record.name, ((d.datastore, d.file) for d in record.spec.disks))
+                _, failed = await remove_vm(agent, record.spec)
         except (TimeoutError, TestbedError) as err:
             failed = [f"host {record.host}: {str(err).splitlines()[0]}"]
         if failed:
@@ -263,8 +263,7 @@ class VmManager:
 
     async def _remove_from(self, host: str, spec: VmSpec) -> None:
         async with self.agent(host) as agent:
-            await remove_vm(agent, spec.name, ((d.datastore, d.file) for d in spec.disks), finish_migration=True,
-                            strict=True)
+            await remove_vm(agent, spec, finish_migration=True, strict=True)
 
     async def list(self) -> list[dict[str, Any]]:
         vms = self.registry.load()

@@ -133,14 +133,13 @@ class DestinationRole:
             if vm.spec.disks:
                 steps += [stamped("nbd_stopped_s", vm.execute("nbd-server-stop")),
                           stamped("bitmaps_s", self._track_writes())]
-            elif not postcopy:
-                self.timeline["cont_s"] = time.monotonic()
             steps.append(vm.execute("cont"))
+            sent_s = time.monotonic()
             for r in await asyncio.gather(*steps, return_exceptions=True):
                 if isinstance(r, BaseException):
                     raise r
-            if not postcopy and "bitmaps_s" in self.timeline:
-                self.timeline["cont_s"] = self.timeline["bitmaps_s"]
+            if not postcopy:
+                self.timeline["cont_s"] = self.timeline.get("bitmaps_s", sent_s)
             if postcopy:
                 deadline = time.monotonic() + 60
                 while (await vm.execute("query-status"))["status"] != "running":

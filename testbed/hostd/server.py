@@ -504,7 +504,9 @@ class HostAgent:
     # --- events ----------------------------------------------------------------------
     @method("events.subscribe")
     async def m_events_subscribe(self, conn: Connection, vms: list[str] | None = None) -> None:
-        conn.subscribed = set(vms or [])
+        if vms is not None and not isinstance(vms, list):
+            raise InputError("events.subscribe: vms must be a list of VM names")
+        conn.subscribed = {check_vm_name(v) for v in vms or []}
 
     # --- dispatch ----------------------------------------------------------------------
     async def handle(self, conn: Connection, msg: dict[str, Any]) -> None:
@@ -524,11 +526,6 @@ class HostAgent:
             # every method's ``name`` is a VM's, and becomes a directory under vms_dir: the one rule, first
             if "name" in params:
                 check_vm_name(params["name"])
-            vms = params.get("vms")
-            if vms is not None and not isinstance(vms, list):
-                raise InputError(f"{method}: vms must be a list of VM names")
-            for vm_name in vms or []:
-                check_vm_name(vm_name)
             result = await fn(conn, **params)
             await conn.send({"id": req_id, "result": result})
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import paramiko
@@ -24,6 +24,7 @@ from testbed import errors
 from testbed.errors import AgentError, HostUnreachable
 from testbed.hostd import protocol
 from testbed.hosts.ssh import SshSession, SshTarget
+from testbed.qemu.spec import VmSpec
 
 _REMOTE_KINDS: dict[str, type[errors.TestbedError]] = {
     "NotFound": errors.NotFound, "Conflict": errors.Conflict,
@@ -164,20 +165,22 @@ class AgentClient:
         await asyncio.to_thread(self._session.close)
 
 
-async def remove_vm(agent: AgentClient, name: str, disks: Iterable[tuple[str, str]], *, finish_migration: bool = False,
-                    strict: bool = False, timeout_s: float | None = None) -> tuple[list[str], list[str]]:
-    """Stop VM ``name`` on the agent's host, forget it and delete its ``disks`` ((datastore, file) pairs): what
-    was done and what failed, in words, one line a step.
+async def remove_vm(agent: AgentClient, spec: VmSpec, *, finish_migration: bool = False, strict: bool = False,
+                    timeout_s: float | None = None) -> tuple[list[str], list[str]]:
+    """Stop ``spec``'s VM on the agent's host, forget it and delete its disks: what was done and what failed, in
+    words, one line a step.
 
     The one way a VM leaves a host. What is already gone (``NotFound``) is in neither list. Any other error is
     raised when ``strict`` (a commit must not half-succeed in silence); otherwise it is listed as failed and the
     remaining steps are still tried. ``finish_migration``: first drop the host's migration role
     for the VM (a move that ended)."""
+    name = spec.name
     steps: list[tuple[str, str, dict[str, Any]]] = []
     if finish_migration:
         steps.append((f"migration of {name} finished", "migration.finish", {"name": name}))
     steps += [(f"VM {name} stopped", "vm.stop", {"name": name}), (f"VM {name} removed", "vm.remove", {"name": name})]
-    steps += [(f"disk {file} deleted", "disk.delete", {"datastore": ds, "file": file}) for ds, file in disks]
+    steps += [(f"disk {d.file} deleted", "disk.delete", {"datastore": d.datastore, "file": d.file})
+              for d in spec.disks]
     done: list[str] = []
     failed: list[str] = []
     for what, method, params in steps:

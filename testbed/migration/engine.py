@@ -794,7 +794,7 @@ class Migration:
             await self.dst.call("vm.import_console_history", name=self.name, text=console)
         await self.src.call("migration.finish", name=self.name)
         await self.dst.call("migration.finish", name=self.name)
-        await remove_vm(self.src, self.name, ((d.datastore, d.file) for d in self.req.spec.disks), strict=True)
+        await remove_vm(self.src, self.req.spec, strict=True)
 
     # --- ROLLBACK ------------------------------------------------------------------------------------------
     async def _rollback(self, why: str) -> None:

@@ -421,7 +421,7 @@ class VCenter:
         where = host if isinstance(host, str) else host.name
         try:
             async with self.agent(host) as agent:
-                done, failed = await remove_vm(agent, spec.name, ((d.datastore, d.file) for d in spec.disks))
+                done, failed = await remove_vm(agent, spec)
         except (HostUnreachable, TestbedError, TimeoutError) as err:
             done, failed = [], [f"host {where}: {str(err).splitlines()[0] or 'no answer in time'}"]
         if failed:

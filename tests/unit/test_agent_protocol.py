@@ -116,6 +116,12 @@ class Agent:
         return r["result"]
 
 
+def spec_with(*files: str) -> Any:
+    from testbed.qemu.spec import VmSpec
+    return VmSpec.model_validate({"name": "web01", "memory_bytes": 256 << 20, "boot": {"kernel": "/k", "initrd": "/i"},
+                                  "disks": [{"datastore": "ds1", "file": f, "size_bytes": 1 << 20} for f in files]})
+
+
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (run `make setup`)")
 async def test_remove_vm_says_what_it_did_and_what_failed(agent: RawClient) -> None:
     from testbed.errors import InputError
@@ -123,12 +129,12 @@ async def test_remove_vm_says_what_it_did_and_what_failed(agent: RawClient) -> N
     await agent.call("disk.create", datastore="ds1", file="web01.qcow2", size_bytes=1 << 20)
     a = Agent(agent)
     # no VM web01 here (NotFound: already gone, not listed); its disk is deleted; a bad file name fails
-    done, failed = await remove_vm(a, "web01", [("ds1", "web01.qcow2"), ("ds1", "../etc")])  # type: ignore[arg-type]
+    done, failed = await remove_vm(a, spec_with("web01.qcow2", "../etc"))  # type: ignore[arg-type]
     assert done == ["disk web01.qcow2 deleted"]
     assert len(failed) == 1 and failed[0].startswith("disk.delete ../etc on esx-t1:")
     assert (await agent.call("datastore.list"))["result"][0]["disks"] == []
     with pytest.raises(InputError):                     # a commit's removal stops at the first real error
-        await remove_vm(a, "web01", [("ds1", "../etc")], strict=True)  # type: ignore[arg-type]
+        await remove_vm(a, spec_with("../etc"), strict=True)  # type: ignore[arg-type]
 
 
 def test_every_handler_is_registered_once() -> None:
