@@ -9,9 +9,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from testbed.migration.engine import Progress
 from testbed.migration.phases import Phase
 from testbed.migration.report import MigrationReport
+from testbed.migration.request import Progress
 from testbed.units import format_bytes
 
 

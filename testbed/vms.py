@@ -30,8 +30,9 @@ from testbed.lab import observer as obs
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile
 from testbed.migration.convergence import ConvergenceSettings, normalize
-from testbed.migration.engine import Migration, MigrationRequest, Place
+from testbed.migration.engine import Migration
 from testbed.migration.report import MigrationReport
+from testbed.migration.request import MigrationRequest, Place
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir
 from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec, check_vm_name
 

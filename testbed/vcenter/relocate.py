@@ -25,8 +25,9 @@ from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
 from testbed.lab import observer as obs
-from testbed.migration.engine import Migration, MigrationRequest, Place, Progress
+from testbed.migration.engine import Migration
 from testbed.migration.phases import Phase
+from testbed.migration.request import MigrationRequest, Place, Progress
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter import certs, hostconn, prechecks
 from testbed.vcenter.admission import Admission

@@ -1,0 +1,73 @@
+"""What a move is asked to do (``MigrationRequest``: the VM, its two places, the knobs), and ``Progress``,
+what the live display shows while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.guest.workload import Workload
+from testbed.hosts.agent import AgentClient
+from testbed.hosts.base import Host
+from testbed.migration.convergence import ConvergeMode, ConvergenceSettings
+from testbed.migration.phases import Phase
+from testbed.qemu.spec import VmSpec
+
+DISK_SYNC_MIN_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Place:
+    host: Host
+    vcenter: str
+    datastore: str
+
+
+@dataclass
+class Progress:
+    """What the live display shows."""
+
+    phase: Phase
+    disk_pct: float | None = None
+    round: int = 0
+    dirty_rate_bps: float = 0.0
+    send_rate_bps: float = 0.0
+    throttle_pct: int = 0
+    remaining_bytes: int = 0
+    transferred_bytes: int = 0
+    stun_pct: float = 0.0
+    postcopy: bool = False
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    spec: VmSpec
+    source: Place
+    destination: Place
+    observer_socket: Path
+    builtin_guest: bool = True
+    workload: Workload = field(default_factory=Workload)
+    streams: int = 1
+    converge: ConvergeMode = "adaptive"   # see testbed.migration.convergence; "auto" = "auto-converge"
+    bandwidth_bps: int | None = None
+    link_bandwidth_bps: int | None = None
+    downtime_limit_ms: int = 100
+    max_throttle_pct: int = 90             # auto-converge ceiling: 90% = at most ~90 ms vCPU sleeps
+    stall_timeout_s: float = 20.0          # no migration progress for this long: fail
+    completion_timeout_s: float | None = None    # pre-copy that does not converge: fall back or roll back
+    #                                          (None: per GiB of RAM, ConvergenceSettings)
+    hold_switchover: bool = False          # the source waits for the engine at pre-switchover
+    # write-blocking: every guest write waits for the destination (a round trip at distance);
+    # background-throttled: writes complete locally, throttled while the mirror's backlog grows
+    mirror_mode: str = "write-blocking"     # | "background-throttled"
+    mirror_granularity: int | None = None   # QEMU's default (the image's cluster size) unless set
+    # the disk copy must reach READY (every block there, the guest's writes mirrored) within this, or the move
+    # rolls back; None: three times the disks' size at the link's rate, at least DISK_SYNC_MIN_TIMEOUT_S
+    disk_sync_timeout_s: float | None = None
+    allow_postcopy: bool = False           # adaptive: post-copy as the last resort
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
+    postcopy_recovery_timeout_s: float = 120.0   # a post-copy whose channel broke: reconnect within this
+    accept_unverified: bool = False        # commit (remove the source copy) although a check could not be made
+    # Open connections to the source's and destination's agents that the caller keeps (a management plane
+    # holds its host connections, as a vCenter does); None: the engine connects to both and closes them.
+    agents: tuple[AgentClient, AgentClient] | None = None
