@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from testbed.errors import Conflict
-from testbed.hostd.migration import DestinationRole, SourceRole
+from testbed.hostd.destination import DestinationRole
+from testbed.hostd.source import SourceRole
 
 
 class ModelQemu:
