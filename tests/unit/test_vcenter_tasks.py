@@ -17,12 +17,17 @@ from testbed.vcenter.tasks import TRANSITIONS, Stage, TaskState, can_change
 
 
 @pytest.fixture
-async def vc(tmp_path: Path):  # type: ignore[no-untyped-def]
+def cfg(tmp_path: Path) -> VcenterConfig:
     cfg = VcenterConfig(name="vc-t", fqdn="vc-t.unit.test", address="198.18.250.1", dir=str(tmp_path),
                         sso_domain="vsphere-t.local", lab="unit-no-lab")
     certs.make_self_signed(cfg.cert, cfg.key, cfg.fqdn, [cfg.fqdn], cfg.address)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(cfg.ssh_key)], check=True)
     cfg.domain_secret.write_bytes(b"s" * 32)
+    return cfg
+
+
+@pytest.fixture
+async def vc(cfg: VcenterConfig):  # type: ignore[no-untyped-def]
     v = VCenter(cfg)
     yield v
     await v.close()
