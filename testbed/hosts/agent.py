@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import paramiko
 
@@ -38,6 +38,22 @@ def remote_error(host: str, e: dict[str, Any]) -> errors.TestbedError:
     if cls is not None:
         return cls(e.get("message", "?"), hint=e.get("hint"))
     return AgentError(f"host {host}: {e.get('message')}", kind=e.get("kind", "AgentError"), hint=e.get("hint"))
+
+
+class Agent(Protocol):
+    """What the engine and the vCenter need of a host agent: ``AgentClient`` over SSH, or a test's scripted one."""
+
+    host: str
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def call(self, method: str, timeout_s: float | None = None, **params: Any) -> Any: ...
+
+    def events(self, vms: list[str] | None = None) -> contextlib.AbstractAsyncContextManager[
+            asyncio.Queue[dict[str, Any]]]: ...
+
+    async def close(self) -> None: ...
 
 
 class AgentClient:
@@ -165,7 +181,7 @@ class AgentClient:
         await asyncio.to_thread(self._session.close)
 
 
-async def remove_vm(agent: AgentClient, spec: VmSpec, *, finish_migration: bool = False, strict: bool = False,
+async def remove_vm(agent: Agent, spec: VmSpec, *, finish_migration: bool = False, strict: bool = False,
                     timeout_s: float | None = None) -> tuple[list[str], list[str]]:
     """Stop ``spec``'s VM on the agent's host, forget it and delete its disks: what was done and what failed, in
     words, one line a step.

@@ -9,7 +9,7 @@ import datetime
 from collections.abc import Awaitable, Callable
 
 from testbed.errors import MigrationError, TestbedError
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import Agent
 from testbed.lab import observer as obs
 from testbed.lab import quality
 from testbed.migration import clock, integrity
@@ -34,13 +34,13 @@ class Migration(PrecopyPhase, DiskSyncPhase, SwitchoverPhase, VerifyPhase, Endin
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         req = self.req
         owned = req.agents is None or any(a.closed for a in req.agents)
-        conns: list[AgentClient | BaseException] = (
+        conns: list[Agent | BaseException] = (
             list(await asyncio.gather(req.source.host.agent(), req.destination.host.agent(), return_exceptions=True))
             if owned else list(req.agents or ()))
         if any(isinstance(c, BaseException) for c in conns):
             err = next(c for c in conns if isinstance(c, BaseException))
             for c in conns:
-                if isinstance(c, AgentClient):
+                if not isinstance(c, BaseException):
                     await c.close()
             self.machine.enter(Phase.PRECHECK)
             self.machine.enter(Phase.ROLLBACK)
@@ -50,7 +50,7 @@ class Migration(PrecopyPhase, DiskSyncPhase, SwitchoverPhase, VerifyPhase, Endin
                 raise err
             return self._report(started)
         src, dst = conns
-        assert isinstance(src, AgentClient) and isinstance(dst, AgentClient)
+        assert not isinstance(src, BaseException) and not isinstance(dst, BaseException)
         self.src, self.dst = src, dst
         try:
             async with src.events([self.name]) as sq, dst.events([self.name]) as dq:
@@ -74,7 +74,7 @@ class Migration(PrecopyPhase, DiskSyncPhase, SwitchoverPhase, VerifyPhase, Endin
         """Every clock this move reads, as an offset from the engine's (testbed.migration.clock)."""
         assert self.src and self.dst
 
-        def agent_now(a: AgentClient) -> Callable[[], Awaitable[float]]:
+        def agent_now(a: Agent) -> Callable[[], Awaitable[float]]:
             async def now() -> float:
                 return float((await a.call("host.clock"))["monotonic_s"])
             return now

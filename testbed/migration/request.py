@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.guest.workload import Workload
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import Agent
 from testbed.hosts.base import Host
 from testbed.migration.convergence import ConvergeMode, ConvergenceSettings
 from testbed.migration.phases import Phase
@@ -70,4 +70,4 @@ class MigrationRequest:
     accept_unverified: bool = False        # commit (remove the source copy) although a check could not be made
     # Open connections to the source's and destination's agents that the caller keeps (a management plane
     # holds its host connections, as a vCenter does); None: the engine connects to both and closes them.
-    agents: tuple[AgentClient, AgentClient] | None = None
+    agents: tuple[Agent, Agent] | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.errors import MigrationError
-from testbed.hosts.agent import AgentClient
+from testbed.hosts.agent import Agent
 from testbed.migration import clock
 from testbed.migration.convergence import Controller, completion_timeout_s
 from testbed.migration.phases import Phase, PhaseMachine
@@ -71,8 +71,8 @@ class MoveState:
         self.machine = PhaseMachine()
         self.on_progress = on_progress or (lambda p: None)
         self.fault = fault
-        self.src: AgentClient | None = None
-        self.dst: AgentClient | None = None
+        self.src: Agent | None = None
+        self.dst: Agent | None = None
         self.dest_spec = req.spec.moved_to(req.destination.datastore)
         self.created_disks: list[tuple[str, str]] = []
         self.dest_started = False
