@@ -95,3 +95,10 @@ def test_every_error_class_lives_in_the_one_tree() -> None:
     loose = [n for n, c in inspect.getmembers(errors, inspect.isclass)
              if issubclass(c, Exception) and not issubclass(c, errors.TestbedError)]
     assert not loose, f"errors.py classes outside the TestbedError tree: {loose}"
+
+
+def test_no_file_is_over_500_lines() -> None:
+    """A file a newcomer can read: split one that grows past this by what its parts do."""
+    long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "testbed").rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > 500}
+    assert not long, f"files over 500 lines: {long}"

@@ -1,0 +1,141 @@
+"""The engine's phase machine and its rollback, keep and commit decisions, against scripted host agents
+(``fake_agent``): no root, no QEMU, milliseconds a move. The lab tests drive the same engine on real QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.errors import Conflict, HostUnreachable
+from testbed.migration.engine import Migration
+from tests.unit.fake_agent import digest, not_there, request, scripted_pair, spec
+
+
+def phases(r: Any) -> list[str]:
+    return [p.name for p in r.phases]
+
+
+async def test_a_move_that_verifies_commits_and_removes_the_source(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    r = await Migration(request(vm, src, dst, tmp_path, accept_unverified=True)).run()
+    assert r.result == "succeeded", (r.error, r.rollback)
+    assert phases(r) == ["precheck", "disk-sync", "memory-precopy", "switchover", "verify", "commit", "done"]
+    assert r.integrity.disk == "verified" and r.integrity.memory == "unverified" and r.accepted_unverified
+    assert len(r.rounds) == 1 and r.downtime_ms.reported == 42
+    assert r.switchover.destination_resumed_s is not None and r.switchover.source_paused_s is not None
+    # the commit: the source's VM and disk are removed only after both sides finished the migration
+    m = src.methods()
+    assert m.index("migration.finish") < m.index("vm.remove") < m.index("disk.delete")
+    assert src.called("disk.delete") == [{"datastore": "ds-a", "file": "vm1-disk0.qcow2"}]
+    assert dst.called("disk.create")[0]["datastore"] == "ds-b", "the destination's disk on its datastore"
+    assert not dst.called("migration.abort_incoming")
+
+
+async def test_unverified_is_not_committed_unless_accepted(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    r = await Migration(request(vm, src, dst, tmp_path)).run()   # memory unverified: no guest agent
+    assert r.result == "unverified" and r.source_kept
+    assert phases(r)[-1] == "unverified"
+    assert not src.called("vm.remove") and not src.called("disk.delete"), "the source copy stays"
+
+
+async def test_a_disk_that_differs_where_the_guest_did_not_write_fails_and_keeps_the_source(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    dst.on("disk.digest_live", lambda **_: digest(["c0", "XX", "c2", "c3"], written=[3]))
+    r = await Migration(request(vm, src, dst, tmp_path, accept_unverified=True)).run()
+    assert r.result == "failed" and r.source_kept and r.integrity.disk == "failed"
+    assert phases(r)[-2:] == ["verify", "failed"]
+    assert r.error and "where the guest did not write" in " ".join(r.integrity.details)
+    assert not src.called("vm.remove") and not src.called("disk.delete"), "never delete the only good copy"
+
+
+async def test_a_failure_in_precopy_stops_the_destination_before_the_source_resumes(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    order: list[str] = []
+    dst.on("migration.abort_incoming", lambda **_: order.append("destination stopped") or {"undone": ["stopped"]})
+    src.on("migration.cancel", lambda **kw: order.append(f"source resumed {kw}") or {"undone": ["resumed"]})
+    src.on("migration.start", lambda **_: asyncio.get_running_loop().call_soon(
+        src.emit, "migration-failed", {"error": "the vMotion stream broke"}))
+    r = await Migration(request(vm, src, dst, tmp_path)).run()
+    assert r.result == "rolled_back", r.error
+    assert phases(r)[-2:] == ["rollback", "rolled-back"]
+    assert "the vMotion stream broke" in (r.error or "")
+    assert order == ["destination stopped", "source resumed {'name': 'vm1', 'resume_completed': True}"]
+    assert dst.called("disk.delete") == [{"datastore": "ds-b", "file": "vm1-disk0.qcow2", "timeout_s": 30.0}]
+    assert not src.called("disk.delete"), "the source's disk is never touched by a rollback"
+
+
+async def test_a_destination_that_already_runs_the_guest_is_not_rolled_back(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+
+    def refuse(**_: Any) -> None:
+        raise Conflict("VM vm1 runs here")
+    dst.on("migration.abort_incoming", refuse)
+    src.on("migration.start", lambda **_: asyncio.get_running_loop().call_soon(
+        src.emit, "migration-failed", {"error": "late failure"}))
+    r = await Migration(request(vm, src, dst, tmp_path)).run()
+    assert r.result == "failed" and r.source_kept
+    assert not src.called("migration.cancel"), "the source must not resume: the guest runs on the destination"
+    assert not dst.called("disk.delete")
+
+
+async def test_source_completed_and_destination_unreachable_keeps_the_source_paused(tmp_path: Path) -> None:
+    """The worst moment: the source handed the guest over, then the destination's agent is out of reach. Whether
+    the guest runs there is unknown: the source stays paused (never two running copies), the move FAILED."""
+    vm = spec()
+    src, dst = scripted_pair(vm)
+
+    def unreachable(**_: Any) -> None:
+        raise HostUnreachable("the connection to the host agent on esx-b1 was lost")
+    for m in ("migration.abort_incoming", "vm.remove", "disk.delete", "migration.finish"):
+        dst.on(m, unreachable)
+    src.on("migration.cancel", {"undone": [], "completed": True})
+    src.on("migration.start", lambda **_: asyncio.get_running_loop().call_soon(
+        dst.emit, "connection-lost", {}))
+    r = await Migration(request(vm, src, dst, tmp_path)).run()
+    assert r.result == "failed" and r.source_kept, (r.result, r.rollback)
+    assert src.called("migration.cancel") == [{"name": "vm1", "resume_completed": False}], \
+        "a completed source is not resumed while the destination may run the guest"
+    assert any("may run there" in line for line in r.rollback), r.rollback
+
+
+async def test_a_disk_copy_that_does_not_catch_up_rolls_back_at_its_deadline(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+
+    def qmp(name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        assert command == "query-block-jobs"
+        return [{"device": "mirror-0", "len": 4 * 2**20, "offset": 2**20}]   # a quarter, for ever
+    src.on("vm.qmp", qmp)
+    r = await Migration(request(vm, src, dst, tmp_path, disk_sync_timeout_s=0.5)).run()
+    assert r.result == "rolled_back" and r.failed_phase == "disk-sync", (r.result, r.failed_phase)
+    assert "did not catch up in 0 s" in (r.error or "") or "did not catch up in 1 s" in (r.error or ""), r.error
+    assert "25% copied" in (r.error or ""), r.error
+    assert not src.called("migration.start"), "no memory is sent before the disks are in sync"
+
+
+async def test_a_source_vm_that_is_not_running_fails_the_precheck_and_touches_nothing(tmp_path: Path) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    src.on("vm.status", {"state": "running", "status": "paused"})
+    r = await Migration(request(vm, src, dst, tmp_path)).run()
+    assert r.result == "rolled_back" and r.failed_phase == "precheck"
+    assert "is not running" in (r.error or "")
+    assert not dst.called("disk.create") and not dst.called("migration.prepare_incoming")
+
+
+@pytest.mark.parametrize("gone", ["vm.remove", "disk.delete"])
+async def test_the_commit_tolerates_what_is_already_gone_on_the_source(tmp_path: Path, gone: str) -> None:
+    vm = spec()
+    src, dst = scripted_pair(vm)
+    src.on(gone, not_there)
+    r = await Migration(request(vm, src, dst, tmp_path, accept_unverified=True)).run()
+    assert r.result == "succeeded", r.error
