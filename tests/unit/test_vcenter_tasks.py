@@ -1,36 +1,15 @@
 """A vCenter's tasks without a lab: a real ``VCenter`` on a temporary directory (its inventory, certificate and
-keys), no hosts. Task states and relocate stages change only along ``tasks.TRANSITIONS``."""
+keys), no hosts (``conftest.vc``). Task states and relocate stages change only along ``tasks.TRANSITIONS``."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from testbed.errors import Conflict, PhaseError
-from testbed.vcenter import certs
-from testbed.vcenter.config import VcenterConfig
 from testbed.vcenter.service import VCenter
 from testbed.vcenter.tasks import TRANSITIONS, Stage, TaskState, can_change
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> VcenterConfig:
-    cfg = VcenterConfig(name="vc-t", fqdn="vc-t.unit.test", address="198.18.250.1", dir=str(tmp_path),
-                        sso_domain="vsphere-t.local", lab="unit-no-lab")
-    certs.make_self_signed(cfg.cert, cfg.key, cfg.fqdn, [cfg.fqdn], cfg.address)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(cfg.ssh_key)], check=True)
-    cfg.domain_secret.write_bytes(b"s" * 32)
-    return cfg
-
-
-@pytest.fixture
-async def vc(cfg: VcenterConfig):  # type: ignore[no-untyped-def]
-    v = VCenter(cfg)
-    yield v
-    await v.close()
 
 
 def test_the_table_has_every_state_and_ends_are_final() -> None:
