@@ -47,6 +47,12 @@ class Recovery(Relocate):
         peer = self.peer_client(dvc["url"], dvc["thumbprint"]) if dvc and dvc.get("thumbprint") else None
         # 1. let a migration in flight reach an end: the agents carry on without us
         src_status = await self._source_migration_status(src_host, name, wait_s=60)
+        if t.get("stage") == Stage.COMMITTED and t.get("commit"):
+            # stopped after the commit: the inventories already follow the VM; only the ending is left
+            await self._recover_committed(t, name, src_host, src_status)
+            if peer is not None:
+                peer.close()
+            return
         # 2. where does the VM run now? A source that completed has handed the guest over: the destination's
         #    agent resumes it by itself once it has loaded the device state, which can take seconds
         dest_running = await self._destination_running(t, peer, dest_host, name,
@@ -63,9 +69,14 @@ class Recovery(Relocate):
                 async with self.agent(src_host) as agent:
                     await agent.call("migration.finish", name=name)
             await self._commit_move(t, v, spec, dest_host, dest_ds, peer, dest_name, "unverified")
-            why = (f"vCenter {self.cfg.name} restarted during the move, after the switchover: the engine's "
-                   "integrity checks did not run")
-            self._keep_source_copy(t, name, src_host, spec, dest_host, dest_name, why)
+            if src_status == "VM gone":
+                # the engine had removed the source, which it does only after its checks passed; its report
+                # was lost with the restart, so the verdict stays "unverified"
+                t["notes"].append(f"the source copy of {name} on {src_host} was already removed by the engine")
+            else:
+                why = (f"vCenter {self.cfg.name} restarted during the move, after the switchover: the engine's "
+                       "integrity checks did not run")
+                self._keep_source_copy(t, name, src_host, spec, dest_host, dest_name, why)
             t["notes"].append(f"the VM had switched over to {dest_host} and runs there; the inventory follows it")
             t["verdict"] = "unverified"
             self._finish(t, True)
@@ -95,6 +106,27 @@ class Recovery(Relocate):
             self.inv.put_task(t)
         if peer is not None:
             peer.close()
+
+    async def _recover_committed(self, t: dict[str, Any], name: str, src_host: str, src_status: str) -> None:
+        """The move was committed (the inventories follow the VM) but its task did not end: end it with the
+        verdict the commit recorded, and record a source copy still on the source host, so nothing is unknown."""
+        c = t["commit"]
+        dest_host, dest_name, verdict = c["dest_host"], c["dest_vcenter"], c["verdict"]
+        t["notes"].append(f"the move had been committed (the VM runs on {dest_host}, vCenter {dest_name}); "
+                          "only its ending was left")
+        if src_status != "VM gone" and self.inv.source_copy(name) is None:
+            with contextlib.suppress(NotFound, TestbedError, HostUnreachable):
+                async with self.agent(src_host) as agent:
+                    await agent.call("migration.finish", name=name)
+            self._keep_source_copy(t, name, src_host, VmSpec.model_validate(c["spec"]), dest_host, dest_name,
+                                   f"vCenter {self.cfg.name} restarted after the commit, before the source copy "
+                                   "was dealt with")
+        if verdict == "failed":
+            self._finish(t, False, error=TestbedError(
+                f"VM {name} moved to {dest_host} ({dest_name}) and runs there, but its integrity check failed",
+                hint=f"compare with the source copy on {src_host}, then `testbed vm discard-source {name}`"))
+        else:
+            self._finish(t, True)
 
     async def _destination_running(self, t: dict[str, Any], peer: VcClient | None, dest_host: str, name: str,
                                    settle_s: float) -> bool:

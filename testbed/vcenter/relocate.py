@@ -349,6 +349,9 @@ class Relocate(Admission, Trust, Tasks):
         else:
             v.update(host=dest_host, spec=moved_spec.model_dump(mode="json"), history=history)
             self.inv.put_vm(v)
+        # what recovery needs if this vCenter stops before the task ends (the VM row may be gone: cross-vCenter)
+        t["commit"] = {"verdict": verdict, "spec": spec.model_dump(mode="json"), "dest_host": dest_host,
+                       "dest_vcenter": dest_name}
         self.set_stage(t, Stage.COMMITTED)
         self.inv.event("VmMigratedEvent", f"VM {name} moved from {t['source_host']} to "
                        f"{dest_host} ({dest_name}); integrity: {verdict}", vm=name, host=dest_host,

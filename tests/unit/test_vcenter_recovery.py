@@ -1,0 +1,179 @@
+"""A vCenter that restarts during a relocate resolves the task from what the hosts report: the VM ends on exactly
+one host, the inventory says which, and a source copy that still exists is recorded. A real ``VCenter`` on a
+temporary directory (``conftest.vc``), its host agents scripted (``fake_agent``), no lab, no root."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from testbed.errors import HostUnreachable, NotFound
+from testbed.vcenter.service import VCenter
+from testbed.vcenter.tasks import Stage
+from tests.unit.fake_agent import FakeAgent, not_there, spec
+
+VM = spec()
+
+
+class FakePeer:
+    """The destination vCenter as the source's recovery reaches it (signed calls), recorded."""
+
+    def __init__(self, running: bool) -> None:
+        self.running = running
+        self.calls: list[tuple[str, str]] = []
+        self.closed = False
+
+    async def aget(self, path: str, signed: bool = False) -> dict[str, Any]:
+        self.calls.append(("GET", path))
+        return {"running": self.running, "status": "running" if self.running else None}
+
+    async def apost(self, path: str, body: dict[str, Any], signed: bool = False) -> dict[str, Any]:
+        self.calls.append(("POST", path))
+        return {"undone": ["placeholder removed"]}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def agents(vc: VCenter, source_migration: list[str] | str) -> tuple[FakeAgent, FakeAgent]:
+    """esx-a1 (the source, its QEMU's ``query-migrate`` answering ``source_migration`` in turn) and esx-b1."""
+    src, dst = FakeAgent("esx-a1"), FakeAgent("esx-b1")
+    states = [source_migration] if isinstance(source_migration, str) else list(source_migration)
+
+    def qmp(name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        assert command == "query-migrate"
+        if states[0] == "VM gone":
+            raise NotFound(f"VM {name!r} is not on host esx-a1")
+        return {"status": states.pop(0) if len(states) > 1 else states[0]}
+
+    src.on("vm.qmp", qmp)
+    for a in (src, dst):
+        for m in ("migration.finish", "vm.stop", "vm.remove", "disk.delete"):
+            a.on(m, None)
+    src.on("migration.cancel", lambda name, resume_completed: {
+        "undone": ["source migration cancelled"] + (["source VM resumed"] if resume_completed else []),
+        "completed": True})
+    dst.on("migration.abort_incoming", {"undone": ["destination QEMU stopped"]})
+    vc._agents.update({"esx-a1": src, "esx-b1": dst})   # the vCenter's kept-open connection per host
+    return src, dst
+
+
+def interrupted_task(vc: VCenter, stage: Stage = Stage.MIGRATING, cross: bool = False) -> dict[str, Any]:
+    """What the inventory holds when the vCenter stopped in ``stage`` of a move of vm1 from esx-a1 to esx-b1."""
+    vc.inv.put_vm({"name": "vm1", "host": "esx-a1", "state": "registered", "spec": VM.model_dump(mode="json"),
+                   "history": [], "builtin_guest": True})
+    dvc = {"url": "https://vc-b.unit.test", "thumbprint": "ab" * 32, "name": "vc-b"} if cross else None
+    t = vc.new_task("VirtualMachine.relocate", "vm1", "relocate VM vm1 from esx-a1 to esx-b1", "u",
+                    source_host="esx-a1", placement={"host": "esx-b1", "datastore": "ds-b"}, options={},
+                    destination_vcenter=dvc, stage=Stage.PRECHECKS.value)
+    if cross:
+        t["admission"] = "adm-1"
+        vc.set_stage(t, Stage.ADMITTED)
+    if stage in (Stage.MIGRATING, Stage.COMMITTED):
+        vc.set_stage(t, Stage.MIGRATING)
+    return t
+
+
+async def restart(vc: VCenter) -> dict[str, Any]:
+    await vc.recover()
+    await asyncio.gather(*vc.running.values())
+    assert not vc.busy, "recovery releases the VM"
+    (t,) = vc.inv.tasks()
+    return t
+
+
+async def test_switched_over_the_inventory_follows_and_the_source_copy_is_kept(vc: VCenter) -> None:
+    src, dst = agents(vc, ["active", "active", "completed"])   # a migration still in flight: recovery waits
+    dst.on("vm.status", {"state": "running", "status": "running"})
+    interrupted_task(vc)
+    t = await restart(vc)
+    assert t["state"] == "SUCCEEDED" and t["verdict"] == "unverified" and t["stage"] == "committed"
+    assert vc.inv.vm("vm1")["host"] == "esx-b1"
+    assert vc.inv.vm("vm1")["spec"]["disks"][0]["datastore"] == "ds-b"
+    copy = vc.inv.source_copy("vm1")
+    assert copy is not None and copy["host"] == "esx-a1" and "integrity checks did not run" in copy["why"]
+    assert src.methods().count("vm.qmp") == 3, "it waited for the source's migration to end"
+    assert "migration.cancel" not in src.methods(), "a VM running on the destination is not rolled back"
+    assert not {"migration.abort_incoming", "vm.stop", "vm.remove", "disk.delete"} & set(dst.methods())
+
+
+async def test_source_already_removed_no_phantom_source_copy(vc: VCenter) -> None:
+    agents(vc, "VM gone")[1].on("vm.status", {"state": "running", "status": "running"})
+    interrupted_task(vc)
+    t = await restart(vc)
+    assert t["state"] == "SUCCEEDED" and vc.inv.vm("vm1")["host"] == "esx-b1"
+    assert vc.inv.source_copy("vm1") is None, "a copy that is no longer on the host is not recorded"
+    assert any("already removed by the engine" in n for n in t["notes"])
+
+
+async def test_before_the_switchover_rolled_back_destination_first(vc: VCenter) -> None:
+    src, dst = agents(vc, "failed")
+    dst.on("vm.status", not_there)
+    interrupted_task(vc)
+    t = await restart(vc)
+    assert t["state"] == "FAILED" and "rolled back and the VM runs on esx-a1" in t["error"]["message"]
+    assert t["stage"] == "migrating" and vc.inv.vm("vm1")["host"] == "esx-a1"
+    assert dst.methods()[:2] == ["vm.status", "migration.abort_incoming"]
+    assert {"datastore": "ds-b", "file": "vm1-disk0.qcow2"} in dst.called("disk.delete"), \
+        "the destination's copy of the disk is deleted"
+    assert src.called("migration.cancel") == [{"name": "vm1", "resume_completed": True}]
+    assert not src.called("disk.delete") and vc.inv.source_copy("vm1") is None
+
+
+async def test_completed_but_destination_unreachable_stays_paused(vc: VCenter) -> None:
+    src, dst = agents(vc, "completed")
+
+    def unreachable(**_: Any) -> None:
+        raise HostUnreachable("esx-b1: connection refused")
+    dst.on("vm.status", unreachable)
+    dst.on("migration.abort_incoming", unreachable)
+    interrupted_task(vc)
+    t = await restart(vc)
+    assert t["state"] == "FAILED"
+    assert "stays paused on esx-a1 rather than risk two running copies" in t["error"]["message"]
+    assert src.called("migration.cancel") == [{"name": "vm1", "resume_completed": False}], \
+        "the source is not resumed while the destination may run"
+    assert vc.inv.vm("vm1")["host"] == "esx-a1"
+    assert any("could not be stopped" in n for n in t["notes"])
+
+
+async def test_cross_vcenter_switched_over_commits_at_the_peer(vc: VCenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    peer = FakePeer(running=True)
+    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint: peer)
+    src, dst = agents(vc, "completed")
+    interrupted_task(vc, cross=True)
+    t = await restart(vc)
+    assert t["state"] == "SUCCEEDED" and t["verdict"] == "unverified"
+    assert ("POST", "/api/testbed/xvmotion/adm-1/commit") in peer.calls and peer.closed
+    assert vc.inv.vm("vm1") is None, "the VM now belongs to vc-b"
+    assert vc.inv.source_copy("vm1")["destination_vcenter"] == "vc-b"
+    assert not dst.calls, "the destination host is vc-b's: this vCenter does not touch it"
+
+
+@pytest.mark.parametrize("cross", [False, True])
+async def test_stopped_after_the_commit_only_the_ending_is_left(vc: VCenter, monkeypatch: pytest.MonkeyPatch,
+                                                                cross: bool) -> None:
+    """Stopped between the commit and the task's end: the task ends with the commit's verdict; the source copy
+    still paused on the source is recorded; nothing is rolled back or committed twice."""
+    peer = FakePeer(running=True)
+    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint: peer)
+    src, dst = agents(vc, "completed")
+    t = interrupted_task(vc, cross=cross)
+    v = vc.inv.vm("vm1")
+    assert v is not None
+    await vc._commit_move(t, v, VM, "esx-b1", "ds-b", peer if cross else None, "vc-b" if cross else "vc-t",
+                          "unverified")
+    peer.calls.clear()
+    t = await restart(vc)
+    assert t["state"] == "SUCCEEDED" and t["stage"] == "committed", t.get("error")
+    assert not peer.calls, "committed once, not again"
+    assert "migration.cancel" not in src.methods() and not dst.calls
+    assert (vc.inv.vm("vm1") is None) if cross else (vc.inv.vm("vm1")["host"] == "esx-b1")
+    if not cross:
+        assert len(vc.inv.vm("vm1")["history"]) == 1
+    copy = vc.inv.source_copy("vm1")
+    assert copy is not None and "after the commit" in copy["why"]
+    migrated = [e for e in vc.inv.events() if e["kind"] == "VmMigratedEvent"]
+    assert len(migrated) == 1
