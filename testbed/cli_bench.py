@@ -17,7 +17,8 @@ out = Console()
 
 
 def bench(a: argparse.Namespace) -> int:
-    from testbed.bench.runner import ENGINES, WORKLOADS, Bench, BenchSettings, markdown
+    from testbed.bench.results import ENGINES, WORKLOADS, BenchSettings
+    from testbed.bench.runner import Bench, markdown
     workloads = tuple(w.strip() for w in a.workloads.split(",") if w.strip())
     engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
     for w in workloads:

@@ -1,10 +1,13 @@
 """``testbed bench``: this testbed's engine and libvirt's live migration, same lab, VM, workload and link.
 
-One engine-only lab (two sites, the site link capped), one libvirtd on each of the two hosts that
+One lab with its two vCenters (two sites, the site link capped), one libvirtd on each of the two hosts that
 take part (``testbed.lab.libvirtd``). For each workload: a VM (512 MiB, a 1 GiB disk with 256 MiB
-of data written before it boots) migrated ``runs`` times back and forth between esx-a1 (site A)
-and esx-b1 (site B) by the engine, then the same VM, defined the libvirt way, by libvirt. Only one
-VM runs at a time. Each move is verified with the same checks (the guest's heartbeats and memory
+of data written before it boots) moved ``runs`` times back and forth between esx-a1 (site A, vc-a)
+and esx-b1 (site B, vc-b) as a user moves it: a cross-vCenter relocate through the source vCenter's API
+(trust, prechecks, admission, the engine, commit); then the same VM, defined the libvirt way, migrated by
+libvirt. Ours is reported twice: the whole task (trust to commit) and the engine's part, from its start (the
+destination's empty disk, the parameters) to the guest resumed, which is what libvirt's figure covers. Only
+one VM runs at a time. Each move is verified with the same checks (the guest's heartbeats and memory
 pattern, per-MiB disk digests); the same heartbeat observer gives the downtime the guest felt.
 
 The comparison is kept fair (docs/benchmarks.md): the link's cap is the only bandwidth limit for
@@ -22,8 +25,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,89 +33,28 @@ from rich.table import Table
 
 from testbed import labctl
 from testbed.bench import libvirt_engine as lv
+from testbed.bench.results import WORKLOADS, BenchSettings, MiB, Run, breakdown, fmt, steps_table, table
 from testbed.errors import InputError, TestbedError
 from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.netns import NetnsHost
 from testbed.lab import builder, libvirtd, quality
-from testbed.lab.topology import LinkSpec, Topology, default_topology
+from testbed.lab import observer as obs
+from testbed.lab.topology import LinkSpec, Topology, default_topology, vm_address
 from testbed.migration import integrity
+from testbed.migration.report import MigrationReport
 from testbed.qemu.spec import VmSpec
-from testbed.vms import VmManager
+from testbed.vcenter import deploy
+from testbed.vcenter.client import VcClient
+from testbed.vcenter.config import VcenterConfig
+from testbed.vms import build_vm_spec, realize_on_host
 
-MiB = 1024**2
-WORKLOADS = {"idle": "idle", "busy": "memory:20MB/s@128M", "disk": "disk:4MB/s"}
 # The disk-writing guest rewrites a 16 MiB block ring (a log), so the data to move stays the same from
 # one move to the next instead of growing by what it wrote in between (its ring would reach 256 MiB).
 APPEND = {"disk": f"tb.disk_span={16 * 1024**2}"}
 HOSTS = ("esx-a1", "esx-b1")
-ENGINES = ("ours", "libvirt")
+VCENTERS = {"esx-a1": "vc-a", "esx-b1": "vc-b"}   # the vCenter of each host (default topology)
 PREFILL = (512 * MiB, 256 * MiB)       # offset, length: written before the VM boots (outside the guest's ring)
-
-
-@dataclass
-class BenchSettings:
-    runs: int = 5
-    workloads: tuple[str, ...] = ("idle", "busy", "disk")
-    link_bps: int = 100 * MiB
-    streams: int = 1
-    downtime_limit_ms: int = 30
-    memory_bytes: int = 512 * MiB
-    disk_bytes: int = 1024 * MiB
-    lab: str = "bench"
-    engines: tuple[str, ...] = ENGINES
-    libvirt_debug: bool = False          # libvirtd logs its QMP traffic with timestamps (where its time goes)
-
-
-@dataclass
-class Run:
-    engine: str
-    workload: str
-    n: int
-    direction: str
-    ok: bool
-    total_s: float | None = None
-    disk_s: float | None = None
-    memory_s: float | None = None
-    rounds: int | None = None
-    wire_bytes: int | None = None
-    reported_ms: float | None = None
-    observed_ms: float | None = None
-    observed_naive_ms: float | None = None   # the largest raw heartbeat gap: the rule before sequence numbers
-    stop_to_resume_ms: float | None = None   # QEMU's stop on the source to the guest resumed (libvirt's downtime)
-    stall_max_ms: float | None = None
-    memory_integrity: str = "unverified"
-    disk_integrity: str = "unverified"
-    memory_bytes: int | None = None        # RAM bytes the migration sent
-    disk_data_bytes: int | None = None     # data allocated on the source disk when the move started
-    error: str | None = None
-    details: list[str] = field(default_factory=list)
-    load: str = ""                          # 1-minute load at start -> end (max during the run)
-    loaded: bool = False                    # the load rose above quality.LOADED_PER_CPU per CPU during it
-    quality: dict[str, Any] = field(default_factory=dict)   # testbed.lab.quality.Watch.summary()
-    steps: dict[str, float] = field(default_factory=dict)   # the switchover step by step, ms (``breakdown``)
-    raw: dict[str, Any] = field(default_factory=dict)   # ours: the migration report; libvirt: its job statistics
-
-
-STEPS = (("last heartbeat -> source stopped", "heartbeat_gap_start_s", "src-downtime-start"),
-         ("stopping the vCPUs", "src-downtime-start", "src-vm-stopped"),
-         ("pre-switchover (disk mirrors completed) + last RAM", "src-vm-stopped", "src-iterable-saved"),
-         ("device state saved and sent", "src-iterable-saved", "src-non-iterable-saved"),
-         ("-> loaded on the destination", "src-non-iterable-saved", "dst-precopy-loadvm-completed"),
-         ("loaded -> guest resumed (cont)", "dst-precopy-loadvm-completed", "resumed_s"),
-         ("  of which: loaded -> its agent saw 'completed'", "dst-precopy-loadvm-completed", "completed_s"),
-         ("  of which: 'completed' -> NBD server stopped", "completed_s", "nbd_stopped_s"),
-         ("  of which: NBD stopped -> bitmaps on", "nbd_stopped_s", "bitmaps_s"),
-         ("  of which: bitmaps on -> cont returned", "bitmaps_s", "resumed_s"),
-         ("resumed -> first heartbeat", "resumed_s", "heartbeat_gap_end_s"))
-
-
-def breakdown(qemu: Mapping[str, float], marks: Mapping[str, float | None]) -> dict[str, float]:
-    """The observed outage step by step (ms): QEMU's own checkpoints on both sides (its downtime trace) between
-    the last heartbeat before the switchover and the first after it; the steps (not the "of which" rows: ours
-    only, the destination agent's own instants) add up to the observed outage."""
-    at = {**qemu, **{k: v for k, v in marks.items() if v is not None}}
-    return {label: round((at[b] - at[a]) * 1000, 1) for label, a, b in STEPS if a in at and b in at}
 
 
 def _quality(run: Run, w: quality.Watch) -> Run:
@@ -149,15 +90,16 @@ class Bench:
             if w not in WORKLOADS:
                 raise InputError(f"workload {w!r} is not known", hint=f"use some of: {', '.join(WORKLOADS)}")
         t0 = time.monotonic()
-        await labctl.up(self.t, start_agents_now=True)
+        await deploy.up(self.t)          # the lab, its two vCenters, each host added to its vCenter
         try:
             state = builder.load_state(self.s.lab)
             self.hosts = {h: NetnsHost(state, h) for h in HOSTS}
+            self.vcs: dict[str, VcenterConfig] = {h: deploy.config_of(self.s.lab, VCENTERS[h]) for h in HOSTS}
             for h in HOSTS:
                 await asyncio.to_thread(libvirtd.start, self.s.lab, h, debug=self.s.libvirt_debug)
             await asyncio.gather(*(asyncio.to_thread(self._warm, h) for h in HOSTS))
-            self.log(f"lab {self.s.lab} up with libvirtd on {', '.join(HOSTS)} in {time.monotonic() - t0:.1f} s")
-            self.m = VmManager(self.s.lab)
+            self.log(f"lab {self.s.lab} up with vCenters {', '.join(VCENTERS.values())} and libvirtd on "
+                     f"{', '.join(HOSTS)} in {time.monotonic() - t0:.1f} s")
             for w in self.s.workloads:
                 for engine in self.s.engines:
                     await (self._ours(w) if engine == "ours" else self._libvirt(w))
@@ -191,73 +133,147 @@ class Bench:
         cfg = self.hosts[host].agent_config()
         return Path(cfg.datastores[0].path) / file
 
-    async def _create(self, name: str, w: str) -> Any:
-        rec = await self.m.create(name, HOSTS[0], self.s.memory_bytes, self.s.disk_bytes, workload=WORKLOADS[w],
-                                  append=APPEND.get(w), start=False)
-        await asyncio.to_thread(prefill, self._disk_path(HOSTS[0], rec.spec.disks[0].file))
-        return rec
-
     async def _disk_data(self, host: str, file: str) -> int:
         return await asyncio.to_thread(allocated, self._disk_path(host, file))
 
     async def _settle(self, name: str, since: float) -> None:
-        await self.m.wait_heartbeat(name, timeout_s=120, since_s=since)
+        first = await obs.first_heartbeat(builder.LabPaths(self.s.lab).observer_socket, name, since, 120)
+        if first is None:
+            raise TestbedError(f"bench VM {name} sent no heartbeat within 120 s of its start",
+                               hint=f"see `testbed --lab {self.s.lab} vm console-log {name}` (the lab is kept "
+                                    "only while the bench runs)")
         await asyncio.sleep(3)
 
-    # --- our engine -----------------------------------------------------------------------------------------
+    # --- our engine, through the vCenters ------------------------------------------------------------------
+    def _vc(self, host: str) -> VcClient:
+        return deploy.client(self.s.lab, VCENTERS[host])
+
     async def _ours(self, w: str) -> None:
         name = f"ours-{w}"
-        rec = await self._create(name, w)
-        t0 = time.monotonic()
+        a = self._vc(HOSTS[0])
+        where = HOSTS[0]
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                ag = {h: await stack.enter_async_context(self.m.agent(h)) for h in HOSTS}
-                await ag[HOSTS[0]].call("vm.start", spec=rec.spec.model_dump())
-                await self._settle(name, t0)
-                await self._ours_runs(name, w, ag)
+            vm = await asyncio.to_thread(a.post, "/api/vcenter/vm", {
+                "name": name, "placement": {"host": HOSTS[0]}, "memory": self.s.memory_bytes,
+                "disk": self.s.disk_bytes, "workload": WORKLOADS[w], "append": APPEND.get(w), "power_on": False})
+            file = vm["disks"][0]["file"]
+            await asyncio.to_thread(prefill, self._disk_path(HOSTS[0], file))
+            t0 = time.monotonic()
+            await asyncio.to_thread(a.post, f"/api/vcenter/vm/{name}/power", params={"action": "start"})
+            await self._settle(name, t0)
+            where = await self._ours_runs(name, w, file)
         finally:
-            await self.m.delete(name)
+            await self._ours_cleanup(name, where)
+            a.close()
 
-    async def _ours_runs(self, name: str, w: str, ag: dict[str, AgentClient]) -> None:
+    async def _ours_runs(self, name: str, w: str, file: str) -> str:
+        where = HOSTS[0]
         for i in range(self.s.runs):
-            src = self.m.get(name).host
-            dst = HOSTS[1] if src == HOSTS[0] else HOSTS[0]
-            data = await self._disk_data(src, self.m.get(name).spec.disks[0].file)
+            dst = HOSTS[1] if where == HOSTS[0] else HOSTS[0]
+            data = await self._disk_data(where, file)
             with quality.Watch() as watch:
-                r = await self.m.migrate(name, dst, streams=self.s.streams, converge="auto-converge",
-                                         downtime_limit_ms=self.s.downtime_limit_ms, agents=(ag[src], ag[dst]))
-            sw = r.switchover
-            ph = {p.name: p for p in r.phases}
-            run = Run(engine="ours", workload=w, n=i + 1, direction=f"{src}->{dst}",
-                      ok=r.result == "succeeded" and integrity.verdict(r.integrity) == "verified",
-                      total_s=sw.destination_resumed_s,
-                      disk_s=(ph["disk-sync"].end_s - ph["disk-sync"].start_s) if "disk-sync" in ph else None,
-                      memory_s=(sw.destination_resumed_s - ph["memory-precopy"].start_s)
-                      if sw.destination_resumed_s is not None and "memory-precopy" in ph else None,
-                      rounds=len(r.rounds), wire_bytes=r.bytes.wire, reported_ms=r.downtime_ms.reported,
-                      observed_ms=r.downtime_ms.observed, observed_naive_ms=r.downtime_ms.observed_naive,
-                      stop_to_resume_ms=r.downtime_ms.stop_to_resume,
-                      stall_max_ms=r.stalls_ms.max,
-                      memory_integrity=r.integrity.memory, disk_integrity=r.integrity.disk,
-                      memory_bytes=r.bytes.memory, disk_data_bytes=data,
-                      error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"),
-                      steps=breakdown(r.switchover.qemu, {
-                          "resumed_s": r.switchover.destination_resumed_s,
-                          "completed_s": r.switchover.completed_s,
-                          "nbd_stopped_s": r.switchover.destination_nbd_stopped_s,
-                          "bitmaps_s": r.switchover.destination_bitmaps_s,
-                          "heartbeat_gap_start_s": r.switchover.heartbeat_gap_start_s,
-                          "heartbeat_gap_end_s": r.switchover.heartbeat_gap_end_s}))
-            self._record(_quality(run, watch))
-            if r.result != "succeeded":
+                task = await self._relocate(name, where, dst)
+            r = MigrationReport.model_validate(task["result"]) if task.get("result") else None
+            if r is None:
+                self._record(_quality(Run(engine="ours", workload=w, n=i + 1, direction=f"{where}->{dst}", ok=False,
+                                          error=(task.get("error") or {}).get("message")), watch))
                 break
+            run = self._our_run(r, w, i + 1, f"{where}->{dst}", data)
+            run.task_s = round(task["end_time"] - task["start_time"], 3)
+            run.ok = run.ok and task["status"] == "SUCCEEDED"
+            self._record(_quality(run, watch))
+            if task["status"] != "SUCCEEDED":
+                break
+            if r.source_kept:     # an unverified move keeps the paused source copy: the next move needs it gone
+                await asyncio.to_thread(self._discard_source, name, where)
+            where = dst
             await asyncio.sleep(2)
+        return where
+
+    async def _relocate(self, name: str, src: str, dst: str) -> dict[str, Any]:
+        """A cross-vCenter relocate as a user starts it: through the source vCenter's API, the destination vCenter
+        named by URL, credentials and pinned thumbprint; the task when it has ended."""
+        c = self._vc(src)
+        try:
+            r = await asyncio.to_thread(c.post, f"/api/vcenter/vm/{name}", {"spec": {
+                "placement": {"host": dst}, "destination_vcenter": deploy.destination_vcenter(self.vcs[dst]),
+                "options": {"streams": self.s.streams, "converge": "auto-converge",
+                            "downtime_limit_ms": self.s.downtime_limit_ms}}}, params={"action": "relocate"})
+            return dict(await asyncio.to_thread(c.wait_task, r["task"], 900))
+        finally:
+            c.close()
+
+    def _discard_source(self, name: str, host: str) -> None:
+        with self._vc(host) as c:
+            c.delete(f"/api/testbed/source-copies/{name}")
+
+    async def _ours_cleanup(self, name: str, where: str) -> None:
+        """Delete the VM through the vCenter that holds it, and any source copy the other one kept."""
+        for h in (where, *[x for x in HOSTS if x != where]):
+            with self._vc(h) as c:
+                try:
+                    await asyncio.to_thread(c.delete, f"/api/vcenter/vm/{name}")
+                except TestbedError:
+                    pass
+                try:
+                    await asyncio.to_thread(c.delete, f"/api/testbed/source-copies/{name}")
+                except TestbedError:
+                    pass
+
+    @staticmethod
+    def _our_run(r: MigrationReport, w: str, n: int, direction: str, data: int) -> Run:
+        sw = r.switchover
+        ph = {p.name: p for p in r.phases}
+        return Run(engine="ours", workload=w, n=n, direction=direction,
+                   ok=r.result == "succeeded" and integrity.verdict(r.integrity) == "verified",
+                   total_s=sw.destination_resumed_s,
+                   disk_s=(ph["disk-sync"].end_s - ph["disk-sync"].start_s) if "disk-sync" in ph else None,
+                   memory_s=(sw.destination_resumed_s - ph["memory-precopy"].start_s)
+                   if sw.destination_resumed_s is not None and "memory-precopy" in ph else None,
+                   rounds=len(r.rounds), wire_bytes=r.bytes.wire, reported_ms=r.downtime_ms.reported,
+                   observed_ms=r.downtime_ms.observed, observed_naive_ms=r.downtime_ms.observed_naive,
+                   stop_to_resume_ms=r.downtime_ms.stop_to_resume,
+                   stall_max_ms=r.stalls_ms.max,
+                   memory_integrity=r.integrity.memory, disk_integrity=r.integrity.disk,
+                   memory_bytes=r.bytes.memory, disk_data_bytes=data,
+                   error=r.error, details=r.integrity.details, raw=r.model_dump(mode="json"),
+                   steps=breakdown(sw.qemu, {
+                       "resumed_s": sw.destination_resumed_s, "completed_s": sw.completed_s,
+                       "nbd_stopped_s": sw.destination_nbd_stopped_s, "bitmaps_s": sw.destination_bitmaps_s,
+                       "heartbeat_gap_start_s": sw.heartbeat_gap_start_s,
+                       "heartbeat_gap_end_s": sw.heartbeat_gap_end_s}))
 
     # --- libvirt ----------------------------------------------------------------------------------------------
+    async def _libvirt_vm(self, name: str, w: str) -> VmSpec:
+        """The same VM for libvirt: the spec the vCenter would build (an address outside both vCenters' pools),
+        its disk created on esx-a1 and prefilled; libvirt defines and runs it, not a vCenter."""
+        cfg = self.hosts[HOSTS[0]].agent_config()
+        pools = len(VCENTERS) * VcenterConfig.model_fields["vm_ip_pool"].default
+        spec, _, _ = build_vm_spec(name, ip=vm_address(pools), mac="52:54:00:be:0c:01",
+                                   memory_bytes=self.s.memory_bytes, disk_bytes=self.s.disk_bytes,
+                                   workload=WORKLOADS[w], datastore=cfg.datastores[0].name,
+                                   port_group=self.t.port_groups[0].name, append=APPEND.get(w))
+        agent = await self.hosts[HOSTS[0]].agent()
+        try:
+            spec = await realize_on_host(agent, spec, start=False)
+        finally:
+            await agent.close()
+        await asyncio.to_thread(prefill, self._disk_path(HOSTS[0], spec.disks[0].file))
+        return spec
+
+    @contextlib.asynccontextmanager
+    async def _agents(self) -> Any:
+        """The lab's own connection to each host's agent (for the heartbeat stream and the disk checks)."""
+        async with contextlib.AsyncExitStack() as stack:
+            ags: dict[str, AgentClient] = {}
+            for h in HOSTS:
+                ags[h] = await self.hosts[h].agent()
+                stack.push_async_callback(ags[h].close)
+            yield ags
+
     async def _libvirt(self, w: str) -> None:
         name = f"lv-{w}"
-        rec = await self._create(name, w)
-        spec = rec.spec
+        spec = await self._libvirt_vm(name, w)
         lvh = {h: lv.topology_host(self.t, self.hosts[h].agent_config(), self.s.lab) for h in HOSTS}
         settings = lv.Settings(streams=self.s.streams, downtime_limit_ms=self.s.downtime_limit_ms)
         where = HOSTS[0]
@@ -272,8 +288,7 @@ class Bench:
             finally:
                 conn.close()
             await self._settle(name, t0)
-            async with contextlib.AsyncExitStack() as stack:
-                ag = {h: await stack.enter_async_context(self.m.agent(h)) for h in HOSTS}
+            async with self._agents() as ag:
                 where = await self._libvirt_runs(name, w, spec, lvh, ag, settings)
         finally:
             await self._libvirt_cleanup(name, lvh, [d.file for d in spec.disks])
@@ -324,18 +339,19 @@ class Bench:
                 pass
             finally:
                 conn.close()
-            async with self.m.agent(h) as ag:
+            ag = await self.hosts[h].agent()
+            try:
                 for f in files:
                     try:
                         await ag.call("disk.delete", datastore=lvh[h].cfg.datastores[0].name, file=f)
                     except TestbedError:
                         pass
-        with self.m.registry.edit() as vms:
-            vms.pop(name, None)
+            finally:
+                await ag.close()
 
     def _record(self, run: Run) -> None:
         self.runs.append(run)
-        f = _fmt
+        f = fmt
         self.log(f"{run.workload} {run.engine} run {run.n} ({run.direction}): "
                  f"{'ok' if run.ok else 'NOT OK'}, total {f(run.total_s, 2)} s (disk {f(run.disk_s, 2)}, memory "
                  f"{f(run.memory_s, 2)}), {run.rounds} rounds, wire {f((run.wire_bytes or 0) / MiB, 0)} MiB, "
@@ -367,81 +383,6 @@ class Bench:
             runs = [r for r in self.runs if r.workload == w]
             out += [table(w, runs, self.physical_limit_s(w), self.s), steps_table(w, runs)]
         return out
-
-
-METRICS = (("total_s", "total (start to resumed), s", 2), ("disk_s", "disk phase, s", 2),
-           ("memory_s", "memory phase, s", 2), ("rounds", "memory rounds", 0),
-           ("wire_mib", "bytes on the wire, MiB", 0),
-           ("reported_ms", "downtime reported, ms", 0),
-           ("stop_to_resume_ms", "downtime stop to resume (one clock), ms", 0),
-           ("observed_ms", "downtime observed, ms", 0),
-           ("observed_naive_ms", "observed, old rule (largest raw gap), ms", 0),
-           ("stall_max_ms", "max stall in pre-copy, ms", 0), ("x_limit", "total / physical limit", 2))
-
-
-def _fmt(v: float | None, nd: int) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
-
-
-def _values(runs: list[Run], key: str, limit: float | None) -> list[float]:
-    out: list[float] = []
-    for r in runs:
-        if key == "wire_mib":
-            v: float | None = r.wire_bytes / MiB if r.wire_bytes is not None else None
-        elif key == "x_limit":
-            v = r.total_s / limit if r.total_s is not None and limit else None
-        else:
-            v = getattr(r, key)
-        if v is not None:
-            out.append(float(v))
-    return out
-
-
-def summary(runs: list[Run], key: str, limit: float | None) -> tuple[float, float, float] | None:
-    xs = _values(runs, key, limit)
-    if not xs:
-        return None
-    return min(xs), statistics.median(xs), max(xs)
-
-
-def table(w: str, runs: list[Run], limit: float | None, s: BenchSettings) -> Table:
-    title = (f"{w} ({WORKLOADS[w]}): {s.memory_bytes // MiB} MiB VM, {s.disk_bytes // MiB} MiB disk, "
-             f"link {s.link_bps / MiB:g} MiB/s, {s.streams} streams, auto-converge, downtime limit "
-             f"{s.downtime_limit_ms} ms; physical limit {_fmt(limit, 2)} s")
-    tb = Table("metric", "ours min", "ours p50", "ours max", "libvirt min", "libvirt p50", "libvirt max",
-               "ours/libvirt p50", title=title)
-    by = {e: [r for r in runs if r.engine == e] for e in ENGINES}
-    for key, label, nd in METRICS:
-        cells = [label]
-        p50 = {}
-        for e in ENGINES:
-            sm = summary(by[e], key, limit)
-            cells += [_fmt(x, nd) for x in sm] if sm else ["-"] * 3
-            p50[e] = sm[1] if sm else None
-        ratio = p50["ours"] / p50["libvirt"] if p50["ours"] is not None and p50["libvirt"] else None
-        cells.append(_fmt(ratio, 2))
-        tb.add_row(*cells)
-    ok = {e: f"{sum(r.ok for r in by[e])}/{len(by[e])} verified" for e in ENGINES}
-    tb.add_row("integrity (memory and disk)", "", ok["ours"], "", "", ok["libvirt"], "", "")
-    loads = {e: [r.quality["max_load_1m"] for r in by[e] if r.quality] for e in ENGINES}
-    cells = []
-    for e in ENGINES:
-        marked = sum(r.loaded for r in by[e])
-        cells += ["", f"{max(loads[e]):.2f}" if loads[e] else "-", f"{marked} loaded" if marked else ""]
-    tb.add_row("max 1-minute load during a run", *cells, "")
-    return tb
-
-
-def steps_table(w: str, runs: list[Run]) -> Table:
-    """Where each engine's observed outage goes, step by step (p50 over the runs, ms)."""
-    tb = Table("step (p50, ms)", "ours", "libvirt", "ours - libvirt", title=f"{w}: the switchover step by step")
-    by = {e: [r for r in runs if r.engine == e] for e in ENGINES}
-    for label, _, _ in STEPS:
-        p50 = {e: statistics.median(xs) if (xs := [r.steps[label] for r in by[e] if label in r.steps]) else None
-               for e in ENGINES}
-        diff = p50["ours"] - p50["libvirt"] if p50["ours"] is not None and p50["libvirt"] is not None else None
-        tb.add_row(label, _fmt(p50["ours"], 1), _fmt(p50["libvirt"], 1), _fmt(diff, 1))
-    return tb
 
 
 def markdown(b: Bench) -> str:

@@ -66,7 +66,7 @@ def test_boot_needs_exactly_one_source() -> None:
 
 
 def test_the_switchover_trace_is_on_and_parsed(tmp_path: Path) -> None:
-    from testbed.bench.runner import STEPS, breakdown
+    from testbed.bench.results import STEPS, breakdown
     from testbed.qemu.cmdline import downtime_checkpoints
     argv = build_cmdline(spec(), VmPaths(tmp_path), [tmp_path / "d.qcow2"])
     assert f"enable=vmstate_downtime_checkpoint,file={tmp_path / 'downtime-trace.log'}" in argv
