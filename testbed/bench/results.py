@@ -38,6 +38,7 @@ class Run:
     ok: bool
     total_s: float | None = None           # the engine: start of the disk copy to the guest resumed
     task_s: float | None = None            # ours: the whole relocate task, trust to commit (the vCenter's clock)
+    task_steps: dict[str, float] = field(default_factory=dict)   # ours: where the task's time went (``task_steps``)
     disk_s: float | None = None
     memory_s: float | None = None
     rounds: int | None = None
@@ -71,6 +72,25 @@ STEPS = (("last heartbeat -> source stopped", "heartbeat_gap_start_s", "src-down
          ("  of which: NBD stopped -> bitmaps on", "nbd_stopped_s", "bitmaps_s"),
          ("  of which: bitmaps on -> cont returned", "bitmaps_s", "resumed_s"),
          ("resumed -> first heartbeat", "resumed_s", "heartbeat_gap_end_s"))
+
+
+TASK_STEPS = ("trust", "prechecks", "admission", "engine", "registration")
+
+
+def task_steps(timeline: list[dict[str, Any]]) -> dict[str, float]:
+    """A relocate task's time by step, s, from its timeline (when each phase began, the vCenter's clock): trust,
+    prechecks and admission (the vCenters), the engine (its own precheck to its end), the registration at the
+    destination vCenter (to the task's end)."""
+    at: dict[str, float] = {}
+    for e in timeline:
+        at.setdefault(e["phase"], float(e["at_s"]))
+    marks = [("trust", "trust"), ("prechecks", "prechecks"), ("admission", "admission"),
+             ("engine", "precheck"), ("registration", "registration"), ("end", "ended")]
+    out: dict[str, float] = {}
+    for (name, phase), (_, nxt) in zip(marks, marks[1:], strict=False):
+        if phase in at and nxt in at:
+            out[name] = round(at[nxt] - at[phase], 3)
+    return out
 
 
 def breakdown(qemu: Mapping[str, float], marks: Mapping[str, float | None]) -> dict[str, float]:

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from testbed import labctl
 from testbed.bench import libvirt_engine as lv
-from testbed.bench.results import WORKLOADS, BenchSettings, MiB, Run, breakdown, fmt, steps_table, table
+from testbed.bench.results import WORKLOADS, BenchSettings, MiB, Run, breakdown, fmt, steps_table, table, task_steps
 from testbed.errors import InputError, TestbedError
 from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
@@ -180,6 +180,7 @@ class Bench:
                 break
             run = self._our_run(r, w, i + 1, f"{where}->{dst}", data)
             run.task_s = round(task["end_time"] - task["start_time"], 3)
+            run.task_steps = task_steps(task.get("timeline", []))
             run.ok = run.ok and task["status"] == "SUCCEEDED"
             self._record(_quality(run, watch))
             if task["status"] != "SUCCEEDED":
@@ -357,6 +358,8 @@ class Bench:
                  f"{f(run.memory_s, 2)}), {run.rounds} rounds, wire {f((run.wire_bytes or 0) / MiB, 0)} MiB, "
                  f"downtime {f(run.reported_ms, 0)}/{f(run.observed_ms, 0)} ms, stall {f(run.stall_max_ms, 0)} ms, "
                  f"{run.memory_integrity}/{run.disk_integrity}, load {run.load}"
+                 + (f"; task {f(run.task_s, 2)} s (" + ", ".join(f"{k} {v:.2f}" for k, v in run.task_steps.items())
+                    + ")" if run.task_s is not None else "")
                  + (f"; {run.error}" if run.error else ""))
 
     # --- the results ----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import (
     ApiError,
@@ -51,6 +51,7 @@ from testbed.errors import (
     ThumbprintMismatch,
     Unauthorized,
 )
+from testbed.migration.convergence import normalize
 from testbed.units import parse_rate_bytes, parse_size
 from testbed.vcenter import sso
 from testbed.vcenter.service import VCenter
@@ -104,13 +105,42 @@ class DestinationVcenter(_In):
 
 
 class RelocateOptions(_In):
+    """A relocate's engine options, each checked here (a 400 before any work), not in the middle of the move."""
     streams: int | None = Field(default=None, ge=1, le=16)
     converge: str | None = None
     allow_postcopy: bool | None = None
-    bandwidth: str | int | None = None
+    bandwidth: str | int | None = None      # bytes/s, or a rate ("30MiB/s", "240Mbit/s")
     downtime_limit_ms: int | None = Field(default=None, ge=1, le=60000)
     completion_timeout_s: float | None = Field(default=None, gt=0)
     accept_unverified: bool | None = None   # remove the source copy even when a check could not be made
+    mirror_mode: Literal["write-blocking", "background-throttled"] | None = None
+    mirror_granularity: int | None = Field(default=None, ge=512, le=64 * 2**20)   # bytes, a power of 2
+
+    @field_validator("converge")
+    @classmethod
+    def _known_mode(cls, v: str | None) -> str | None:
+        try:
+            return None if v is None else normalize(v)
+        except TestbedError as err:
+            raise ValueError(f"{err.message}; {err.hint}") from None
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _positive_rate(cls, v: str | int | None) -> int | None:
+        try:
+            bps = parse_rate_bytes(v, what="bandwidth") if isinstance(v, str) else v
+        except TestbedError as err:
+            raise ValueError(err.message) from None
+        if bps is not None and bps <= 0:
+            raise ValueError(f"bandwidth {v!r}: give a rate above zero (or leave it out: the link's own)")
+        return bps
+
+    @field_validator("mirror_granularity")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError(f"mirror_granularity {v}: QEMU takes a power of 2 (512 B to 64 MiB)")
+        return v
 
 
 class RelocateSpec(_In):
@@ -317,8 +347,7 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         o = body.spec.options
         opts: dict[str, Any] = o.model_dump(exclude_none=True, exclude={"bandwidth"})
         if o.bandwidth is not None:
-            opts["bandwidth_bps"] = parse_rate_bytes(o.bandwidth, what="bandwidth") \
-                if isinstance(o.bandwidth, str) else o.bandwidth
+            opts["bandwidth_bps"] = o.bandwidth    # a number of bytes/s once validated
         dest = body.spec.destination_vcenter.model_dump() if body.spec.destination_vcenter else None
         t = vc.start_relocate(vm, body.spec.placement.model_dump(), dest, opts, s.user)
         return {"task": t["id"]}

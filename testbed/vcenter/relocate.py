@@ -297,7 +297,7 @@ class Relocate(Admission, Trust, Tasks):
         src_ds = spec.disks[0].datastore if spec.disks else ""
         kw: dict[str, Any] = {}
         for k in ("streams", "bandwidth_bps", "downtime_limit_ms", "completion_timeout_s", "stall_timeout_s",
-                  "converge", "allow_postcopy", "accept_unverified"):
+                  "converge", "allow_postcopy", "accept_unverified", "mirror_mode", "mirror_granularity"):
             if options.get(k) is not None:
                 kw[k] = options[k]
         return MigrationRequest(
@@ -327,6 +327,7 @@ class Relocate(Admission, Trust, Tasks):
     async def _commit_move(self, t: dict[str, Any], v: dict[str, Any], spec: VmSpec, dest_host: str, dest_ds: str,
                            peer: VcClient | None, dest_name: str, verdict: str) -> None:
         name = v["name"]
+        self._progress(t, "registration", 100)
         moved_spec = spec.moved_to(dest_ds)
         history = [*v.get("history", []), {"host": dest_host, "vcenter": dest_name, "since_s": time.time()}]
         if peer is not None:

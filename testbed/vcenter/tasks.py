@@ -97,7 +97,7 @@ class Tasks(VcBase):
                 "description": t["description"], "user": t.get("user"), "vcenter": self.cfg.name,
                 "start_time": t["started_s"], "end_time": t["ended_s"], "progress": t.get("progress"),
                 "prechecks": t.get("prechecks", []), "result": t.get("result"), "error": t.get("error"),
-                "notes": t.get("notes", []), "verdict": task_verdict(t)}
+                "notes": t.get("notes", []), "verdict": task_verdict(t), "timeline": t.get("timeline", [])}
 
     def _finish(self, t: dict[str, Any], ok: bool, *, error: TestbedError | str | None = None,
                 result: Any = None) -> None:
@@ -109,6 +109,8 @@ class Tasks(VcBase):
             return
         t["state"] = new.value
         t["ended_s"] = time.time()
+        if t.get("timeline"):
+            t["timeline"].append({"phase": "ended", "at_s": round(t["ended_s"], 3)})
         if result is not None:
             t["result"] = result
         if error is not None:
@@ -139,6 +141,8 @@ class Tasks(VcBase):
     def _progress(self, t: dict[str, Any], phase: str, percent: float, **detail: Any) -> None:
         t["progress"] = {"phase": phase, "percent": round(percent, 1), **detail}
         now = time.monotonic()
+        if phase != t.get("_last_phase"):   # when each phase began (the vCenter's clock): where the task's time went
+            t.setdefault("timeline", []).append({"phase": phase, "at_s": round(time.time(), 3)})
         if phase != t.get("_last_phase") or now - t.get("_last_write", 0) > 0.5:
             t["_last_phase"], t["_last_write"] = phase, now
             self.inv.put_task(t)

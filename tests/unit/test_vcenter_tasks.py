@@ -61,3 +61,20 @@ async def test_background_work_ends_its_task_with_the_cause(vc: VCenter) -> None
     assert not vc.running
     kinds = [e["kind"] for e in vc.inv.events()]
     assert kinds.count("TaskFailedEvent") == 2
+
+
+async def test_the_timeline_says_where_a_tasks_time_went(vc: VCenter) -> None:
+    from testbed.bench.results import task_steps
+    t = vc.new_task("VirtualMachine.relocate", "vm1", "relocate VM vm1", "u", stage=Stage.PRECHECKS.value)
+    for phase in ("trust", "prechecks", "prechecks", "admission", "precheck", "disk-sync", "disk-sync", "done",
+                  "registration"):
+        vc._progress(t, phase, 1)
+    vc._finish(t, True)
+    view = vc.task_view(vc.task(t["id"]))
+    phases = [e["phase"] for e in view["timeline"]]
+    assert phases == ["trust", "prechecks", "admission", "precheck", "disk-sync", "done", "registration", "ended"]
+    at = [e["at_s"] for e in view["timeline"]]
+    assert at == sorted(at) and view["end_time"] - at[-1] < 0.001
+    steps = task_steps(view["timeline"])
+    assert list(steps) == ["trust", "prechecks", "admission", "engine", "registration"]
+    assert abs(sum(steps.values()) - (at[-1] - at[0])) < 0.01
