@@ -15,6 +15,7 @@ from testbed.hostd import protocol
 from testbed.hostd.config import HostConfig
 from testbed.hostd.datastore import Datastores
 from testbed.hostd.destination import DestinationRole
+from testbed.hostd.protocol import EventKind
 from testbed.hostd.source import SourceRole
 from testbed.hostd.vm import VmProcess
 
@@ -70,7 +71,7 @@ class AgentBase:
             self._facts_cache = await self._static_facts()
 
     def _emitter(self, vm: str) -> Any:
-        def emit(kind: str, data: dict[str, Any]) -> None:
+        def emit(kind: EventKind, data: dict[str, Any]) -> None:
             msg = {"event": kind, "vm": vm, "host": self.cfg.name, "data": data}
             for conn in list(self.connections):
                 if conn.subscribed is not None and (not conn.subscribed or vm in conn.subscribed):

@@ -13,6 +13,7 @@ from typing import Any
 
 from testbed.errors import Conflict, QemuError
 from testbed.hostd.migration import caps
+from testbed.hostd.protocol import EventKind
 from testbed.hostd.vm import VmProcess
 
 log = logging.getLogger("testbed.hostd.migration.destination")
@@ -72,13 +73,14 @@ class DestinationRole:
             self._reaction = asyncio.create_task(self._resume(postcopy=True))
         elif status == "completed":     # the end of a post-copy: every page is here
             self.timeline["completed_s"] = ev["monotonic_s"]
-            self.vm.emit("migration-completed", {"role": "destination", "at_s": ev["monotonic_s"]})
+            self.vm.emit(EventKind.MIGRATION_COMPLETED, {"role": "destination", "at_s": ev["monotonic_s"]})
         elif status in ("postcopy-paused", "postcopy-recover"):
-            self.vm.emit("migration-postcopy-" + status.split("-")[1],
+            self.vm.emit(EventKind.MIGRATION_POSTCOPY_PAUSED if status == "postcopy-paused"
+                         else EventKind.MIGRATION_POSTCOPY_RECOVER,
                          {"role": "destination", "at_s": ev["monotonic_s"]})
         elif status == "failed":
             self.timeline["failed_s"] = ev["monotonic_s"]
-            self.vm.emit("migration-failed", {"role": "destination", "at_s": ev["monotonic_s"]})
+            self.vm.emit(EventKind.MIGRATION_FAILED, {"role": "destination", "at_s": ev["monotonic_s"]})
 
     async def _resume(self, postcopy: bool = False) -> None:
         vm = self.vm
@@ -115,12 +117,12 @@ class DestinationRole:
                     await asyncio.sleep(0.002)
             self.timeline["resumed_s"] = time.monotonic()
             self.resumed.set()
-            vm.emit("migration-resumed", dict(self.timeline))
+            vm.emit(EventKind.MIGRATION_RESUMED, dict(self.timeline))
             with contextlib.suppress(QemuError):
                 await vm.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
         except QemuError as err:
             log.error("VM %s: resuming after migration failed: %s", vm.spec.name, err)
-            vm.emit("migration-failed", {"role": "destination", "error": str(err), "at_s": time.monotonic()})
+            vm.emit(EventKind.MIGRATION_FAILED, {"role": "destination", "error": str(err), "at_s": time.monotonic()})
         finally:
             if not postcopy:   # post-copy still has events to react to (completed, paused)
                 with contextlib.suppress(ValueError):

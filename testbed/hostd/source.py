@@ -14,6 +14,7 @@ from typing import Any
 from testbed.errors import QemuError
 from testbed.hostd.migration import caps
 from testbed.hostd.mirror_throttle import MirrorThrottle
+from testbed.hostd.protocol import EventKind
 from testbed.hostd.sdps import SdpsLoop, SdpsSettings
 from testbed.hostd.vm import VmProcess
 
@@ -125,7 +126,7 @@ class SourceRole:
             await self._wait_mirrors_ready(timeout_s=600)
         except QemuError as err:
             log.error("VM %s: %s", self.vm.spec.name, err)
-            self.vm.emit("migration-failed", {"role": "source", "error": str(err), "at_s": time.monotonic()})
+            self.vm.emit(EventKind.MIGRATION_FAILED, {"role": "source", "error": str(err), "at_s": time.monotonic()})
             with contextlib.suppress(QemuError):
                 await self.vm.execute("migrate_cancel")
             return
@@ -148,8 +149,8 @@ class SourceRole:
                 except QemuError:
                     return
                 if decision is not None:
-                    self.vm.emit("migration-sdps", decision)
-            self.vm.emit("migration-progress", {
+                    self.vm.emit(EventKind.MIGRATION_SDPS, decision)
+            self.vm.emit(EventKind.MIGRATION_PROGRESS, {
                 "t_s": t, "status": info.get("status"),
                 "transferred_bytes": ram.get("transferred", 0), "remaining_bytes": ram.get("remaining", 0),
                 "total_bytes": ram.get("total", 0), "dirty_rate_pps": ram.get("dirty-pages-rate", 0),
@@ -190,7 +191,7 @@ class SourceRole:
             self.sdps.release()
         try:
             if self.hold_switchover:   # fault injection and experiments: wait for the engine's word
-                vm.emit("migration-switchover-held", dict(self.timeline))
+                vm.emit(EventKind.MIGRATION_SWITCHOVER_HELD, dict(self.timeline))
                 await self._continue.wait()
             if self.throttle is not None:   # the guest is paused: the mirror drains what is left
                 await self.throttle.stop()
@@ -202,10 +203,10 @@ class SourceRole:
             self.timeline["mirror_done_s"] = time.monotonic()
             await vm.execute("migrate-continue", {"state": "pre-switchover"})
             self.timeline["continued_s"] = time.monotonic()
-            vm.emit("migration-switchover", dict(self.timeline))
+            vm.emit(EventKind.MIGRATION_SWITCHOVER, dict(self.timeline))
         except (TimeoutError, QemuError) as err:
             log.error("VM %s: switchover failed: %s", vm.spec.name, err)
-            vm.emit("migration-failed", {"role": "source", "error": f"switchover failed: {err}",
+            vm.emit(EventKind.MIGRATION_FAILED, {"role": "source", "error": f"switchover failed: {err}",
                                          "at_s": time.monotonic()})
             with contextlib.suppress(QemuError):
                 await vm.execute("migrate_cancel")

@@ -25,6 +25,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from testbed.errors import QemuError
+from testbed.hostd.protocol import EventKind
 from testbed.qemu.cmdline import VmPaths, build_cmdline, tap_name
 from testbed.qemu.spec import VmSpec
 
@@ -40,7 +41,7 @@ class ProcState(enum.Enum):
     EXITED = "exited"
 
 
-EventSink = Callable[[str, dict[str, Any]], None]
+EventSink = Callable[[EventKind, dict[str, Any]], None]
 
 
 class VmProcess:
@@ -121,7 +122,7 @@ class VmProcess:
                     hook(ev)
                 except Exception:  # a broken hook must not stop the event stream
                     log.exception("event hook failed on VM %s", self.spec.name)
-            self.emit("qmp", ev)
+            self.emit(EventKind.QMP, ev)
 
     def _launch_error(self, what: str) -> QemuError:
         tail = ""
@@ -144,7 +145,7 @@ class VmProcess:
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
         await self._remove_taps()
-        self.emit("vm-exited", {"returncode": self.returncode})
+        self.emit(EventKind.VM_EXITED, {"returncode": self.returncode})
 
     async def wait_exited(self, timeout_s: float | None) -> bool:
         try:

@@ -23,6 +23,7 @@ import paramiko
 from testbed import errors
 from testbed.errors import AgentError, HostUnreachable
 from testbed.hostd import protocol
+from testbed.hostd.protocol import EventKind
 from testbed.hosts.ssh import SshSession, SshTarget
 from testbed.qemu.spec import VmSpec
 
@@ -136,7 +137,7 @@ class AgentClient:
                     hint="check `testbed lab status`; the agent may have stopped"))
         self._pending.clear()
         for q in self._queues:
-            q.put_nowait({"event": "connection-lost", "host": self.host})
+            q.put_nowait({"event": EventKind.CONNECTION_LOST.value, "host": self.host})
 
     @property
     def closed(self) -> bool:

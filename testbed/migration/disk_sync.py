@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from testbed.errors import MigrationError
+from testbed.hostd.protocol import EventKind
 from testbed.migration.request import DISK_SYNC_MIN_TIMEOUT_S
 from testbed.migration.state import MoveState
 
@@ -51,7 +52,7 @@ class DiskSyncPhase(MoveState):
                 if len(mine) == len(jobs) and all(j["len"] and j["offset"] >= j["len"] for j in mine):
                     # every byte copied: READY follows once the destination has flushed, which the memory
                     # pre-copy need not wait for (the source agent holds the switchover until then)
-                    await self.sq.put({"event": "mirror-copied", "data": {}})
+                    await self.sq.put({"event": EventKind.MIRROR_COPIED.value, "data": {}})
                     return
                 await asyncio.sleep(0.1)
 
@@ -77,17 +78,16 @@ class DiskSyncPhase(MoveState):
                     raise MigrationError(
                         f"the disk copy to {self.where(req.destination)} did not catch up in {limit_s:.0f} s "
                         f"({self.progress.disk_pct:.0f}% copied, mirror {req.mirror_mode}): {why}") from None
-                if ev["event"] == "mirror-copied":
+                if ev.kind is EventKind.MIRROR_COPIED:
                     break
-                if ev["event"] == "qmp" and ev["data"]["event"] == "BLOCK_JOB_READY":
-                    ready.add(ev["data"]["data"]["device"])
-                    lengths[ev["data"]["data"]["device"]] = ev["data"]["data"]["len"]
-                elif ev["event"] == "qmp" and ev["data"]["event"] in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED",
-                                                                      "BLOCK_JOB_COMPLETED"):
-                    d = ev["data"]["data"]
+                if ev.qmp_event == "BLOCK_JOB_READY":
+                    ready.add(ev.qmp_data["device"])
+                    lengths[ev.qmp_data["device"]] = ev.qmp_data["len"]
+                elif ev.qmp_event in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"):
+                    job = ev.qmp_data
                     raise MigrationError(
-                        f"disk mirror {d.get('device')} to {self.where(req.destination)} stopped before it was "
-                        f"ready ({ev['data']['event']}, {d.get('operation') or d.get('error') or 'no detail'}): the "
+                        f"disk mirror {job.get('device')} to {self.where(req.destination)} stopped before it was "
+                        f"ready ({ev.qmp_event}, {job.get('operation') or job.get('error') or 'no detail'}): the "
                         "destination's NBD export failed or went away")
         finally:
             poller.cancel()

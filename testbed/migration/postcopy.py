@@ -8,6 +8,7 @@ import contextlib
 import time
 
 from testbed.errors import MigrationError, TestbedError
+from testbed.hostd.protocol import EventKind
 from testbed.migration.state import MoveState
 
 
@@ -25,15 +26,14 @@ class PostcopyPhase(MoveState):
         recovered_at = 0.0
         while True:
             ev = await self._next_event(timeout_s=req.stall_timeout_s, what="the post-copy")
-            if ev["side"] != "source":
+            if ev.side != "source":
                 continue
-            if ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
-                    ev["data"]["data"].get("status") == "completed":
-                pc.completed_s = round(ev["data"]["monotonic_s"] - t0, 4)
+            if ev.migration_status() == "completed" and ev.at_s is not None:
+                pc.completed_s = round(ev.at_s - t0, 4)
                 return
-            if ev["event"] != "migration-progress":
+            if ev.kind is not EventKind.MIGRATION_PROGRESS:
                 continue
-            st = ev["data"]
+            st = ev.data
             if st["t_s"] < recovered_at:
                 continue   # sampled while the channel was down, queued behind the recovery: not news
             self._update_progress(st)

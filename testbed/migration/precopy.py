@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from testbed.errors import MigrationError
+from testbed.hostd.protocol import EventKind
 from testbed.migration.convergence import Action, RoundStats
 from testbed.migration.phases import Phase
 from testbed.migration.report import Postcopy, Round
@@ -37,8 +38,8 @@ class PrecopyPhase(MoveState):
         deadline = started + self.timeout_s
         while True:
             ev = await self._next_event(timeout_s=req.stall_timeout_s, what="the memory pre-copy")
-            if ev["event"] == "migration-progress":
-                s = last = ev["data"]
+            if ev.kind is EventKind.MIGRATION_PROGRESS:
+                s = last = ev.data
                 if round_start is None:
                     round_start = s
                 elif s["dirty_sync_count"] > round_start["dirty_sync_count"]:
@@ -62,8 +63,8 @@ class PrecopyPhase(MoveState):
                         msg = ctl.give_up_message(s["dirty_rate_pps"] * PAGE, send)
                         self._decide(len(self.rounds), "abort", None, msg)
                         raise MigrationError(msg)
-            elif ev["event"] == "migration-sdps":
-                d = ev["data"]
+            elif ev.kind is EventKind.MIGRATION_SDPS:
+                d = ev.data
                 prev = next((x for x in reversed(self.decisions) if x.action == "stun"), None)
                 if prev is None or prev.value != d["stun_pct"]:
                     slice_ms, single, cpu = d.get("slice_ms"), d.get("single_stun_ms"), d.get("cpu_pct")
@@ -75,15 +76,13 @@ class PrecopyPhase(MoveState):
                                  f"{d['remaining_bytes'] / 2**20:.0f} MiB dirty"
                                  f"{'; at the ceiling and still as fast as the link' if d.get('exhausted') else ''}",
                                  t=d["t_s"])
-            elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
-                    ev["data"]["data"].get("status") == "pre-switchover" and ev["side"] == "source":
+            elif ev.migration_status() == "pre-switchover" and ev.side == "source" and ev.at_s is not None:
                 if round_start is not None and last is not None and last is not round_start:
                     self._close_round(round_start, last)
-                self.at.paused_s = ev["data"]["monotonic_s"]
-                self._enter(Phase.SWITCHOVER, at=ev["data"]["monotonic_s"])
+                self.at.paused_s = ev.at_s
+                self._enter(Phase.SWITCHOVER, at=ev.at_s)
                 return
-            elif ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
-                    ev["data"]["data"].get("status") == "cancelled":
+            elif ev.migration_status() == "cancelled":
                 raise MigrationError("the migration was cancelled on the source")
 
     async def _control(self, s: dict[str, Any]) -> None:

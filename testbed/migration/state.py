@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.errors import MigrationError
+from testbed.hostd.protocol import AgentEvent, EventKind
 from testbed.hosts.agent import Agent
 from testbed.migration import clock
 from testbed.migration.convergence import Controller, completion_timeout_s
@@ -114,7 +115,7 @@ class MoveState:
         return f"host {place.host.name} ({place.vcenter})"
 
     async def _next_event(self, timeout_s: float, what: str,
-                          quiet: type[Exception] | None = None) -> dict[str, Any]:
+                          quiet: type[Exception] | None = None) -> AgentEvent:
         """The next event from either agent; a destination or source QEMU that died is an error. No event in
         ``timeout_s``: ``MigrationError`` (no progress), or ``quiet`` when the caller's own deadline came."""
         get_s = asyncio.ensure_future(self.sq.get())
@@ -131,24 +132,23 @@ class MoveState:
                 raise quiet()
             raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s")
         task = done.pop()
-        ev: dict[str, Any] = task.result()
+        ev = AgentEvent.parse(task.result())
         if len(done):   # both arrived: keep the other for the next call
             other = done.pop()
             (self.sq if other is get_s else self.dq).put_nowait(other.result())
         side = "source" if task is get_s else "destination"
-        clock.map_instants(ev.get("data"), self.clocks[side])   # the agent's instants onto the engine's clock
+        clock.map_instants(ev.data, self.clocks[side])   # the agent's instants onto the engine's clock
         place = self.req.source if side == "source" else self.req.destination
-        if ev["event"] == "vm-exited":
+        if ev.kind is EventKind.VM_EXITED:
             raise MigrationError(f"the {side} QEMU on {self.where(place)} exited "
-                                 f"(code {ev['data'].get('returncode')})")
-        if ev["event"] == "connection-lost":
+                                 f"(code {ev.data.get('returncode')})")
+        if ev.kind is EventKind.CONNECTION_LOST:
             raise MigrationError(f"lost the connection to the host agent on {self.where(place)}")
-        if ev["event"] == "migration-failed":
-            raise MigrationError(f"the {side} reports: {ev['data'].get('error') or 'migration failed'}")
-        if ev["event"] == "qmp" and ev["data"]["event"] == "MIGRATION" and \
-                ev["data"]["data"].get("status") == "failed":
+        if ev.kind is EventKind.MIGRATION_FAILED:
+            raise MigrationError(f"the {side} reports: {ev.data.get('error') or 'migration failed'}")
+        if ev.migration_status() == "failed":
             raise MigrationError(f"QEMU on the {side} ({self.where(place)}) reports the migration failed")
-        ev["side"] = side
+        ev.side = side
         return ev
 
     def _decide(self, rnd: int, action: str, value: float | None, detail: str, t: float | None = None) -> None:

@@ -207,3 +207,17 @@ async def test_agent_stopped_during_warm_up_reaps_its_queries(tmp_path: Path, ho
     with pytest.raises(ProcessLookupError):    # killed and reaped, not left running or a zombie
         os.kill(pid, 0)
     assert not cfg.socket.exists()
+
+
+def test_events_are_typed_and_an_unknown_kind_is_kept() -> None:
+    from testbed.hostd.protocol import AgentEvent, EventKind, decode, encode
+    e = AgentEvent.parse(decode(encode({"event": EventKind.QMP, "vm": "v1", "host": "esx-a1", "data": {
+        "event": "MIGRATION", "data": {"status": "pre-switchover"}, "monotonic_s": 12.5}})))
+    assert e.kind is EventKind.QMP and e.qmp_event == "MIGRATION" and e.migration_status() == "pre-switchover"
+    assert e.at_s == 12.5 and e.vm == "v1" and e.host == "esx-a1" and e.side == ""
+    p = AgentEvent.parse({"event": "migration-progress", "data": {"status": "active", "t_s": 1.0}})
+    assert p.kind is EventKind.MIGRATION_PROGRESS and p.qmp_event is None and p.migration_status() is None
+    odd = AgentEvent.parse({"event": "from-a-newer-agent", "data": "not a dict"})
+    assert odd.kind is EventKind.OTHER and odd.raw_kind == "from-a-newer-agent" and odd.data == {}
+    job = AgentEvent.parse({"event": "qmp", "data": {"event": "BLOCK_JOB_READY", "data": {"device": "m0"}}})
+    assert job.qmp_data == {"device": "m0"} and job.migration_status() is None and job.at_s is None
