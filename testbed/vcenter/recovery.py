@@ -114,6 +114,9 @@ class Recovery(Relocate):
         dest_host, dest_name, verdict = c["dest_host"], c["dest_vcenter"], c["verdict"]
         t["notes"].append(f"the move had been committed (the VM runs on {dest_host}, vCenter {dest_name}); "
                           "only its ending was left")
+        if dest_name != self.cfg.name and self.inv.vm(name) is not None:
+            self.inv.delete_vm(name)      # stopped before its row went: the VM is the destination vCenter's now
+            t["notes"].append(f"VM {name} removed from this inventory: vCenter {dest_name} holds it")
         if src_status != "VM gone" and self.inv.source_copy(name) is None:
             with contextlib.suppress(NotFound, TestbedError, HostUnreachable):
                 async with self.agent(src_host) as agent:

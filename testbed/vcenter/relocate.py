@@ -346,7 +346,6 @@ class Relocate(Admission, Trust, Tasks):
                 t.setdefault("notes", []).append(
                     f"VM {name} runs on {dest_host} but vCenter {dest_name} did not confirm the registration "
                     f"({err}); run `testbed vcenter reconcile {dest_name}`")
-            self.inv.delete_vm(name)
         else:
             v.update(host=dest_host, spec=moved_spec.model_dump(mode="json"), history=history)
             self.inv.put_vm(v)
@@ -354,6 +353,8 @@ class Relocate(Admission, Trust, Tasks):
         t["commit"] = {"verdict": verdict, "spec": spec.model_dump(mode="json"), "dest_host": dest_host,
                        "dest_vcenter": dest_name}
         self.set_stage(t, Stage.COMMITTED)
+        if peer is not None:   # after the stage is written: a restart in between finds the task committed
+            self.inv.delete_vm(name)
         self.inv.event("VmMigratedEvent", f"VM {name} moved from {t['source_host']} to "
                        f"{dest_host} ({dest_name}); integrity: {verdict}", vm=name, host=dest_host,
                        task=t["id"], destination_vcenter=dest_name)

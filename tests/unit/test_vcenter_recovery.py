@@ -165,6 +165,8 @@ async def test_stopped_after_the_commit_only_the_ending_is_left(vc: VCenter, mon
     assert v is not None
     await vc._commit_move(t, v, VM, "esx-b1", "ds-b", peer if cross else None, "vc-b" if cross else "vc-t",
                           "unverified")
+    if cross:
+        vc.inv.put_vm(v)     # ... and stopped before the VM's row left this inventory
     peer.calls.clear()
     t = await restart(vc)
     assert t["state"] == "SUCCEEDED" and t["stage"] == "committed", t.get("error")
