@@ -46,7 +46,7 @@ async def run_demo(lab: str, out: Console) -> int:
         a = deploy.client(lab, "vc-a")
         b_cfg = deploy.config_of(lab, "vc-b")
         t0 = time.monotonic()
-        vm = await asyncio.to_thread(a.post, "/api/vcenter/vm", {
+        vm = await a.apost("/api/vcenter/vm", {
             "name": "demo-vm", "placement": {"host": "esx-a1"}, "memory": "512M", "disk": "1G",
             "workload": "memory:20MB/s@128M,disk:2MB/s"})
         out.print(f"vc-a created VM [bold]demo-vm[/] on esx-a1 ({vm['ip']}), 512 MiB, 1 GiB local disk, "
@@ -60,13 +60,13 @@ async def run_demo(lab: str, out: Console) -> int:
         thumb = certs.thumbprint_file(b_cfg.cert)
         out.print(f"[bold]relocating demo-vm: esx-a1 (vc-a) -> esx-b1 (vc-b)[/], pinning {b_cfg.url}'s "
                   f"certificate {thumb[:23]}...", highlight=False)
-        r = await asyncio.to_thread(a.post, "/api/vcenter/vm/demo-vm", {"spec": {
+        r = await a.apost("/api/vcenter/vm/demo-vm", {"spec": {
             "placement": {"host": "esx-b1"},
             "destination_vcenter": deploy.destination_vcenter(b_cfg),
             "options": {"streams": 1, "downtime_limit_ms": 100}}}, params={"action": "relocate"})
         with Live(console=out, transient=True, refresh_per_second=4) as live:
-            task = await asyncio.to_thread(a.wait_task, r["task"], 900,
-                                           lambda tk: live.update(task_progress_line("demo-vm", tk)))
+            task = await a.await_task(r["task"], 900,
+                                     lambda tk: live.update(task_progress_line("demo-vm", tk)))
         print_prechecks(out, task["prechecks"])
         if task.get("result"):
             out.print(summary(MigrationReport.model_validate(task["result"])))
@@ -75,8 +75,8 @@ async def run_demo(lab: str, out: Console) -> int:
             out.print(f"[bold red]relocate failed:[/] {task['error']['message']}", highlight=False)
             return 1
         b = deploy.client(lab, "vc-b")
-        where = await asyncio.to_thread(b.get, "/api/vcenter/vm/demo-vm")
-        in_a = [v["name"] for v in await asyncio.to_thread(a.get, "/api/vcenter/vm")]
+        where = await b.aget("/api/vcenter/vm/demo-vm")
+        in_a = [v["name"] for v in await a.aget("/api/vcenter/vm")]
         out.print(f"vc-b's inventory: demo-vm on {where['host']}, {where['power_state']}, same address "
                   f"{where['ip']}; history " + " -> ".join(f"{h['host']} ({h['vcenter']})" for h in where["history"])
                   + f"; vc-a's inventory: {', '.join(in_a) or 'no VMs'}")

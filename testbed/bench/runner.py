@@ -153,13 +153,13 @@ class Bench:
         a = self._vc(HOSTS[0])
         where = HOSTS[0]
         try:
-            vm = await asyncio.to_thread(a.post, "/api/vcenter/vm", {
+            vm = await a.apost("/api/vcenter/vm", {
                 "name": name, "placement": {"host": HOSTS[0]}, "memory": self.s.memory_bytes,
                 "disk": self.s.disk_bytes, "workload": WORKLOADS[w], "append": APPEND.get(w), "power_on": False})
             file = vm["disks"][0]["file"]
             await asyncio.to_thread(prefill, self._disk_path(HOSTS[0], file))
             t0 = time.monotonic()
-            await asyncio.to_thread(a.post, f"/api/vcenter/vm/{name}/power", params={"action": "start"})
+            await a.apost(f"/api/vcenter/vm/{name}/power", params={"action": "start"})
             await self._settle(name, t0)
             where = await self._ours_runs(name, w, file)
         finally:
@@ -186,7 +186,8 @@ class Bench:
             if task["status"] != "SUCCEEDED":
                 break
             if r.source_kept:     # an unverified move keeps the paused source copy: the next move needs it gone
-                await asyncio.to_thread(self._discard_source, name, where)
+                with self._vc(where) as c:
+                    await c.adelete(f"/api/testbed/source-copies/{name}")
             where = dst
             await asyncio.sleep(2)
         return where
@@ -196,30 +197,21 @@ class Bench:
         named by URL, credentials and pinned thumbprint; the task when it has ended."""
         c = self._vc(src)
         try:
-            r = await asyncio.to_thread(c.post, f"/api/vcenter/vm/{name}", {"spec": {
+            r = await c.apost(f"/api/vcenter/vm/{name}", {"spec": {
                 "placement": {"host": dst}, "destination_vcenter": deploy.destination_vcenter(self.vcs[dst]),
                 "options": {"streams": self.s.streams, "converge": "auto-converge",
                             "downtime_limit_ms": self.s.downtime_limit_ms}}}, params={"action": "relocate"})
-            return dict(await asyncio.to_thread(c.wait_task, r["task"], 900))
+            return await c.await_task(r["task"], 900)
         finally:
             c.close()
-
-    def _discard_source(self, name: str, host: str) -> None:
-        with self._vc(host) as c:
-            c.delete(f"/api/testbed/source-copies/{name}")
 
     async def _ours_cleanup(self, name: str, where: str) -> None:
         """Delete the VM through the vCenter that holds it, and any source copy the other one kept."""
         for h in (where, *[x for x in HOSTS if x != where]):
             with self._vc(h) as c:
-                try:
-                    await asyncio.to_thread(c.delete, f"/api/vcenter/vm/{name}")
-                except TestbedError:
-                    pass
-                try:
-                    await asyncio.to_thread(c.delete, f"/api/testbed/source-copies/{name}")
-                except TestbedError:
-                    pass
+                for path in (f"/api/vcenter/vm/{name}", f"/api/testbed/source-copies/{name}"):
+                    with contextlib.suppress(TestbedError):
+                        await c.adelete(path)
 
     @staticmethod
     def _our_run(r: MigrationReport, w: str, n: int, direction: str, data: int) -> Run:

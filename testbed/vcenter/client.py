@@ -163,13 +163,22 @@ class VcClient:
             self.delete("/api/session")
             self.token = None
 
-    # --- the same calls for async code (a vCenter's service calling its peers): requests blocks, so each runs
-    # in a worker thread; the one place that knows it
+    # --- the same calls for async code (a vCenter calling its peers, the bench, the demo): requests blocks, so
+    # each runs in a worker thread; the one place that knows it (callers never wrap a call in to_thread)
+    async def arequest(self, method: str, path: str, **kw: Any) -> Any:
+        return await asyncio.to_thread(self.request, method, path, **kw)
+
     async def aget(self, path: str, **kw: Any) -> Any:
-        return await asyncio.to_thread(self.get, path, **kw)
+        return await self.arequest("GET", path, **kw)
 
     async def apost(self, path: str, body: Any = None, **kw: Any) -> Any:
-        return await asyncio.to_thread(self.post, path, body, **kw)
+        return await self.arequest("POST", path, body=body, **kw)
+
+    async def apatch(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return await self.arequest("PATCH", path, body=body, **kw)
+
+    async def adelete(self, path: str, **kw: Any) -> Any:
+        return await self.arequest("DELETE", path, **kw)
 
     async def alogin(self, user: str, password: str) -> str:
         return await asyncio.to_thread(self.login, user, password)
@@ -199,6 +208,20 @@ class VcClient:
                 raise TestbedError(f"task {task_id} still {t['status']} after {timeout_s or 0:.0f} s",
                                    hint=f"`testbed task watch {task_id}` follows it")
             time.sleep(0.5)
+
+    async def await_task(self, task_id: str, timeout_s: float | None = 900.0, on_update: Any = None) -> dict[str, Any]:
+        """``wait_task`` for async code: the polls in a worker thread, the waits between them on the loop."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
+        while True:
+            t: dict[str, Any] = await self.aget(f"/api/cis/tasks/{task_id}")
+            if on_update:
+                on_update(t)
+            if t["status"] in ("SUCCEEDED", "FAILED"):
+                return t
+            if time.monotonic() > deadline:
+                raise TestbedError(f"task {task_id} still {t['status']} after {timeout_s or 0:.0f} s",
+                                   hint=f"`testbed task watch {task_id}` follows it")
+            await asyncio.sleep(0.5)
 
 
 def signing_message(method: str, path: str, ts: str, body: bytes) -> bytes:
