@@ -70,8 +70,8 @@ class Recovery(Relocate):
                     await agent.call("migration.finish", name=name)
             await self._commit_move(t, v, spec, dest_host, dest_ds, peer, dest_name, "unverified")
             if src_status == "VM gone":
-                # the engine had removed the source, which it does only after its checks passed; its report
-                # was lost with the restart, so the verdict stays "unverified"
+                # the engine had removed the source, which it does only after its checks passed (or when the
+                # user accepted an unverified move); its report was lost with the restart: "unverified"
                 t["notes"].append(f"the source copy of {name} on {src_host} was already removed by the engine")
             else:
                 why = (f"vCenter {self.cfg.name} restarted during the move, after the switchover: the engine's "
