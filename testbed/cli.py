@@ -174,6 +174,9 @@ def _vm_heartbeat(a: argparse.Namespace) -> int:
               f"lost {st['lost']}, last seq {last['seq']}; memory pages written {last['mem_pages_written']}, "
               f"verified {last['mem_pages_verified']}, errors {last['mem_errors']}; disk seq {last['disk_seq']}, "
               f"errors {last['disk_errors']}")
+    if st.get("spoofed"):
+        out.print(f"[yellow]{st['spoofed']} heartbeat(s) from another address claimed to be {a.name}'s: "
+                  "counted, and left out of every figure above[/]")
     return 0
 
 

@@ -208,6 +208,7 @@ class VmManager:
                 name=name, host=host, ip=ip, workload=wl.describe(), builtin_guest=builtin,
                 created_s=time.time(), history=[Residence(host=host, since_s=time.time())], spec=spec)
             vms[name] = record
+        await self._observe(name, ip)
         try:
             async with self.agent(host) as agent:
                 record.spec = await realize_on_host(agent, record.spec, image=image, start=False)
@@ -231,6 +232,15 @@ class VmManager:
             log.warning("undoing the creation of VM %s: %s", record.name, "; ".join(failed))
         with self.registry.edit() as vms:
             vms.pop(record.name, None)
+        await self._observe(record.name, None)
+
+    async def _observe(self, name: str, address: str | None) -> None:
+        """The VM's heartbeats bound to its address at the lab's observer (``None``: unbound)."""
+        try:
+            await obs.set_binding(labctl.observer_socket(self.lab), name, address)
+        except obs.BINDING_ERRORS as err:
+            log.warning("VM %s: heartbeats not %s at the observer of lab %s: %s", name,
+                        "bound" if address else "unbound", self.lab, err)
 
     async def start(self, name: str) -> dict[str, Any]:
         r = self.get(name)
@@ -251,6 +261,7 @@ class VmManager:
             await self._remove_from(*r.source_copy)
         with self.registry.edit() as vms:
             vms.pop(name, None)
+        await self._observe(name, None)
 
     async def discard_source(self, name: str) -> str:
         """Remove the source copy an unverified or failed move kept; which host it was on."""

@@ -1,5 +1,11 @@
 """The heartbeat observer: a host on the VM network that every guest agent reports to.
 
+Each VM's heartbeats are bound to the address its vCenter gave it (``bind`` at create, again at a
+cross-vCenter registration, ``unbind`` at delete; kept in a file beside the control socket, so a restarted
+observer still knows them): a heartbeat that claims a bound VM's name from another address is not that
+VM's: it is counted under ``spoofed`` (claimed name, sender, count) and left out of every figure. A name
+nobody bound (a VM of an engine-only lab, libvirt's VM in the bench) is taken from any address, as before.
+
 It records, per VM, the kernel's receive time of every heartbeat (converted
 to CLOCK_MONOTONIC, the clock every lab process shares) and its sequence
 number, so the largest gap around a switchover is the downtime a user of the
@@ -9,13 +15,19 @@ VM felt. Queries come as JSON lines on a UNIX socket:
     {"op": "stats", "vm": "web01", "since_s": 1234.5, "until_s": null, "gap_threshold_ms": 20}
     {"op": "samples", "vm": "web01", "since_s": 1234.5, "until_s": 1236.0}
     {"op": "overlapping", "vm": "web01", "a_s": 1234.5, "b_s": 1234.6}
+    {"op": "bind", "vm": "web01", "address": "198.19.16.3"}
+    {"op": "unbind", "vm": "web01"}
+    {"op": "bindings"}
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import json
+import os
 import socket
 import struct
 import time
@@ -24,12 +36,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from testbed.errors import TestbedError
 from testbed.guest.heartbeat import Heartbeat, parse
+from testbed.lab import topology as topo
+from testbed.names import check_vm_name
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 MAX_SAMPLES = 8_000_000     # per VM; the oldest half is dropped beyond this
 REPLY_LIMIT = 64 * 1024 * 1024
 RECENT = 30_000             # whole heartbeats kept per VM (30 s at 1 kHz): "last" of a past window
+MAX_SPOOF_SOURCES = 64      # senders remembered per claimed name (the count goes on beyond)
 
 
 class Track:
@@ -126,11 +142,43 @@ class Track:
         return out
 
 
+def bind_address(address: object) -> str:
+    """A VM's heartbeat address: an IPv4 address of the lab's VM network (``198.19.x.y`` or ``.../16``)."""
+    try:
+        ip = ipaddress.ip_interface(str(address)).ip
+    except ValueError:
+        raise ValueError(f"address {address!r} is not an IP address") from None
+    if ip not in topo.VM_NETWORK or ip in (topo.VM_NETWORK.network_address, topo.VM_NETWORK.broadcast_address):
+        raise ValueError(f"address {ip} is not a VM address of the lab's VM network {topo.VM_NETWORK}")
+    return str(ip)
+
+
 class Observer:
-    def __init__(self) -> None:
+    def __init__(self, bindings_file: Path | None = None) -> None:
         self.tracks: dict[str, Track] = {}
         self.offset = time.time() - time.monotonic()   # realtime - monotonic
         self.received = 0
+        self.bindings_file = bindings_file
+        self.bindings: dict[str, str] = {}              # VM name -> the only address its heartbeats come from
+        self.spoofed: dict[str, dict[str, int]] = {}    # claimed VM name -> sender -> heartbeats ignored
+        self.spoofed_total = 0
+        if bindings_file is not None and bindings_file.exists():
+            # a damaged or edited file: start with no bindings, never half of one
+            with contextlib.suppress(ValueError, OSError, AttributeError, TestbedError):
+                got = json.loads(bindings_file.read_text())
+                self.bindings = {check_vm_name(k): bind_address(v) for k, v in got.items()}
+
+    def take(self, t: float, hb: Heartbeat, src: str) -> bool:
+        """Record ``hb`` from ``src`` for its VM, unless the VM is bound to another address (then count it)."""
+        bound = self.bindings.get(hb.vm)
+        if bound is not None and src != bound:
+            per = self.spoofed.setdefault(hb.vm, {})
+            if src in per or len(per) < MAX_SPOOF_SOURCES:
+                per[src] = per.get(src, 0) + 1
+            self.spoofed_total += 1
+            return False
+        self.tracks.setdefault(hb.vm, Track()).add(t, hb, src)
+        return True
 
     def on_readable(self, sock: socket.socket) -> None:
         while True:
@@ -149,7 +197,32 @@ class Observer:
             if hb is None:
                 continue
             self.received += 1
-            self.tracks.setdefault(hb.vm, Track()).add(t, hb, addr[0])
+            self.take(t, hb, addr[0])
+
+    def _save_bindings(self) -> None:
+        if self.bindings_file is None:
+            return
+        tmp = self.bindings_file.with_name(self.bindings_file.name + ".new")
+        tmp.write_text(json.dumps(self.bindings, indent=1, sort_keys=True))
+        os.replace(tmp, self.bindings_file)
+
+    def bind(self, vm: object, address: object) -> dict[str, Any]:
+        name, ip = check_vm_name(vm), bind_address(address)
+        # The vCenter that hands out the address knows it is free: a name still bound to it is stale (its VM
+        # went while the observer was not told) and gives way.
+        replaced = sorted(n for n, a in self.bindings.items() if a == ip and n != name)
+        for n in replaced:
+            del self.bindings[n]
+        before = self.bindings.get(name)
+        self.bindings[name] = ip
+        self._save_bindings()
+        return {"vm": name, "address": ip, "was": before, "replaced": replaced}
+
+    def unbind(self, vm: object) -> dict[str, Any]:
+        name = check_vm_name(vm)
+        was = self.bindings.pop(name, None)
+        self._save_bindings()
+        return {"vm": name, "was": was}
 
     async def resync(self) -> None:
         while True:   # realtime may be stepped; keep the mapping to monotonic fresh
@@ -172,15 +245,24 @@ class Observer:
     def answer(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "vms":
-            return {"vms": {name: {"count": len(tr.t), "last_s": tr.t[-1] if tr.t else None}
+            return {"vms": {name: {"count": len(tr.t), "last_s": tr.t[-1] if tr.t else None,
+                                   "bound_to": self.bindings.get(name)}
                             for name, tr in self.tracks.items()},
-                    "received": self.received, "now_s": time.monotonic()}
+                    "received": self.received, "spoofed": self.spoofed, "spoofed_total": self.spoofed_total,
+                    "now_s": time.monotonic()}
+        if op == "bind":
+            return self.bind(req.get("vm"), req.get("address"))
+        if op == "unbind":
+            return self.unbind(req.get("vm"))
+        if op == "bindings":
+            return {"bindings": dict(self.bindings), "spoofed": self.spoofed, "spoofed_total": self.spoofed_total}
         if op == "stats":
             tr = self.tracks.get(req["vm"])
             if tr is None:
                 return {"count": 0, "now_s": time.monotonic(), "max_gap_ms": None, "gaps": [], "last": None}
             out = tr.stats(req.get("since_s"), req.get("until_s"), float(req.get("gap_threshold_ms", 20)))
             out["now_s"] = time.monotonic()
+            out["spoofed"] = sum(self.spoofed.get(req["vm"], {}).values())
             return out
         if op == "overlapping":
             tr = self.tracks.get(req["vm"])
@@ -202,8 +284,23 @@ async def first_heartbeat(control: Path, vm: str, since_s: float, timeout_s: flo
     return None
 
 
+def bindings_file(control: Path) -> Path:
+    """Where the observer of ``control`` keeps its VM bindings (beside the socket, in the lab's directory)."""
+    return control.with_name(control.stem + ".bindings.json")
+
+
+async def set_binding(control: Path, vm: str, address: str | None) -> None:
+    """Bind ``vm``'s heartbeats to ``address`` at the observer of ``control``, or unbind them (None).
+    Raises ``OSError``/``TimeoutError`` (no observer there) or ``RuntimeError`` (it refused, with why)."""
+    await query(control, {"op": "bind", "vm": vm, "address": address} if address else {"op": "unbind", "vm": vm},
+                timeout_s=5)
+
+
+BINDING_ERRORS = (OSError, TimeoutError, RuntimeError, ValueError)
+
+
 async def main_async(bind: str, port: int, control: Path) -> None:
-    obs = Observer()
+    obs = Observer(bindings_file(control))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

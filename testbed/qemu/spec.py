@@ -11,23 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from testbed.errors import InputError
+# the name rule lives at the bottom of the house (the observer checks it too); re-exported for the layers above
+from testbed.names import VM_NAME_RE as VM_NAME_RE
+from testbed.names import VM_NAME_RULE as VM_NAME_RULE
+from testbed.names import check_vm_name as check_vm_name
+from testbed.names import vm_name_ok as vm_name_ok
 
-VM_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")      # whole names only (fullmatch: no trailing newline)
-VM_NAME_RULE = "1-31 lowercase letters, digits and '-', starting with a letter"
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
-
-
-def vm_name_ok(name: object) -> bool:
-    """The one VM-name rule (CLI, API, scenarios, specs, and every host agent method that takes a name)."""
-    return isinstance(name, str) and VM_NAME_RE.fullmatch(name) is not None
-
-
-def check_vm_name(name: object) -> str:
-    """``name`` if it is a VM name, else ``InputError`` saying the rule."""
-    if not vm_name_ok(name):
-        raise InputError(f"VM name {name!r} is not allowed", hint=f"use {VM_NAME_RULE}")
-    return str(name)
 
 
 class _Frozen(BaseModel):

@@ -116,6 +116,8 @@ class Admission(Hosts, Vms):
         self.inv.put_vm(v)
         a["state"] = "committed"
         self.inv.put_admission(a)
+        if v.get("ip"):   # the same address it had at its source vCenter: the observer binds it (again) here
+            await self.observe_heartbeats(a["vm"], v["ip"])
         with contextlib.suppress(TestbedError):
             await hostconn.arevoke_ticket(self.managed(a["host"]), aid)
         self.inv.event("VmMigratedEvent", f"VM {a['vm']} arrived from vCenter {peer} on {a['host']} and is "

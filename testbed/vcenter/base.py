@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,9 +14,12 @@ from testbed.errors import Conflict, NotFound, TestbedError
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
 from testbed.lab import builder
+from testbed.lab import observer as obs
 from testbed.vcenter import certs, hostconn
 from testbed.vcenter.config import VcenterConfig
 from testbed.vcenter.inventory import Inventory
+
+log = logging.getLogger("testbed.vcenter")
 
 
 def guest_running(status: dict[str, Any]) -> bool:
@@ -87,6 +91,18 @@ class VcBase:
             raise NotFound(f"VM {name!r} is not in vCenter {self.cfg.name}",
                            hint="`testbed vm list` shows the VMs of each vCenter")
         return v
+
+    async def observe_heartbeats(self, name: str, address: str | None) -> None:
+        """Bind ``name``'s heartbeats at the lab's observer to ``address`` (the VM's, from this vCenter's pool),
+        or unbind them (``None``): a guest that claims another VM's name is then counted, not believed. A lab
+        without an observer (or one that does not answer) leaves the VM unbound: logged and recorded."""
+        try:
+            await obs.set_binding(self.lab_paths.observer_socket, name, address)
+        except obs.BINDING_ERRORS as err:
+            what = "bound to its address" if address else "unbound"
+            log.warning("VM %s: heartbeats not %s at the observer of lab %s: %s", name, what, self.cfg.lab, err)
+            self.inv.event("VmHeartbeatBindingFailedEvent", f"VM {name}: heartbeats could not be {what} at the "
+                           f"heartbeat observer of lab {self.cfg.lab}: {err}", vm=name)
 
     def _site_of(self, host: str) -> int:
         h = self.inv.host(host)

@@ -70,12 +70,14 @@ class Vms(VcBase):
                    "ip": ip, "workload": wl.describe(), "builtin_guest": builtin, "created_s": time.time(),
                    "history": [{"host": host, "vcenter": self.cfg.name, "since_s": time.time()}]}
             self.inv.put_vm(row)
+            await self.observe_heartbeats(name, ip)
             try:
                 async with self.agent(host) as agent:
                     spec = await realize_on_host(agent, spec, image=image, start=start)
             except BaseException:
                 await self._remove_from_host(host, spec)
                 self.inv.delete_vm(name)
+                await self.observe_heartbeats(name, None)
                 raise
             row["spec"] = spec.model_dump(mode="json")
             self.inv.put_vm(row)
@@ -178,6 +180,7 @@ class Vms(VcBase):
         with self.claim(name, "being deleted"):
             await self._remove_from_host(v["host"], VmSpec.model_validate(v["spec"]))
             self.inv.delete_vm(name)
+            await self.observe_heartbeats(name, None)
         if self.inv.source_copy(name) is not None:   # the VM goes, and with it what its last move kept
             await self.discard_source(name, user)
         self.inv.event("VmRemovedEvent", f"VM {name} deleted from {v['host']} by {user or 'system'}",

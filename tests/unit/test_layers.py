@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # bottom first; a module belongs to the longest prefix that names it
 LAYERS: list[tuple[str, ...]] = [
-    ("testbed.errors", "testbed.paths", "testbed.units", "testbed.yamlmodel", "testbed.daemon"),
+    ("testbed.errors", "testbed.names", "testbed.paths", "testbed.units", "testbed.yamlmodel", "testbed.daemon"),
     ("testbed.net", "testbed.lab", "testbed.guest"),
     ("testbed.qemu", "testbed.hostd"),
     ("testbed.hosts",),

@@ -144,3 +144,26 @@ def test_errors_map_to_the_status_that_fits_and_a_host_failure_is_not_a_500() ->
     assert status_of(errors.HostError("x")) == (503, "SERVICE_UNAVAILABLE")
     assert status_of(errors.AgentError("x", kind="QemuError")) == (503, "SERVICE_UNAVAILABLE")
     assert status_of(errors.ApiError(502, "peer", error_type="X")) == (502, "X")
+
+
+async def test_vcenter_binds_heartbeats_at_the_labs_observer(vc, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A VM's heartbeats are bound to the address its vCenter gave it; without an observer the VM stays unbound,
+    and the vCenter says so in an event (not an error: the VM is still created)."""
+    import asyncio
+
+    from testbed.lab import observer as obs
+
+    monkeypatch.setenv("TESTBED_HOME", str(tmp_path / "home"))
+    await vc.observe_heartbeats("web01", "198.19.16.3/16")       # no observer in this lab
+    ev = [e for e in vc.inv.events() if e["kind"] == "VmHeartbeatBindingFailedEvent"]
+    assert len(ev) == 1 and ev[0]["vm"] == "web01" and "unit-no-lab" in ev[0]["message"]
+    control = vc.lab_paths.observer_socket
+    control.parent.mkdir(parents=True)
+    o = obs.Observer(obs.bindings_file(control))
+    server = await asyncio.start_unix_server(o.control, path=str(control))
+    async with server:
+        await vc.observe_heartbeats("web01", "198.19.16.3/16")
+        assert o.bindings == {"web01": "198.19.16.3"}
+        await vc.observe_heartbeats("web01", None)
+        assert o.bindings == {}
+    assert len([e for e in vc.inv.events() if e["kind"] == "VmHeartbeatBindingFailedEvent"]) == 1
