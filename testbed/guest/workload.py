@@ -79,6 +79,11 @@ def parse_workload(spec: str) -> Workload:
 def agent_cmdline(vm: str, ip_cidr: str | None, observer: str | None, workload: Workload,
                   memory_bytes: int, extra: str = "") -> str:
     """The kernel command line of a built-in guest."""
+    own = sorted({tok.split("=", 1)[0] for tok in extra.split() if tok.startswith("tb.")})
+    if own:   # the agent's name, address and observer are what its heartbeats are believed by
+        raise InputError(f"VM {vm}: the extra kernel arguments set {', '.join(own)}, the built-in guest agent's "
+                         "own parameters (its VM name, address, observer and workload come from the VM itself)",
+                         hint="drop them; use the VM's workload option for the load, or boot your own kernel")
     if workload.mem_rate_bps and workload.mem_wss_bytes > memory_bytes * 0.7:
         raise InputError(f"VM {vm}: working set {workload.mem_wss_bytes // 1024**2} MiB does not fit "
                          f"in {memory_bytes // 1024**2} MiB of RAM",

@@ -54,3 +54,13 @@ def test_agent_cmdline_carries_the_workload() -> None:
 def test_working_set_must_fit_in_memory() -> None:
     with pytest.raises(InputError, match="does not fit"):
         agent_cmdline("v", None, None, parse_workload("memory:1MB/s@500M"), 512 * 2**20)
+
+
+@pytest.mark.parametrize("extra", ["tb.vm=web01", "quiet tb.ip=198.19.16.3/16", "tb.observer=198.19.0.9:7000",
+                                   "tb.mem_rate=1"])
+def test_a_builtin_guest_cannot_be_given_another_identity(extra: str) -> None:
+    """A user's extra kernel arguments cannot rename the built-in guest or move its address (issue 17): its
+    heartbeats would speak for another VM."""
+    with pytest.raises(InputError, match="own parameters"):
+        agent_cmdline("spoof", "198.19.16.9/16", "198.19.0.2:7000", parse_workload("idle"), 256 * 2**20, extra)
+    assert "quiet" in agent_cmdline("ok", None, None, parse_workload("idle"), 256 * 2**20, "quiet")
