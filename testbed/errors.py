@@ -17,6 +17,7 @@
      +-- Unauthorized            401: no token, a bad, expired or another domain's one
      |    +-- TokenError         why a session token was refused
      +-- Forbidden               403: authenticated, but not allowed
+     |    +-- TicketRefused      a host agent refused a request outside its connection's ticket
      +-- PhaseError              an illegal phase transition: a bug in the engine, never a user error
 
 Every message says what was tried, on which host or VM, and what to do.
@@ -132,6 +133,11 @@ class TokenError(Unauthorized):
 
 class Forbidden(TestbedError):
     """403: authenticated, but not allowed (e.g. a peer vCenter that is not trusted)."""
+
+
+class TicketRefused(Forbidden):
+    """A host agent refused a request outside the scope of the ticket its connection is bound to (another VM,
+    a method the ticket does not allow, an expired or revoked ticket)."""
 
 
 class PhaseError(TestbedError):

@@ -3,8 +3,9 @@
     testbed-hostd serve [--config HOSTDIR/hostd.json] [--daemon]
         run the agent; with --daemon, detach once it listens and print its PID
         (an agent that already runs is left alone: its PID is printed)
-    testbed-hostd connect [--socket HOSTDIR/hostd.sock]
-        bridge stdin/stdout to the agent (what an SSH session runs)
+    testbed-hostd connect [--socket HOSTDIR/hostd.sock] [--ticket ID]
+        bridge stdin/stdout to the agent (what an SSH session runs); with --ticket (the forced command of a
+        peer vCenter's ticket key), the connection is first bound to that ticket: only its scope passes
 
 The host's configuration is where its provisioning put it: --config, else
 $TESTBED_HOSTD_CONFIG (the lab's sshd sets it for each namespace host), else
@@ -71,7 +72,39 @@ def _running_pid(cfg_dir: Path) -> int | None:
     return pid
 
 
-def _connect(path: str) -> int:
+def _bind(sock: socket.socket, ticket: str) -> bytes | None:
+    """Bind the connection to ``ticket`` before any byte of the client's: what came after the answer, or None
+    (refused: said on stderr)."""
+    from testbed.hostd import protocol
+    sock.sendall(protocol.encode({"id": "bind", "method": protocol.BIND_METHOD, "params": {"ticket": ticket}}))
+    buf = b""
+    while b"\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            print(f"testbed-hostd connect: the host agent closed the connection when binding ticket {ticket}",
+                  file=sys.stderr)
+            return None
+        buf += data
+    line, rest = buf.split(b"\n", 1)
+    try:
+        answer = protocol.decode(line)
+    except ValueError:
+        answer = {"error": {"message": f"not an answer: {line[:200]!r}"}}
+    if "error" in answer or answer.get("id") != "bind":
+        err = answer.get("error") or {}
+        print(f"testbed-hostd connect: {err.get('message', 'ticket refused')}", file=sys.stderr)
+        return None
+    return rest
+
+
+def _ticket_id(value: str) -> str:
+    from testbed.hostd.protocol import ticket_id_ok
+    if not ticket_id_ok(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a ticket id (8 to 64 lower-case hex digits)")
+    return value
+
+
+def _connect(path: str, ticket: str | None = None) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -79,6 +112,13 @@ def _connect(path: str) -> int:
         print(f"testbed-hostd connect: cannot reach the host agent at {path}: {err.strerror}. "
               "Is it running? (`testbed-hostd serve --config ... --daemon`)", file=sys.stderr)
         return 2
+    if ticket is not None:
+        rest = _bind(sock, ticket)
+        if rest is None:
+            sock.close()
+            return 3
+        if rest:
+            os.write(1, rest)
 
     def up() -> None:
         while data := os.read(0, 65536):
@@ -100,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--daemon", action="store_true", help="detach once listening; print the PID")
     c = sub.add_parser("connect", help="bridge stdio to a running agent")
     c.add_argument("--socket", help="default: hostd.sock in the directory the configuration names")
+    c.add_argument("--ticket", type=_ticket_id, help="bind the connection to this ticket first (its scope only)")
     args = p.parse_args(argv)
     if args.cmd == "serve":
         path = config_path(args.config)
@@ -119,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, KeyError) as err:
             print(f"testbed-hostd connect: cannot read the host configuration {path}: {err}", file=sys.stderr)
             return 2
-    return _connect(args.socket)
+    return _connect(args.socket, args.ticket)
 
 
 if __name__ == "__main__":

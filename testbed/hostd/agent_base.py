@@ -17,6 +17,7 @@ from testbed.hostd.datastore import Datastores
 from testbed.hostd.destination import DestinationRole
 from testbed.hostd.protocol import EventKind
 from testbed.hostd.source import SourceRole
+from testbed.hostd.tickets import Tickets
 from testbed.hostd.vm import VmProcess
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -39,6 +40,8 @@ class Connection:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.subscribed: set[str] | None = None   # None: no events; empty set: all VMs
+        self.ticket: str | None = None   # bound to a ticket (``ticket.bind``): only its scope; None: the full API
+        self.requests = 0                # requests read so far (a bind must come before any)
         self._lock = asyncio.Lock()
 
     async def send(self, msg: dict[str, Any]) -> None:
@@ -57,6 +60,7 @@ class AgentBase:
         self.sources: dict[str, SourceRole] = {}
         self.destinations: dict[str, DestinationRole] = {}
         self.connections: set[Connection] = set()
+        self.tickets = Tickets(Path(cfg.dir) / "tickets", cfg.name)
         self._facts_cache: dict[str, Any] | None = None
         self.probes: dict[str, dict[int, int]] = {}
         self._background: set[asyncio.Task[None]] = set()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import Conflict, InputError
+from testbed.errors import Conflict, InputError, TicketRefused
 from testbed.hostd.agent_base import AgentBase, Connection, method
 from testbed.qemu.spec import check_vm_name
 
@@ -23,21 +23,29 @@ class HostMethods(AgentBase):
 
     @method("host.facts")
     async def m_host_facts(self, conn: Connection) -> dict[str, Any]:
+        """The host's facts; to a ticket's connection, of the other VMs and disks here nothing."""
         if self._facts_cache is None:
             self._facts_cache = await self._static_facts()
         mem_total = 0
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 mem_total = int(line.split()[1]) * 1024
+        datastores, vms = await self.datastores.list(), sorted(self.vms)
+        if conn.ticket is not None:
+            scope = self.tickets.load(conn.ticket)
+            mine = {(d.datastore, d.file) for d in scope.disks}
+            vms = [v for v in vms if v == scope.vm]
+            datastores = [{**ds, "disks": [f for f in ds.get("disks", []) if (ds["name"], f) in mine]}
+                          for ds in datastores]
         return {
             "name": self.cfg.name, **self._facts_cache,
             "accel": self.cfg.accel, "accel_reason": self.cfg.accel_reason,
             "cpus": os.cpu_count(), "memory_available_bytes": mem_total,
             "license": self.cfg.license,
-            "datastores": await self.datastores.list(),
+            "datastores": datastores,
             "port_groups": [{"name": n, "bridge": b} for n, b in self.cfg.port_groups.items()],
             "mgmt_address": self.cfg.mgmt_address, "vmotion_address": self.cfg.vmotion_address,
-            "vms": sorted(self.vms),
+            "vms": vms,
         }
 
     @method("host.counters")
@@ -132,3 +140,20 @@ class HostMethods(AgentBase):
         if vms is not None and not isinstance(vms, list):
             raise InputError("events.subscribe: vms must be a list of VM names")
         conn.subscribed = {check_vm_name(v) for v in vms or []}
+
+    @method("ticket.grant")
+    async def m_ticket_grant(self, conn: Connection, scope: dict[str, Any]) -> dict[str, Any]:
+        """Write a ticket's scope (testbed.hostd.tickets): the destination vCenter, over its own connection."""
+        if conn.ticket is not None:
+            raise TicketRefused(f"ticket.grant refused: a ticket's connection cannot grant tickets "
+                                f"(ticket {conn.ticket} on host {self.cfg.name})")
+        s = self.tickets.grant(scope)
+        return {"id": s.id, "vm": s.vm, "expires_s": s.expires_s}
+
+    @method("ticket.revoke")
+    async def m_ticket_revoke(self, conn: Connection, ticket: str) -> dict[str, bool]:
+        """Remove a ticket's scope: its connections, even open ones, can do nothing more."""
+        if conn.ticket is not None:
+            raise TicketRefused(f"ticket.revoke refused: a ticket's connection cannot revoke tickets "
+                                f"(ticket {conn.ticket} on host {self.cfg.name})")
+        return {"revoked": self.tickets.revoke(ticket)}

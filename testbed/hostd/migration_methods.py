@@ -130,6 +130,12 @@ class MigrationMethods(VmMethods):
             return {"undone": [], "completed": False}
         return await role.cancel(resume_completed)
 
+    @method("migration.status")
+    async def m_migration_status(self, conn: Connection, name: str) -> dict[str, Any]:
+        """QEMU's migration status of VM ``name`` here (``query-migrate``'s ``status``), and nothing else of it."""
+        info = await self._vm(name).execute("query-migrate")
+        return {"status": info.get("status") if isinstance(info, dict) else None}
+
     @method("migration.finish")
     async def m_migration_finish(self, conn: Connection, name: str) -> None:
         """Forget the migration roles of ``name`` on this host (after commit or rollback)."""

@@ -6,6 +6,9 @@
     event     {"event": "qmp", "vm": "web01", "data": {"event": "STOP", ...}}
               {"event": "vm-exited", "vm": "web01", "data": {"returncode": 0}}
 
+    bind      {"id": "bind", "method": "ticket.bind", "params": {"ticket": "3f9a0c..."}}
+              the first line of a ticket's connection, sent by ``testbed-hostd connect --ticket ID`` itself
+
 One message per line, UTF-8. Requests may overlap; responses carry the id. An event's kind is one of
 ``EventKind``; its reader turns it into an ``AgentEvent`` (``AgentEvent.parse``), never a bare dict.
 """
@@ -13,11 +16,21 @@ One message per line, UTF-8. Requests may overlap; responses carry the id. An ev
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 MAX_LINE = 64 * 1024 * 1024   # a console log can be large
+
+BIND_METHOD = "ticket.bind"
+# A ticket's id: lower-case hex (``testbed.vcenter.hostconn.new_ticket_id``). It is put into a shell command
+# (the ticket key's forced command) and a file name: nothing else passes.
+TICKET_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
+def ticket_id_ok(value: object) -> bool:
+    return isinstance(value, str) and TICKET_ID.fullmatch(value) is not None
 
 
 def encode(msg: dict[str, Any]) -> bytes:

@@ -15,7 +15,7 @@ import os
 import signal
 from typing import Any
 
-from testbed.errors import Conflict, InputError, NotFound, QemuError
+from testbed.errors import Conflict, Forbidden, InputError, NotFound, QemuError, TicketRefused
 from testbed.hostd import protocol
 from testbed.hostd.agent_base import METHODS, Connection
 from testbed.hostd.config import HostConfig
@@ -33,12 +33,14 @@ class HostAgent(HostMethods, MigrationMethods):
         req_id = msg.get("id")
         method = str(msg.get("method", ""))
         try:
-            if method not in METHODS:
-                raise InputError(f"host agent on {self.cfg.name} has no method {method!r}")
-            fn = getattr(self, METHODS[method])
             params = msg.get("params") or {}
             if not isinstance(params, dict):
                 raise InputError("params must be an object")
+            if conn.ticket is not None:    # a ticket's connection: its scope, checked first, on every request
+                self.tickets.check(conn.ticket, method, params)
+            if method not in METHODS:
+                raise InputError(f"host agent on {self.cfg.name} has no method {method!r}")
+            fn = getattr(self, METHODS[method])
             try:
                 inspect.signature(fn).bind(conn, **params)
             except TypeError as err:
@@ -51,10 +53,36 @@ class HostAgent(HostMethods, MigrationMethods):
         except asyncio.CancelledError:
             raise
         except Exception as err:  # every failure goes back to the caller, as data
-            if not isinstance(err, (InputError, NotFound, Conflict, QemuError)):
+            if isinstance(err, TicketRefused):
+                log.warning("%s", err.message)
+            elif not isinstance(err, (InputError, NotFound, Conflict, QemuError, Forbidden)):
                 log.exception("%s failed", method)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await conn.send({"id": req_id, "error": protocol.error_body(err)})
+
+    async def bind(self, conn: Connection, msg: dict[str, Any]) -> bool:
+        """``ticket.bind``: restrict this connection to a granted ticket, once, before any request. False: the
+        bind was refused on a connection with no scope yet, which is then closed (it never gets the full API)."""
+        params = msg.get("params")
+        ticket = str(params.get("ticket")) if isinstance(params, dict) else ""
+        try:
+            if conn.ticket is not None:
+                raise TicketRefused(f"ticket.bind refused: this connection is already bound to ticket {conn.ticket} "
+                                    f"on host {self.cfg.name}; a connection's ticket cannot change")
+            if conn.requests:
+                raise TicketRefused(f"ticket.bind refused on host {self.cfg.name}: a connection is bound before "
+                                    f"its first request, and this one has made {conn.requests}")
+            scope = self.tickets.load(ticket)
+        except TicketRefused as err:
+            log.warning("%s", err.message)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await conn.send({"id": msg.get("id"), "error": protocol.error_body(err)})
+            return conn.ticket is not None or conn.requests > 0
+        conn.ticket = scope.id
+        log.info("connection bound to ticket %s (VM %s, until %s)", scope.id, scope.vm, scope.expires_text())
+        await conn.send({"id": msg.get("id"), "result": {"ticket": scope.id, "vm": scope.vm,
+                                                         "expires_s": scope.expires_s}})
+        return True
 
     async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer)
@@ -68,6 +96,12 @@ class HostAgent(HostMethods, MigrationMethods):
                     await conn.send({"id": None, "error": {"kind": "InputError",
                                                            "message": f"not a JSON object: {err}", "hint": None}})
                     continue
+                if msg.get("method") == protocol.BIND_METHOD:
+                    # in the reader itself, before the next line is read: nothing of the client's overtakes it
+                    if not await self.bind(conn, msg):
+                        break
+                    continue
+                conn.requests += 1
                 t = asyncio.create_task(self.handle(conn, msg))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)

@@ -6,7 +6,7 @@
 
 A reader thread turns the channel's lines into futures and events on the
 event loop; calls may overlap. A remote error comes back as ``AgentError``
-(or the matching local class: NotFound, Conflict, InputError, QemuError).
+(or the matching local class: NotFound, Conflict, InputError, QemuError, TicketRefused).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from testbed.qemu.spec import VmSpec
 _REMOTE_KINDS: dict[str, type[errors.TestbedError]] = {
     "NotFound": errors.NotFound, "Conflict": errors.Conflict,
     "InputError": errors.InputError, "QemuError": errors.QemuError,
+    "Forbidden": errors.Forbidden, "TicketRefused": errors.TicketRefused,
 }
 
 

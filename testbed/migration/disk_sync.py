@@ -9,7 +9,7 @@ import time
 
 from testbed.errors import MigrationError
 from testbed.hostd.protocol import EventKind
-from testbed.migration.request import DISK_SYNC_MIN_TIMEOUT_S
+from testbed.migration.request import disk_sync_timeout_s
 from testbed.migration.state import MoveState
 
 
@@ -97,8 +97,5 @@ class DiskSyncPhase(MoveState):
         self.on_progress(self.progress)
 
     def _disk_sync_timeout(self) -> float:
-        if self.req.disk_sync_timeout_s is not None:
-            return self.req.disk_sync_timeout_s
-        rate = self.req.bandwidth_bps or self.req.link_bandwidth_bps
-        size = sum(d.size_bytes for d in self.req.spec.disks)
-        return max(DISK_SYNC_MIN_TIMEOUT_S, 3 * size / rate) if rate else DISK_SYNC_MIN_TIMEOUT_S
+        return disk_sync_timeout_s(self.req.spec, self.req.disk_sync_timeout_s,
+                                   self.req.bandwidth_bps or self.req.link_bandwidth_bps)

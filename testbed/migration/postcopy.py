@@ -65,7 +65,8 @@ class PostcopyPhase(MoveState):
         tries = 0
         seen = {"destination": "?", "source": "?", "resume": "not tried"}
         while time.monotonic() < deadline:
-            dst_st = (await self.dst.call("vm.qmp", name=self.name, command="query-migrate")).get("status")
+            # the destination's status by name (a ticket's connection has no raw QMP there)
+            dst_st = (await self.dst.call("migration.status", name=self.name)).get("status")
             src_st = (await self.src.call("vm.qmp", name=self.name, command="query-migrate")).get("status")
             seen.update(destination=str(dst_st), source=str(src_st))
             if src_st == "completed":

@@ -9,11 +9,37 @@ from pathlib import Path
 from testbed.guest.workload import Workload
 from testbed.hosts.agent import Agent
 from testbed.hosts.base import Host
-from testbed.migration.convergence import ConvergeMode, ConvergenceSettings
+from testbed.migration.convergence import ConvergeMode, ConvergenceSettings, completion_timeout_s
 from testbed.migration.phases import Phase
 from testbed.qemu.spec import VmSpec
 
 DISK_SYNC_MIN_TIMEOUT_S = 300.0
+# what a move takes besides its disk copy and pre-copy, at most: switchover (60 s), verification (the disks'
+# digests: 300 s), rollback or commit calls, and some slack
+MOVE_MARGIN_S = 600.0
+POSTCOPY_RECOVERY_TIMEOUT_S = 120.0
+
+
+def disk_sync_timeout_s(spec: VmSpec, given: float | None, rate_bps: int | None) -> float:
+    """How long the disk copy may take: ``given``, else three times the disks' size at ``rate_bps``, at least
+    DISK_SYNC_MIN_TIMEOUT_S."""
+    if given is not None:
+        return given
+    size = sum(d.size_bytes for d in spec.disks)
+    return max(DISK_SYNC_MIN_TIMEOUT_S, 3 * size / rate_bps) if rate_bps else DISK_SYNC_MIN_TIMEOUT_S
+
+
+def move_time_limit_s(spec: VmSpec, *, completion_timeout: float | None = None, rate_bps: int | None = None,
+                      disk_sync_timeout: float | None = None, allow_postcopy: bool = False,
+                      convergence: ConvergenceSettings | None = None) -> float:
+    """The longest a move of ``spec`` may take with these settings before the engine itself gives up: its disk
+    copy's limit, its pre-copy's completion timeout, a post-copy's push and recovery, and MOVE_MARGIN_S. What a
+    cross-vCenter move's ticket is sized to (testbed.vcenter.admission)."""
+    total = disk_sync_timeout_s(spec, disk_sync_timeout, rate_bps)
+    total += completion_timeout or completion_timeout_s(spec.memory_bytes, convergence or ConvergenceSettings())
+    if allow_postcopy:
+        total += POSTCOPY_RECOVERY_TIMEOUT_S + (3 * spec.memory_bytes / rate_bps if rate_bps else 300.0)
+    return total + MOVE_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -66,7 +92,7 @@ class MigrationRequest:
     disk_sync_timeout_s: float | None = None
     allow_postcopy: bool = False           # adaptive: post-copy as the last resort
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
-    postcopy_recovery_timeout_s: float = 120.0   # a post-copy whose channel broke: reconnect within this
+    postcopy_recovery_timeout_s: float = POSTCOPY_RECOVERY_TIMEOUT_S   # a broken post-copy: reconnect within this
     accept_unverified: bool = False        # commit (remove the source copy) although a check could not be made
     # Open connections to the source's and destination's agents that the caller keeps (a management plane
     # holds its host connections, as a vCenter does); None: the engine connects to both and closes them.

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from testbed.errors import Conflict, NotFound, TestbedError
+from testbed.hostd.tickets import DESTINATION_METHODS, MAX_TTL_S
+from testbed.migration.request import move_time_limit_s
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter import hostconn, prechecks
 from testbed.vcenter.base import guest_running
@@ -17,7 +19,16 @@ from testbed.vcenter.vms import Vms
 
 log = logging.getLogger("testbed.vcenter")
 
-TICKET_TTL_S = 3 * 3600
+# A ticket lasts the move: the source's own time limit for it (``move_timeout_s`` of the admit, from
+# testbed.migration.request.move_time_limit_s), else this side's estimate from the VM's spec, plus this margin
+# (the source's connect, admission to engine start, a slow rollback), and never more than the agent allows.
+TICKET_MARGIN_S = 300.0
+TICKET_MIN_TTL_S = 600.0
+
+
+def ticket_ttl_s(move_timeout_s: float | None, spec: VmSpec) -> float:
+    limit = move_timeout_s if move_timeout_s and move_timeout_s > 0 else move_time_limit_s(spec)
+    return min(MAX_TTL_S, max(TICKET_MIN_TTL_S, limit + TICKET_MARGIN_S))
 
 
 class Admission(Hosts, Vms):
@@ -88,16 +99,46 @@ class Admission(Hosts, Vms):
                        "builtin_guest": vm.get("builtin_guest", True), "created_s": time.time(),
                        "history": vm.get("history", []), "admission": aid, "from_vcenter": peer}
         self.inv.put_vm(placeholder)
+        ttl = ticket_ttl_s(body.get("move_timeout_s"), spec)
         try:
-            ticket = await hostconn.agrant_ticket(self.managed(host), aid, TICKET_TTL_S)
+            await self._grant_scope(host, aid, spec.moved_to(ds), ttl)
+            ticket = await hostconn.agrant_ticket(self.managed(host), aid, ttl)
         except BaseException:
+            with contextlib.suppress(TestbedError):
+                await self._revoke_ticket(host, aid)
             self.inv.delete_vm(name)
             raise
         self.inv.put_admission({"id": aid, "vm": name, "host": host, "peer": peer, "state": "admitted",
                                 "created_s": time.time(), "datastore": ds, "source_task": body.get("source_task")})
         self.inv.event("VmBeingMigratedEvent", f"VM {name} admitted from vCenter {peer} onto {host} ({ds}); "
-                       f"placeholder created, agent ticket {aid} granted", vm=name, host=host, peer=peer)
+                       f"placeholder created, agent ticket {aid} granted for {ttl / 60:.0f} min (VM {name} only)",
+                       vm=name, host=host, peer=peer)
         return {"id": aid, "ticket": ticket, "datastore": ds}
+
+    async def _grant_scope(self, host: str, aid: str, spec: VmSpec, ttl_s: float) -> None:
+        """What the ticket allows, written on the host's agent (over this vCenter's own key) before its key exists:
+        the VM, its disks there, the spec its incoming QEMU starts with, a move's destination methods, the expiry."""
+        scope = {"id": aid, "vm": spec.name,
+                 "disks": [{"datastore": d.datastore, "file": d.file} for d in spec.disks],
+                 "spec": spec.model_dump(mode="json"), "methods": sorted(DESTINATION_METHODS),
+                 "expires_s": time.time() + ttl_s}
+        async with self.agent(host) as agent:
+            await agent.call("ticket.grant", scope=scope)
+
+    async def _revoke_ticket(self, host: str, aid: str) -> None:
+        """The ticket's key first (no new session), then its scope (an open session can do nothing more)."""
+        err: TestbedError | None = None
+        try:
+            await hostconn.arevoke_ticket(self.managed(host), aid)
+        except TestbedError as e:
+            err = e
+        try:
+            async with self.agent(host) as agent:
+                await agent.call("ticket.revoke", ticket=aid)
+        except TestbedError as e:
+            err = err or e
+        if err is not None:
+            raise err
 
     def _admission(self, aid: str, peer: str) -> dict[str, Any]:
         a = self.inv.admission(aid)
@@ -119,7 +160,7 @@ class Admission(Hosts, Vms):
         if v.get("ip"):   # the same address it had at its source vCenter: the observer binds it (again) here
             await self.observe_heartbeats(a["vm"], v["ip"])
         with contextlib.suppress(TestbedError):
-            await hostconn.arevoke_ticket(self.managed(a["host"]), aid)
+            await self._revoke_ticket(a["host"], aid)
         self.inv.event("VmMigratedEvent", f"VM {a['vm']} arrived from vCenter {peer} on {a['host']} and is "
                        f"registered here (integrity: {body.get('verdict', 'not said')})", vm=a["vm"], host=a["host"])
         return {"state": "committed"}
@@ -146,7 +187,7 @@ class Admission(Hosts, Vms):
         a["state"] = "aborted"
         self.inv.put_admission(a)
         with contextlib.suppress(TestbedError):
-            await hostconn.arevoke_ticket(self.managed(a["host"]), aid)
+            await self._revoke_ticket(a["host"], aid)
         self.inv.event("VmMigrationAbortedEvent", f"incoming VM {a['vm']} from {peer} aborted; removed from "
                        f"{a['host']}: {', '.join(done) or 'nothing there'}", vm=a["vm"], host=a["host"])
         return {"state": "aborted", "undone": done}

@@ -175,6 +175,7 @@ class Admit(_In):
     datastore: str | None = None
     source_vcenter: str
     source_task: str | None = None
+    move_timeout_s: float | None = Field(default=None, gt=0)   # the source's limit for the move: the ticket's life
 
 
 _STATUS: list[tuple[type[Exception], int, str]] = [

@@ -9,7 +9,9 @@ read the host's facts. The password is used once and never stored.
 ``grant_ticket`` / ``revoke_ticket``: for a cross-vCenter relocate, the
 destination vCenter lets the source vCenter's engine reach the destination
 host's agent, and nothing else, for a limited time: a one-off key, forced to
-the agent command, with an expiry, revoked when the move ends.
+``testbed-hostd connect --ticket ID`` (the agent then allows only the ticket's
+scope, written before the key: ``testbed.hostd.tickets``), with an expiry,
+revoked when the move ends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from testbed.errors import HostUnreachable, InputError
+from testbed.hostd.protocol import ticket_id_ok
 from testbed.hosts.base import AGENT_CONNECT, Host, start_agent
 from testbed.hosts.ssh import SshSession, SshTarget
 
@@ -126,15 +129,31 @@ def write_known_host(known_hosts: Path, address: str, host_key: str) -> None:
 
 # --- tickets ------------------------------------------------------------------------------
 
+def _checked_ticket_id(ticket_id: str) -> str:
+    if not ticket_id_ok(ticket_id):    # it goes into the forced command and a grep pattern
+        raise InputError(f"ticket id {ticket_id!r} is not 8 to 64 lower-case hex digits")
+    return ticket_id
+
+
+def ticket_key_line(pub: str, ticket_id: str, ttl_s: float, now: datetime.datetime | None = None) -> str:
+    """The ticket key's authorized_keys line: only ``testbed-hostd connect --ticket ID``, no forwarding, no pty,
+    refused by sshd after the expiry (rounded up to its minute: the agent enforces the exact instant)."""
+    tid = _checked_ticket_id(ticket_id)
+    at = (now or datetime.datetime.now(datetime.UTC)) + datetime.timedelta(seconds=ttl_s)
+    at = at.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1 if at.second or at.microsecond else 0)
+    forced = f"{AGENT_CONNECT} --ticket {tid}".replace('"', '\\"')
+    return f'restrict,command="{forced}",expiry-time="{at.strftime("%Y%m%d%H%MZ")}" {pub.strip()} ticket-{tid}'
+
+
 def grant_ticket(host: ManagedHost, ticket_id: str, ttl_s: float) -> dict[str, Any]:
-    """Blocking: a key that may only run the agent of ``host``, until it expires or is revoked."""
+    """Blocking: a key that may only run the agent of ``host`` bound to ticket ``ticket_id`` (whose scope the
+    caller has written on the agent: ``ticket.grant``), until it expires or is revoked."""
     pk = ed25519.Ed25519PrivateKey.generate()
     pem = pk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                            serialization.NoEncryption()).decode()
     pub = pk.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=ttl_s)).strftime("%Y%m%d%H%MZ")
-    forced = AGENT_CONNECT.replace('"', '\\"')
-    line = f'restrict,command="{forced}",expiry-time="{expiry}" {pub} ticket-{ticket_id}'
+    line = ticket_key_line(pub, ticket_id, ttl_s)
+    expiry = line.split('expiry-time="', 1)[1].split('"', 1)[0]
     s = SshSession(host.ssh_target())
     try:
         s.run(f'printf "%s\\n" {shlex.quote(line)} >> {AUTH_KEYS}')
@@ -147,6 +166,7 @@ def grant_ticket(host: ManagedHost, ticket_id: str, ttl_s: float) -> dict[str, A
 
 
 def revoke_ticket(host: ManagedHost, ticket_id: str) -> None:
+    _checked_ticket_id(ticket_id)
     s = SshSession(host.ssh_target())
     try:
         s.run(f'f={AUTH_KEYS}; grep -v " ticket-{ticket_id}$" "$f" > "$f.new"; cat "$f.new" > "$f"; '

@@ -27,7 +27,7 @@ from testbed.hosts.base import Host
 from testbed.lab import observer as obs
 from testbed.migration.engine import Migration
 from testbed.migration.phases import Phase
-from testbed.migration.request import MigrationRequest, Place, Progress
+from testbed.migration.request import MigrationRequest, Place, Progress, move_time_limit_s
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter import certs, hostconn, prechecks
 from testbed.vcenter.admission import Admission
@@ -232,7 +232,7 @@ class Relocate(Admission, Trust, Tasks):
                     "vm": {**{k: v[k] for k in ("name", "ip", "workload", "builtin_guest", "history") if k in v},
                            "spec": spec.model_dump(mode="json")},
                     "host": dest_host, "datastore": dest_ds, "source_vcenter": self.cfg.name,
-                    "source_task": t["id"]}, signed=True)
+                    "source_task": t["id"], "move_timeout_s": self._move_time_limit(spec, options)}, signed=True)
                 t["admission"] = adm["id"]
                 t["dest_datastore"] = adm["datastore"]
                 self.set_stage(t, Stage.ADMITTED)
@@ -291,6 +291,13 @@ class Relocate(Admission, Trust, Tasks):
                 with contextlib.suppress(TestbedError):
                     await peer.alogout()
                 peer.close()
+
+    def _move_time_limit(self, spec: VmSpec, options: dict[str, Any]) -> float:
+        """The longest the engine will take for this move with these options: what the destination's ticket lasts."""
+        return round(move_time_limit_s(spec, completion_timeout=options.get("completion_timeout_s"),
+                                       rate_bps=options.get("bandwidth_bps") or self._link_bandwidth(),
+                                       allow_postcopy=bool(options.get("allow_postcopy"))
+                                       or options.get("converge") == "postcopy"), 1)
 
     def _request(self, v: dict[str, Any], spec: VmSpec, src: Host, dest: Host, dest_vc: str, dest_ds: str,
                  options: dict[str, Any]) -> MigrationRequest:
