@@ -155,7 +155,10 @@ class Tickets:
 
     def check(self, ticket: str, method: str, params: dict[str, Any]) -> TicketScope:
         """``TicketRefused`` unless the ticket allows ``method`` with ``params`` now."""
-        s = self.load(ticket)
+        try:
+            s = self.load(ticket)
+        except TicketRefused as err:
+            raise TicketRefused(f"{method} refused: {err.message}", hint=err.hint) from None
         where = f"ticket {ticket} on host {self.host}"
         hint = (f"a ticket lets the source vCenter move VM {s.vm} to this host and nothing else; anything more "
                 "is for the destination vCenter (its own key)")

@@ -1,0 +1,388 @@
+"""Scoped tickets (testbed.hostd.tickets): a real host agent on a UNIX socket in a tmp dir (no QEMU: its binary does
+not exist and the host has no vMotion address), a full-API connection that grants, and ticket-bound connections
+that try everything a ticket must not do. And the bridge (`testbed-hostd connect --ticket ID`) as sshd runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.errors import Forbidden, InputError, TicketRefused
+from testbed.hostd.config import DatastoreConfig, HostConfig
+from testbed.hostd.server import HostAgent
+from testbed.hostd.tickets import DESTINATION_METHODS, MAX_TTL_S
+from testbed.hosts.agent import remote_error
+from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+TID = "0123456789ab"
+VM = "web01"
+MiB = 2**20
+
+
+def vm_spec(name: str = VM, file: str = "web01.qcow2", kernel: str = "/k") -> VmSpec:
+    return VmSpec(name=name, memory_bytes=64 * MiB, disks=(DiskSpec(datastore="ds1", file=file, size_bytes=MiB),),
+                  boot=BootSpec(kernel=kernel, initrd="/i"),
+                  nics=(NicSpec(port_group="VM Network", mac="52:54:00:00:00:01"),))
+
+
+def scope(**kw: Any) -> dict[str, Any]:
+    s = vm_spec()
+    return {"id": TID, "vm": VM, "disks": [{"datastore": "ds1", "file": "web01.qcow2"}],
+            "spec": s.model_dump(mode="json"), "methods": sorted(DESTINATION_METHODS),
+            "expires_s": time.time() + 600, **kw}
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer, self.n = reader, writer, 0
+
+    async def send(self, method: str, id: Any = None, **params: Any) -> dict[str, Any]:
+        self.n += 1
+        rid = self.n if id is None else id
+        try:
+            self.writer.write((json.dumps({"id": rid, "method": method, "params": params}) + "\n").encode())
+            await self.writer.drain()
+        except ConnectionError:
+            return {"closed": True}
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), 10)
+            if not line:
+                return {"closed": True}
+            msg = json.loads(line)
+            if msg.get("id") == rid:
+                return dict(msg)
+
+    async def bind(self, ticket: str = TID) -> dict[str, Any]:
+        return await self.send("ticket.bind", id="bind", ticket=ticket)
+
+
+class Lab:
+    def __init__(self, agent: HostAgent, cfg: HostConfig, tmp: Path) -> None:
+        self.agent, self.cfg, self.tmp = agent, cfg, tmp
+        self.clients: list[Client] = []
+
+    async def connect(self) -> Client:
+        c = Client(*await asyncio.open_unix_connection(str(self.cfg.socket)))
+        self.clients.append(c)
+        return c
+
+    async def bound(self, **kw: Any) -> Client:
+        full = await self.connect()
+        assert "result" in await full.send("ticket.grant", scope=scope(**kw))
+        c = await self.connect()
+        assert (await c.bind())["result"]["vm"] == VM
+        return c
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    cfg = HostConfig(name="esx-t1", dir=str(tmp_path / "host"), qemu_binary=str(tmp_path / "no-qemu"),
+                     datastores=(DatastoreConfig(name="ds1", path=str(tmp_path / "ds1"), capacity_bytes=64 << 20),),
+                     port_groups={"VM Network": "pg0"})
+    (tmp_path / "ds1").mkdir()
+    agent = HostAgent(cfg)
+    agent._facts_cache = {"qemu_version": "10.0", "machine_types": ["pc-q35-10.0"], "machine_aliases": {}}
+    server = await asyncio.start_unix_server(agent.client, path=str(cfg.socket))
+    lab = Lab(agent, cfg, tmp_path)
+    try:
+        yield lab
+    finally:
+        for c in lab.clients:
+            c.writer.close()
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def refused(r: dict[str, Any], method: str) -> str:
+    assert r.get("error", {}).get("kind") == "TicketRefused", r
+    msg = str(r["error"]["message"])
+    assert method in msg and TID in msg and "esx-t1" in msg
+    return msg
+
+
+# --- what a ticket must not do --------------------------------------------------------------------------------
+
+async def test_raw_qmp_is_refused(lab: Lab) -> None:
+    c = await lab.bound()
+    refused(await c.send("vm.qmp", name=VM, command="quit"), "vm.qmp")
+    refused(await c.send("vm.kill", name=VM), "vm.kill")
+    refused(await c.send("vm.start", spec=vm_spec().model_dump(mode="json")), "vm.start")
+    refused(await c.send("vm.corrupt_memory", name=VM, gpa=0), "vm.corrupt_memory")
+
+
+async def test_another_vms_name_is_refused(lab: Lab) -> None:
+    c = await lab.bound()
+    for m in ("vm.status", "vm.remove", "migration.finish", "migration.abort_incoming", "disk.digest_live"):
+        params: dict[str, Any] = {"name": "db01"}
+        if m == "disk.digest_live":
+            params["disk"] = 0
+        assert "'db01' is not the ticket's VM" in refused(await c.send(m, **params), m)
+
+
+async def test_disk_import_of_etc_shadow_is_refused_and_copies_nothing(lab: Lab) -> None:
+    c = await lab.bound()
+    refused(await c.send("disk.import", datastore="ds1", file="web01.qcow2", source="/etc/shadow"), "disk.import")
+    assert list((lab.tmp / "ds1").iterdir()) == []
+
+
+async def test_deleting_a_disk_outside_the_scope_is_refused(lab: Lab) -> None:
+    other = lab.tmp / "ds1" / "db01.qcow2"
+    other.write_bytes(b"precious")
+    c = await lab.bound()
+    msg = refused(await c.send("disk.delete", datastore="ds1", file="db01.qcow2"), "disk.delete")
+    assert "db01.qcow2" in msg
+    refused(await c.send("disk.delete", datastore="ds1", file="../ds1/db01.qcow2"), "disk.delete")
+    refused(await c.send("disk.create", datastore="ds1", file="db01.qcow2", size_bytes=MiB), "disk.create")
+    assert other.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("name", ["/", "../x", "..", ""])
+async def test_a_path_as_vm_name_is_refused_and_removes_nothing(lab: Lab, name: str) -> None:
+    victim = Path(lab.cfg.dir) / "x"
+    victim.mkdir(parents=True)
+    (Path(lab.cfg.dir) / "vms").mkdir(exist_ok=True)
+    c = await lab.bound()
+    refused(await c.send("vm.remove", name=name), "vm.remove")
+    refused(await c.send("vm.import_console_history", name=name, text="x"), "vm.import_console_history")
+    assert victim.is_dir() and (Path(lab.cfg.dir) / "vms").is_dir()
+
+
+@pytest.mark.parametrize("vms", [None, [], ["db01"], [VM, "db01"]])
+async def test_events_of_other_vms_are_refused(lab: Lab, vms: list[str] | None) -> None:
+    c = await lab.bound()
+    refused(await c.send("events.subscribe", vms=vms), "events.subscribe")
+
+
+async def test_another_spec_for_the_incoming_qemu_is_refused(lab: Lab) -> None:
+    c = await lab.bound()
+    for other in (vm_spec(kernel="/etc/shadow"), vm_spec(file="db01.qcow2"), vm_spec(name="db01")):
+        refused(await c.send("migration.prepare_incoming", spec=other.model_dump(mode="json")),
+                "migration.prepare_incoming")
+    refused(await c.send("migration.prepare_incoming", spec={"name": VM}), "migration.prepare_incoming")
+
+
+async def test_a_ticket_cannot_grant_or_revoke(lab: Lab) -> None:
+    c = await lab.bound()
+    refused(await c.send("ticket.grant", scope=scope(id="ffffffffffff", vm="db01")), "ticket.grant")
+    refused(await c.send("ticket.revoke", ticket=TID), "ticket.revoke")
+    assert not (Path(lab.cfg.dir) / "tickets" / "ffffffffffff.json").exists()
+    assert (Path(lab.cfg.dir) / "tickets" / f"{TID}.json").exists()
+
+
+async def test_a_second_bind_is_refused_and_the_first_scope_stays(lab: Lab) -> None:
+    full = await lab.connect()
+    await full.send("ticket.grant", scope=scope(id="ffffffffffff", vm="db01", disks=[], spec=None))
+    c = await lab.bound()
+    msg = refused(await c.bind("ffffffffffff"), "ticket.bind")
+    assert "already bound" in msg
+    r = await c.send("vm.status", name="db01")        # still the first ticket's scope
+    assert "'db01' is not the ticket's VM" in refused(r, "vm.status")
+
+
+async def test_a_bind_after_a_request_is_refused(lab: Lab) -> None:
+    full = await lab.connect()
+    await full.send("ticket.grant", scope=scope())
+    c = await lab.connect()
+    assert "result" in await c.send("host.ping")
+    r = await c.bind()
+    assert r["error"]["kind"] == "TicketRefused" and "before its first request" in r["error"]["message"]
+
+
+@pytest.mark.parametrize("ticket", ["fedcba987654", "../../etc/passwd", "0123456789AB", ""])
+async def test_an_unknown_ticket_is_refused_and_the_connection_closed(lab: Lab, ticket: str) -> None:
+    full = await lab.connect()
+    await full.send("ticket.grant", scope=scope())
+    c = await lab.connect()
+    r = await c.bind(ticket)
+    assert r["error"]["kind"] == "TicketRefused"
+    assert (await c.send("host.ping")) == {"closed": True}     # never the full API
+
+
+async def test_an_expired_ticket_is_refused_even_on_an_open_connection(lab: Lab) -> None:
+    c = await lab.bound(expires_s=time.time() + 0.6)
+    assert "result" in await c.send("host.ping")
+    await asyncio.sleep(0.7)
+    assert "expired" in refused(await c.send("host.ping"), "host.ping")
+    late = await lab.connect()
+    assert "expired" in (await late.bind())["error"]["message"]
+
+
+async def test_a_revoked_ticket_is_refused_on_an_open_connection(lab: Lab) -> None:
+    c = await lab.bound()
+    full = await lab.connect()
+    assert (await full.send("ticket.revoke", ticket=TID))["result"] == {"revoked": True}
+    assert "not granted" in refused(await c.send("vm.status", name=VM), "vm.status")
+
+
+@pytest.mark.parametrize("bad", [
+    {"methods": ["vm.qmp"]}, {"methods": ["disk.import", "host.ping"]}, {"vm": "../x"}, {"vm": "/"},
+    {"id": "x; rm -rf /"}, {"expires_s": time.time() - 1}, {"expires_s": time.time() + MAX_TTL_S + 60},
+    {"spec": vm_spec(name="db01").model_dump(mode="json")}, {"disks": []}, {"extra": 1},
+])
+async def test_a_bad_scope_is_not_granted(lab: Lab, bad: dict[str, Any]) -> None:
+    full = await lab.connect()
+    r = await full.send("ticket.grant", scope=scope(**bad))
+    assert r["error"]["kind"] == "InputError", r
+    assert not list((Path(lab.cfg.dir) / "tickets").glob("*.json"))
+
+
+async def test_the_scope_file_is_0600(lab: Lab) -> None:
+    await lab.bound()
+    p = Path(lab.cfg.dir) / "tickets" / f"{TID}.json"
+    assert p.stat().st_mode & 0o777 == 0o600
+    assert (p.parent.stat().st_mode & 0o777) == 0o700
+
+
+# --- what a ticket may do: the destination's methods pass the scope check ------------------------------------
+
+ALLOWED: dict[str, dict[str, Any]] = {
+    "host.ping": {}, "host.facts": {}, "host.clock": {}, "events.subscribe": {"vms": [VM]},
+    "disk.create": {"datastore": "ds1", "file": "web01.qcow2", "size_bytes": MiB},
+    "disk.delete": {"datastore": "ds1", "file": "web01.qcow2"},
+    "migration.prepare_incoming": {"spec": vm_spec().model_dump(), "streams": 2, "postcopy": True},
+    "migration.abort_incoming": {"name": VM}, "migration.pause": {"name": VM}, "migration.recover": {"name": VM},
+    "migration.status": {"name": VM}, "migration.finish": {"name": VM},
+    "vm.status": {"name": VM}, "vm.remove": {"name": VM}, "vm.downtime_trace": {"name": VM},
+    "vm.import_console_history": {"name": VM, "text": "boot\n"}, "disk.digest_live": {"name": VM, "disk": 0},
+}
+
+
+def test_every_destination_method_has_a_case() -> None:
+    assert set(ALLOWED) == DESTINATION_METHODS
+    assert not {"vm.qmp", "disk.import", "vm.kill", "vm.start", "vm.stop", "disk.digest",
+                "ticket.grant", "ticket.revoke"} & DESTINATION_METHODS
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+async def test_the_destination_methods_pass_the_scope_check(lab: Lab, method: str) -> None:
+    c = await lab.bound()
+    r = await c.send(method, **ALLOWED[method])
+    # past the scope: what the method itself says (no VM here, no vMotion address, no qemu-img...)
+    assert r.get("error", {}).get("kind") != "TicketRefused", r
+
+
+async def test_host_facts_show_a_ticket_only_its_vm_and_disks(lab: Lab) -> None:
+    (lab.tmp / "ds1" / "db01.qcow2").write_bytes(b"x")
+    (lab.tmp / "ds1" / "web01.qcow2").write_bytes(b"x")
+    lab.agent.vms = {"db01": object(), VM: object()}  # type: ignore[dict-item]
+    full = await lab.connect()
+    everything = (await full.send("host.facts"))["result"]
+    assert everything["vms"] == ["db01", VM] and everything["datastores"][0]["disks"] == ["db01.qcow2", "web01.qcow2"]
+    c = await lab.bound()
+    facts = (await c.send("host.facts"))["result"]
+    assert facts["vms"] == [VM] and facts["datastores"][0]["disks"] == ["web01.qcow2"]
+    lab.agent.vms = {}
+
+
+async def test_the_full_api_is_unchanged_without_a_ticket(lab: Lab) -> None:
+    full = await lab.connect()
+    r = await full.send("vm.qmp", name="db01", command="query-status")
+    assert r["error"]["kind"] == "NotFound"              # reached the method: no VM db01 here
+
+
+def test_a_refusal_is_a_403_where_it_reaches_the_api() -> None:
+    from testbed.vcenter.api import status_of
+    err = remote_error("esx-t1", {"kind": "TicketRefused", "message": "vm.qmp refused", "hint": "h"})
+    assert isinstance(err, TicketRefused) and isinstance(err, Forbidden) and err.hint == "h"
+    assert status_of(err)[0] == 403
+
+
+# --- the bridge, as sshd runs it ------------------------------------------------------------------------------
+
+async def _bridge(lab: Lab, *args: str) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "testbed.hostd", "connect", "--socket", str(lab.cfg.socket), *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+
+
+async def test_the_bridge_binds_before_relaying(lab: Lab) -> None:
+    full = await lab.connect()
+    await full.send("ticket.grant", scope=scope())
+    p = await _bridge(lab, "--ticket", TID)
+    assert p.stdin and p.stdout
+    for i, (m, params) in enumerate([("vm.qmp", {"name": VM, "command": "quit"}),
+                                     ("ticket.bind", {"ticket": TID}), ("host.ping", {})], 1):
+        p.stdin.write((json.dumps({"id": i, "method": m, "params": params}) + "\n").encode())
+    await p.stdin.drain()
+    got = {}
+    for _ in range(3):
+        msg = json.loads(await asyncio.wait_for(p.stdout.readline(), 20))
+        got[msg["id"]] = msg
+    assert got[1]["error"]["kind"] == "TicketRefused"      # the client's first line is already in the scope
+    assert got[2]["error"]["kind"] == "TicketRefused" and "already bound" in got[2]["error"]["message"]
+    assert got[3]["result"]["host"] == "esx-t1"
+    p.stdin.close()
+    assert await asyncio.wait_for(p.wait(), 20) == 0
+
+
+async def test_the_bridge_refuses_an_unknown_ticket_and_relays_nothing(lab: Lab) -> None:
+    p = await _bridge(lab, "--ticket", "fedcba987654")
+    out, err = await asyncio.wait_for(p.communicate(b'{"id":1,"method":"vm.kill","params":{"name":"web01"}}\n'), 20)
+    assert p.returncode == 3 and out == b""
+    assert b"not granted" in err
+
+
+@pytest.mark.parametrize("bad", ["x; rm -rf /", "$(id)", "0123", "0123456789AB"])
+def test_the_bridge_refuses_a_malformed_ticket_id(tmp_path: Path, bad: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "testbed.hostd", "connect", "--socket", str(tmp_path / "s"),
+                        "--ticket", bad], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=30)
+    assert r.returncode == 2 and "is not a ticket id" in r.stderr
+
+
+# --- the ticket's key line and its lifetime --------------------------------------------------------------------
+
+def test_the_key_line_forces_connect_with_the_ticket(tmp_path: Path) -> None:
+    from testbed.vcenter.hostconn import ticket_key_line
+    key = tmp_path / "k"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pub = (tmp_path / "k.pub").read_text()
+    now = datetime.datetime(2026, 12, 4, 13, 0, 30, tzinfo=datetime.UTC)
+    line = ticket_key_line(pub, TID, 3600, now=now)
+    assert line.startswith(f'restrict,command="\\"${{TESTBED_HOSTD:-testbed-hostd}}\\" connect --ticket {TID}",'
+                           'expiry-time="202612041401Z" ssh-ed25519 ')   # rounded up to the minute
+    assert line.endswith(f" ticket-{TID}")
+    (tmp_path / "authorized_keys").write_text(line + "\n")     # OpenSSH reads it as a key line with options
+    out = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "authorized_keys")], capture_output=True, text=True)
+    assert out.returncode == 0 and f"ticket-{TID}" in out.stdout
+    for bad in ("x; rm -rf /", 'a" b', "0123456789AB", ""):
+        with pytest.raises(InputError):
+            ticket_key_line(pub, bad, 3600)
+
+
+def test_revoking_a_malformed_ticket_id_fails_before_ssh(tmp_path: Path) -> None:
+    from testbed.vcenter.hostconn import ManagedHost, revoke_ticket
+    h = ManagedHost("esx-t1", "198.18.250.9", tmp_path / "nokey", tmp_path / "known_hosts")
+    with pytest.raises(InputError):
+        revoke_ticket(h, '" ; rm -rf ~ ; "')
+
+
+def test_a_ticket_lasts_the_move_not_three_hours() -> None:
+    from testbed.migration.convergence import ConvergenceSettings, completion_timeout_s
+    from testbed.migration.request import move_time_limit_s
+    from testbed.vcenter.admission import TICKET_MARGIN_S, TICKET_MIN_TTL_S, ticket_ttl_s
+    s = vm_spec()
+    assert ticket_ttl_s(1800, s) == 1800 + TICKET_MARGIN_S            # the source's own limit
+    assert ticket_ttl_s(10, s) == TICKET_MIN_TTL_S
+    assert ticket_ttl_s(10 * 24 * 3600, s) == MAX_TTL_S
+    own = ticket_ttl_s(None, s)                                        # an admit that did not say
+    assert own == move_time_limit_s(s) + TICKET_MARGIN_S < 3 * 3600
+    limit = move_time_limit_s(s, completion_timeout=900)
+    assert limit >= 900 + 300                                          # completion timeout + the disk copy's limit
+    assert move_time_limit_s(s, completion_timeout=900, allow_postcopy=True) > limit
+    big = VmSpec(**{**s.model_dump(), "memory_bytes": 8 * 2**30})
+    assert move_time_limit_s(big) >= completion_timeout_s(big.memory_bytes, ConvergenceSettings())
