@@ -386,3 +386,83 @@ def test_a_ticket_lasts_the_move_not_three_hours() -> None:
     assert move_time_limit_s(s, completion_timeout=900, allow_postcopy=True) > limit
     big = VmSpec(**{**s.model_dump(), "memory_bytes": 8 * 2**30})
     assert move_time_limit_s(big) >= completion_timeout_s(big.memory_bytes, ConvergenceSettings())
+
+
+# --- the destination vCenter's side: scope before key, both revoked at the end ---------------------------------
+
+class UnixAgent:
+    """The real agent of the ``lab`` fixture as a vCenter's host connection (its full API: no ticket)."""
+
+    host = "esx-t1"
+    closed = False
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def call(self, method: str, timeout_s: float | None = None, **params: Any) -> Any:
+        r = await self.client.send(method, **params)
+        if "error" in r:
+            raise remote_error(self.host, r["error"])
+        return r.get("result")
+
+    async def close(self) -> None:
+        pass
+
+
+async def _destination(vc: Any, lab: Lab) -> None:
+    vc.inv.put_host({"name": "esx-t1", "address": "198.18.250.9", "cluster": "c", "state": "connected",
+                     "license": "enterprise-plus", "host_key": "ssh-ed25519 AAAA",
+                     "facts": {"datastores": [{"name": "ds1"}]}, "added_s": 0.0})
+    vc._agents["esx-t1"] = UnixAgent(await lab.connect())
+
+
+async def test_admission_writes_the_scope_before_the_key_and_revokes_both(vc: Any, lab: Lab,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.vcenter import hostconn
+    from testbed.vcenter.admission import TICKET_MARGIN_S
+    await _destination(vc, lab)
+    keys: list[tuple[str, str, float]] = []
+    scope_file: dict[str, Path] = {}
+
+    async def grant(host: Any, aid: str, ttl_s: float) -> dict[str, Any]:
+        p = Path(lab.cfg.dir) / "tickets" / f"{aid}.json"
+        assert p.exists()                       # the scope is there before the key is
+        scope_file["p"] = p
+        keys.append(("grant", aid, ttl_s))
+        return {"id": aid, "host": host.name, "expires": "x"}
+
+    async def revoke(host: Any, aid: str) -> None:
+        assert scope_file["p"].exists()         # the key goes first, then the scope
+        keys.append(("revoke", aid, 0.0))
+
+    monkeypatch.setattr(hostconn, "agrant_ticket", grant)
+    monkeypatch.setattr(hostconn, "arevoke_ticket", revoke)
+    t0 = time.time()
+    adm = await vc.admit("vc-peer", {"vm": {"name": VM, "spec": vm_spec(file="web01.qcow2").model_dump(mode="json")},
+                                     "host": "esx-t1", "datastore": "ds1", "move_timeout_s": 1200})
+    aid = adm["id"]
+    assert keys == [("grant", aid, 1200 + TICKET_MARGIN_S)]
+    s = json.loads(scope_file["p"].read_text())
+    assert s["vm"] == VM and s["disks"] == [{"datastore": "ds1", "file": "web01.qcow2"}]
+    assert set(s["methods"]) == DESTINATION_METHODS
+    assert t0 + 1200 + TICKET_MARGIN_S <= s["expires_s"] <= time.time() + 1200 + TICKET_MARGIN_S
+    await vc.commit_incoming("vc-peer", aid, {"spec": s["spec"], "history": [], "verdict": "verified"})
+    assert keys[-1] == ("revoke", aid, 0.0) and not scope_file["p"].exists()
+
+
+async def test_a_key_that_could_not_be_installed_leaves_no_scope(vc: Any, lab: Lab,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from testbed.errors import HostUnreachable
+    from testbed.vcenter import hostconn
+    await _destination(vc, lab)
+
+    async def unreachable(*a: Any) -> Any:
+        raise HostUnreachable("cannot reach host esx-t1 over SSH")
+
+    monkeypatch.setattr(hostconn, "agrant_ticket", unreachable)
+    monkeypatch.setattr(hostconn, "arevoke_ticket", unreachable)
+    with pytest.raises(HostUnreachable):
+        await vc.admit("vc-peer", {"vm": {"name": VM, "spec": vm_spec().model_dump(mode="json")},
+                                   "host": "esx-t1", "datastore": "ds1"})
+    assert not list((Path(lab.cfg.dir) / "tickets").glob("*.json"))
+    assert vc.inv.vm(VM) is None
