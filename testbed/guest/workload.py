@@ -76,14 +76,23 @@ def parse_workload(spec: str) -> Workload:
     return Workload(**fields)  # type: ignore[arg-type]
 
 
+# What the VM's own settings write on a built-in guest's command line: a user's extra arguments may not set them
+# (the guest takes the last value it sees, so an append could make its heartbeats speak for another VM, or
+# make it carry a load its workload does not say). The agent's tuning parameters stay the user's to set.
+OWN_PARAMETERS = frozenset({"tb.vm", "tb.ip", "tb.observer", "tb.mem_rate", "tb.mem_wss", "tb.mem_mode",
+                            "tb.disk_rate"})
+TUNING_PARAMETERS = frozenset({"tb.gw", "tb.hb_us", "tb.disk_dev", "tb.disk_span"})
+
+
 def agent_cmdline(vm: str, ip_cidr: str | None, observer: str | None, workload: Workload,
                   memory_bytes: int, extra: str = "") -> str:
     """The kernel command line of a built-in guest."""
-    own = sorted({tok.split("=", 1)[0] for tok in extra.split() if tok.startswith("tb.")})
+    own = sorted({tok.split("=", 1)[0] for tok in extra.split()} & OWN_PARAMETERS)
     if own:   # the agent's name, address and observer are what its heartbeats are believed by
         raise InputError(f"VM {vm}: the extra kernel arguments set {', '.join(own)}, the built-in guest agent's "
                          "own parameters (its VM name, address, observer and workload come from the VM itself)",
-                         hint="drop them; use the VM's workload option for the load, or boot your own kernel")
+                         hint="drop them; use the VM's workload option for the load, or boot your own kernel "
+                              f"(tuning parameters such as {', '.join(sorted(TUNING_PARAMETERS))} are allowed)")
     if workload.mem_rate_bps and workload.mem_wss_bytes > memory_bytes * 0.7:
         raise InputError(f"VM {vm}: working set {workload.mem_wss_bytes // 1024**2} MiB does not fit "
                          f"in {memory_bytes // 1024**2} MiB of RAM",

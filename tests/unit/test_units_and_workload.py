@@ -64,3 +64,10 @@ def test_a_builtin_guest_cannot_be_given_another_identity(extra: str) -> None:
     with pytest.raises(InputError, match="own parameters"):
         agent_cmdline("spoof", "198.19.16.9/16", "198.19.0.2:7000", parse_workload("idle"), 256 * 2**20, extra)
     assert "quiet" in agent_cmdline("ok", None, None, parse_workload("idle"), 256 * 2**20, "quiet")
+
+
+def test_a_builtin_guest_keeps_its_tuning_parameters() -> None:
+    """The agent's tuning parameters are not its identity: `testbed bench` sets tb.disk_span on its disk VM."""
+    line = agent_cmdline("ok", None, None, parse_workload("disk:4MB/s"), 256 * 2**20,
+                         "tb.disk_span=16777216 tb.hb_us=2000")
+    assert line.endswith("tb.disk_span=16777216 tb.hb_us=2000") and "tb.vm=ok" in line
