@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from testbed.names import check_vm_name, inside
+
 
 class DatastoreConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -42,6 +44,10 @@ class HostConfig(BaseModel):
     @property
     def vms_dir(self) -> Path:
         return Path(self.dir) / "vms"
+
+    def vm_dir(self, name: str) -> Path:
+        """A VM's directory: its name by the rule, the path resolved and checked to stay in ``vms_dir``."""
+        return inside(self.vms_dir, check_vm_name(name), f"VM directory on host {self.name}")
 
     @classmethod
     def load(cls, path: Path) -> HostConfig:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Any
 
 from testbed.errors import Conflict, InputError, NotFound, TestbedError
 from testbed.hostd.config import DatastoreConfig, HostConfig
+from testbed.names import check_datastore_name, check_disk_file, inside
 from testbed.units import format_bytes
-
-FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 async def qemu_img(*args: str, host: str) -> str:
@@ -48,10 +46,10 @@ class Datastores:
                            hint="datastores here: " + ", ".join(self._by_name)) from None
 
     def path(self, datastore: str, file: str) -> Path:
-        if not FILE_RE.fullmatch(file):
-            raise InputError(f"disk file name {file!r} is not allowed",
-                             hint="use letters, digits, '.', '_' and '-'")
-        return Path(self.get(datastore).path) / file
+        """The disk's path: both names by their rule, the path resolved and checked to stay in the datastore."""
+        check_disk_file(file)
+        return inside(Path(self.get(check_datastore_name(datastore)).path), file, f"disk file on datastore "
+                      f"{datastore} of host {self.cfg.name}")
 
     async def _provisioned(self, ds: DatastoreConfig) -> int:
         total = 0

@@ -21,7 +21,7 @@ from testbed.hostd.agent_base import METHODS, Connection
 from testbed.hostd.config import HostConfig
 from testbed.hostd.host_methods import HostMethods
 from testbed.hostd.migration_methods import MigrationMethods
-from testbed.qemu.spec import check_vm_name
+from testbed.names import check_datastore_name, check_disk_file, check_vm_name
 
 log = logging.getLogger("testbed.hostd")
 
@@ -45,9 +45,14 @@ class HostAgent(HostMethods, MigrationMethods):
                 inspect.signature(fn).bind(conn, **params)
             except TypeError as err:
                 raise InputError(f"bad parameters for {method}: {err}") from err
-            # every method's ``name`` is a VM's, and becomes a directory under vms_dir: the one rule, first
+            # every method's ``name`` is a VM's (a directory under vms_dir), ``datastore`` and ``file`` a disk's
+            # (a file in that datastore's directory): the one rule for each, before the method runs
             if "name" in params:
                 check_vm_name(params["name"])
+            if "datastore" in params:
+                check_datastore_name(params["datastore"])
+            if "file" in params:
+                check_disk_file(params["file"])
             result = await fn(conn, **params)
             await conn.send({"id": req_id, "result": result})
         except asyncio.CancelledError:

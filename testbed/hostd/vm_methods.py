@@ -50,7 +50,7 @@ class VmMethods(AgentBase):
             if path and not Path(path).is_file():
                 raise NotFound(f"boot file {path} of VM {vspec.name} does not exist on host {self.cfg.name}",
                                hint="build the guest image with `make image` or give an existing path")
-        vm = VmProcess(vspec, VmPaths(self.cfg.vms_dir / vspec.name), disk_paths, host=self.cfg.name,
+        vm = VmProcess(vspec, VmPaths(self.cfg.vm_dir(vspec.name)), disk_paths, host=self.cfg.name,
                        qemu_binary=self.cfg.qemu_binary, accel=self.cfg.accel, bridges=bridges,
                        emit=self._emitter(vspec.name))
         self.vms[vspec.name] = vm
@@ -78,7 +78,7 @@ class VmMethods(AgentBase):
     async def m_vm_remove(self, conn: Connection, name: str) -> None:
         """Forget a stopped VM and remove its directory (console log included)."""
         vm = self.vms.get(name)
-        vm_dir = self.cfg.vms_dir / name
+        vm_dir = self.cfg.vm_dir(name)
         if vm is not None and vm.alive:
             raise Conflict(f"VM {name} is running on host {self.cfg.name}", hint="stop it first")
         if vm is None and not vm_dir.exists():
@@ -113,7 +113,7 @@ class VmMethods(AgentBase):
     @method("vm.console_log")
     async def m_vm_console_log(self, conn: Connection, name: str) -> dict[str, Any]:
         """The VM's console: what it printed on earlier hosts (imported at migration), then here."""
-        vm_dir = self.cfg.vms_dir / name
+        vm_dir = self.cfg.vm_dir(name)
         if name not in self.vms and not vm_dir.exists():
             raise NotFound(f"VM {name!r} has no console log on host {self.cfg.name}")
         parts = []
@@ -126,7 +126,7 @@ class VmMethods(AgentBase):
     async def m_vm_import_console_history(self, conn: Connection, name: str, text: str) -> None:
         """Keep the console of the VM's life before it came here (written at migration commit)."""
         self._vm(name)
-        (self.cfg.vms_dir / name / "serial-history.log").write_text(text)
+        (self.cfg.vm_dir(name) / "serial-history.log").write_text(text)
 
     @method("vm.corrupt_memory")
     async def m_vm_corrupt_memory(self, conn: Connection, name: str, gpa: int, length: int = 1) -> dict[str, Any]:
