@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -338,6 +339,98 @@ def test_destination_refuses_a_vcenter_it_does_not_trust(vclab: str) -> None:
             b.post("/api/testbed/xvmotion/admit", body, signed=True)
         assert e.value.status == 403 and "does not trust vCenter 'vc-x'" in str(e.value)
         assert inventory_host(vclab, "vc-b", "intruder") is None
+
+
+def trust_as(lab: str, peer: str, b: VcClient) -> None:
+    """What a relocate's first step does: ``peer`` proves it holds its certificate's key to ``b`` (logged in as
+    its administrator), and ``b`` records the trust."""
+    import base64
+
+    from testbed.vcenter import certs
+    cfg = deploy.config_of(lab, peer)
+    nonce = b.post("/api/testbed/trust/challenge")
+    sig = base64.b64encode(certs.sign(cfg.key, f"{nonce}|{peer}".encode())).decode()
+    b.post("/api/testbed/trust", {"name": peer, "url": cfg.url, "certificate": cfg.cert.read_text(), "nonce": nonce,
+                                  "signature": sig})
+
+
+def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -> None:
+    """Issue 17's attacks, over real SSH with a real ticket: vc-b admits an incoming VM for vc-a (signed as vc-a,
+    as a relocate does) and hands back the ticket; with it, raw QMP, another VM, `disk.import` of /etc/shadow
+    and the names '/' and '../x' are each refused, and nothing on esx-b1 changed (asked with the lab operator's
+    key). After the abort, the ticket's connection can do nothing and a new one is not let in."""
+    from testbed.errors import Forbidden, InputError, TestbedError
+    from testbed.qemu.spec import BootSpec, DiskSpec, NicSpec, VmSpec
+    from testbed.vcenter import hostconn
+    cfg_a = deploy.config_of(vclab, "vc-a")
+    host = labctl.hosts_of(builder.load_state(vclab))["esx-b1"]
+
+    async def on_host() -> dict[str, Any]:
+        """esx-b1 as its operator sees it: VMs, disks (with digests), tickets on file."""
+        async with await host.agent() as ag:
+            dss = await ag.call("datastore.list")
+            disks = {(d["name"], f): (await ag.call("disk.digest", datastore=d["name"], file=f))
+                     for d in dss for f in d.get("disks", [])}
+            return {"vms": sorted(v["name"] for v in await ag.call("vm.list")), "disks": disks}
+
+    spec = VmSpec(name="intruder", memory_bytes=128 * 2**20,
+                  boot=BootSpec(kernel="/nonexistent/vmlinuz", initrd="/nonexistent/initrd", builtin=True),
+                  disks=(DiskSpec(datastore="ds-esx-a1", file="intruder-disk0.qcow2", size_bytes=64 * 2**20),),
+                  nics=(NicSpec(port_group="VM Network", mac="52:54:00:00:0e:01"),))
+    with client(vclab, "vc-b") as b:
+        trust_as(vclab, "vc-a", b)
+        b.post("/api/vcenter/vm", {"name": "bystander", "placement": {"host": "esx-b1"}, "memory": "128M",
+                                   "disk": "64M", "power_on": False})
+        b.peer = ("vc-a", cfg_a.key)
+        try:
+            before = asyncio.run(on_host())
+            adm = b.post("/api/testbed/xvmotion/admit", {
+                "vm": {"name": "intruder", "spec": spec.model_dump(mode="json")}, "host": "esx-b1",
+                "source_vcenter": "vc-a", "move_timeout_s": 600}, signed=True)
+            station = host.ssh_target().from_netns      # the test reaches the lab from the operator's station
+
+            class StationTicket(hostconn.TicketHost):
+                def ssh_target(self) -> Any:
+                    return dataclasses.replace(super().ssh_target(), from_netns=station)
+            ticket = StationTicket(adm["ticket"], tmp_path)
+            by = [d["file"] for d in b.get("/api/vcenter/vm/bystander")["disks"]][0]
+
+            async def attack() -> None:
+                async with await ticket.agent() as t:
+                    assert await t.call("host.ping")                   # what a move needs: allowed
+                    attempts: list[tuple[str, dict[str, Any]]] = [
+                        ("vm.qmp", {"name": "intruder", "command": "human-monitor-command",
+                                    "arguments": {"command-line": "info status"}}),
+                        ("vm.status", {"name": "bystander"}), ("vm.remove", {"name": "bystander"}),
+                        ("disk.delete", {"datastore": adm["datastore"], "file": by}),
+                        ("disk.import", {"datastore": adm["datastore"], "file": "intruder-disk0.qcow2",
+                                         "source": "/etc/shadow"}),
+                        ("vm.start", {"spec": spec.model_copy(update={"name": "bystander"}).model_dump(mode="json")}),
+                        ("ticket.grant", {"scope": {}}), ("host.counters", {}),
+                    ]
+                    for method, params in attempts:
+                        with pytest.raises(Forbidden) as e:
+                            await t.call(method, **params)
+                        assert method in str(e.value) and adm["id"] in str(e.value), str(e.value)
+                    for bad in ("/", "../x", "intruder/../bystander"):
+                        with pytest.raises((Forbidden, InputError)):
+                            await t.call("vm.remove", name=bad)
+                    facts = await t.call("host.facts")
+                    assert "bystander" not in json.dumps(facts), "a ticket sees only its own VM and disks"
+                    b.post(f"/api/testbed/xvmotion/{adm['id']}/abort", signed=True)
+                    with pytest.raises(Forbidden, match="not granted|revoked"):   # its open connection: nothing more
+                        await t.call("host.ping")
+                with pytest.raises(TestbedError):                              # and no new one
+                    async with await ticket.agent() as t2:
+                        await t2.call("host.ping")
+            asyncio.run(attack())
+            after = asyncio.run(on_host())
+            assert after == before, "the ticket changed esx-b1"
+            assert inventory_host(vclab, "vc-b", "intruder") is None
+        finally:
+            b.peer = None
+            with contextlib.suppress(TestbedError):
+                b.delete("/api/vcenter/vm/bystander")
 
 
 # --- the move itself ----------------------------------------------------------------------------
