@@ -142,8 +142,9 @@ def build_vm_spec(name: str, *, ip: str, mac: str, memory_bytes: int, disk_bytes
 
 
 async def realize_on_host(agent: AgentClient, spec: VmSpec, *, image: str | None = None,
-                          start: bool = True) -> VmSpec:
-    """Make ``spec`` real on the agent's host: its machine type fixed, its disks created (or imported).
+                          image_format: str | None = None, start: bool = True) -> VmSpec:
+    """Make ``spec`` real on the agent's host: its machine type fixed, its disks created (or imported from
+    ``image``, a file in one of the host's import directories, of ``image_format``: None, the agent reads it).
 
     Returns the spec as it now is; starts the VM if asked. The caller undoes on failure.
     """
@@ -151,7 +152,7 @@ async def realize_on_host(agent: AgentClient, spec: VmSpec, *, image: str | None
     disks = list(spec.disks)
     if image is not None:
         info = await agent.call("disk.import", datastore=disks[0].datastore, file=disks[0].file,
-                                source=str(Path(image).resolve()))
+                                source=str(Path(image).resolve()), format=image_format)
         disks[0] = disks[0].model_copy(update={"size_bytes": info["size_bytes"]})
     else:
         for d in disks:
