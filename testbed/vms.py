@@ -189,6 +189,9 @@ class VmManager:
                      workload: str = "idle", datastore: str | None = None, port_group: str | None = None,
                      kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                      image: str | None = None, vcpus: int = 1, start: bool = True) -> VmRecord:
+        """A VM on ``host``, reached with the lab operator's key. ``kernel``/``initrd``/``image`` are paths on the
+        host (the lab operator's own), which its agent still checks: boot files only from the built-in guest's
+        directory or a content library, images only from a content library (``HostConfig.import_dirs``)."""
         check_vm_request(name, memory_bytes)
         t = self.state.topology
         _, _, _, hspec = t.host(host)

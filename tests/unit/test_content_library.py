@@ -353,3 +353,13 @@ async def test_a_boot_file_outside_the_library_and_the_guest_image_is_refused(ag
         assert "outside the directories host esx-t1 boots from" in msg, msg
     r = await agent.call("vm.start", spec=spec(str(k)))      # inside: past the check (then no QEMU binary here)
     assert r.get("error", {}).get("kind") != "Forbidden", r
+
+
+def test_the_hosts_import_dirs_are_the_vcenters_libraries() -> None:
+    """What an embedded lab's hosts import from (``paths.library_items_dir``) is where each vCenter keeps its items."""
+    from testbed.paths import library_items_dir
+    from testbed.vcenter.deploy import vcenter_dir
+    cfg = VcenterConfig(name="vc-a", fqdn="vc-a.t.test", address="198.18.0.2", dir=str(vcenter_dir("t", "vc-a")),
+                        sso_domain="vsphere-a.local", lab="t")
+    assert cfg.library_items == library_items_dir("t", "vc-a")
+    assert cfg.library_items.parent == cfg.library and cfg.library.parent == cfg.path
