@@ -72,7 +72,7 @@ class VmMethods(AgentBase):
         if not any(p.is_relative_to(Path(d).resolve()) for d in dirs):
             raise Forbidden(f"boot file {path} of VM {vm} is outside the directories host {self.cfg.name} boots "
                             f"from ({', '.join(dirs) or 'none configured'})",
-                            hint="kernels and initrds come from a vCenter's content library: `testbed image add`")
+                            hint="kernels and initrds come from a vCenter's content library: `testbed image add FILE`")
 
     @method("vm.stop")
     async def m_vm_stop(self, conn: Connection, name: str, timeout_s: float = 10.0) -> dict[str, Any]:

@@ -50,6 +50,14 @@ class ContentLibrary:
         self.vcenter = vcenter
         self._lock = threading.Lock()
 
+    def discard_partial_uploads(self) -> list[str]:
+        """Remove what uploads cut short by a crash left (``.upload-*``): only at start, when none can be running."""
+        gone = []
+        for p in self.root.glob(".upload-*") if self.root.is_dir() else []:
+            p.unlink(missing_ok=True)
+            gone.append(p.name)
+        return gone
+
     # --- the catalog ----------------------------------------------------------------------
     def catalog(self) -> dict[str, dict[str, Any]]:
         try:

@@ -32,7 +32,10 @@ class Vms(VcBase):
 
     @functools.cached_property
     def library(self) -> ContentLibrary:
-        return ContentLibrary(self.cfg.library, self.cfg.name)
+        lib = ContentLibrary(self.cfg.library, self.cfg.name)
+        if gone := lib.discard_partial_uploads():       # first use in this process: no upload of ours runs yet
+            log.info("content library of %s: removed %d unfinished upload(s)", self.cfg.name, len(gone))
+        return lib
 
     async def add_image(self, name: str, chunks: Any, kind: str | None = None, user: str = "") -> dict[str, Any]:
         item = await self.library.add_stream(name, chunks, kind=kind, user=user)

@@ -363,3 +363,18 @@ def test_the_hosts_import_dirs_are_the_vcenters_libraries() -> None:
                         sso_domain="vsphere-a.local", lab="t")
     assert cfg.library_items == library_items_dir("t", "vc-a")
     assert cfg.library_items.parent == cfg.library and cfg.library.parent == cfg.path
+
+
+async def test_an_upload_cut_short_leaves_nothing_after_a_restart(vc_config: VcenterConfig) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"070701" + bytes(100)
+        raise ConnectionError("client went away")
+    v = VCenter(vc_config)
+    with pytest.raises(ConnectionError):
+        await v.add_image("initrd.img", broken())
+    assert v.library.items_list() == [] and not list(vc_config.library.glob(".upload-*"))
+    (vc_config.library / ".upload-1-2").write_bytes(b"left by a crash")       # a vCenter killed mid-upload
+    await v.close()
+    v = VCenter(vc_config)
+    assert v.library.items_list() == [] and not list(vc_config.library.glob(".upload-*"))
+    await v.close()
