@@ -328,10 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--datastore", help="datastore on the host (default: its first)")
     s.add_argument("--port-group", help="port group of the NIC (default: the first)")
     s.add_argument("--vcpus", type=int, default=1)
-    s.add_argument("--kernel", help="your own guest kernel (instead of the built-in guest)")
-    s.add_argument("--initrd", help="initrd for --kernel")
+    s.add_argument("--kernel", metavar="ITEM",
+                   help="your own guest kernel (instead of the built-in guest): a content library item "
+                        "(`testbed image add FILE` adds one, `testbed image list` shows them)")
+    s.add_argument("--initrd", metavar="ITEM", help="initrd for --kernel: a content library item")
     s.add_argument("--append", help="kernel command line for --kernel (added to the built-in guest's)")
-    s.add_argument("--image", help="your own bootable qcow2 image, copied to the datastore as the VM's disk")
+    s.add_argument("--image", metavar="ITEM",
+                   help="your own bootable qcow2 or raw image, a content library item, copied to the datastore "
+                        "as the VM's disk")
     s.add_argument("--no-start", action="store_true", help="create without powering on")
     s.add_argument("--vcenter", help="the vCenter to create it in (default: the host's)")
     s.add_argument("--encrypted", action="store_true", help="LUKS-encrypt the VM's disk")

@@ -6,6 +6,7 @@
     testbed relocate VM --dest-vcenter URL --dest-user U --dest-password P --dest-thumbprint T
                         --dest-host H [--dest-datastore DS] [--dest-network PG] [engine options]
     testbed task list [--vcenter NAME] | task show ID | task watch ID
+    testbed image add FILE [--name NAME] [--kind kernel|initrd|disk] | image list | image remove NAME
     testbed vm ... and testbed migrate ... (through the VM's vCenter)
 
 The CLI is a client like any other: it reaches a lab vCenter from that
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from testbed import cli_images
 from testbed.errors import InputError, NotFound
 from testbed.lab import builder
 from testbed.ui import print_prechecks, task_progress_line
@@ -65,9 +67,7 @@ def find_vm(a: argparse.Namespace, vm: str) -> tuple[str, VcClient]:
 
 # --- vm -----------------------------------------------------------------------------------------
 def vm_create(a: argparse.Namespace) -> int:
-    from pathlib import Path
-    own = {k: str(Path(getattr(a, k)).resolve()) if k != "append" else getattr(a, k)
-           for k in ("kernel", "initrd", "append", "image") if getattr(a, k)}
+    own = {k: getattr(a, k) for k in ("kernel", "initrd", "append", "image") if getattr(a, k)}  # library items
     vc = a.vcenter or vcenter_of_host(a.lab, a.host)
     with _client(a, vc) as c:
         r = c.post("/api/vcenter/vm", {"name": a.name, "placement": {"host": a.host, "datastore": a.datastore,
@@ -450,7 +450,8 @@ def register(sub: Any) -> None:
     s = vc.add_parser("trust", help="the peer vCenters this one trusts")
     s.add_argument("name")
     s.set_defaults(fn=vc_trust)
-    for p in (vc, task):
+    img = cli_images.register(sub)
+    for p in (vc, task, img):
         for name in p.choices:
             p.choices[name].add_argument("--user", help="vCenter user (default: the domain's administrator)")
             p.choices[name].add_argument("--password", help="(or $TESTBED_VC_PASSWORD)")

@@ -1,7 +1,8 @@
 """The one rule for each name that becomes a path or an identity, at the bottom of the house: VM names (the
 CLI, the API, scenarios, specs, every host agent method that takes a name, the heartbeat observer: a name a
-guest claims), disk file and datastore names (every agent method that takes them), and ``inside``, the check
-that a path built from a name stays in its directory."""
+guest claims), disk file and datastore names (every agent method that takes them), content library item
+names (the library, VM create and scenarios), and ``inside``, the check that a path built from a name stays
+in its directory."""
 
 from __future__ import annotations
 
@@ -58,3 +59,20 @@ def inside(base: Path, name: str, what: str) -> Path:
         raise InputError(f"{what} {name!r} would leave its directory {root} (it resolves to {path})",
                          hint="names are single path components inside their directory")
     return path
+
+
+# A content library item's name (a VM's kernel, initrd or disk image): a file name inside the library, never a path.
+ITEM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+ITEM_NAME_RULE = "1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit, no '..'"
+
+
+def item_name_ok(name: object) -> bool:
+    return isinstance(name, str) and ITEM_NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def check_item_name(name: object) -> str:
+    """``name`` if it is a content library item name, else ``InputError`` saying the rule."""
+    if not item_name_ok(name):
+        raise InputError(f"content library item name {name!r} is not allowed",
+                         hint=f"use {ITEM_NAME_RULE}; `testbed image list` shows the items")
+    return str(name)

@@ -24,3 +24,9 @@ def default_lab_name() -> str:
 
 def lab_dir(lab: str) -> Path:
     return testbed_home() / "labs" / lab
+
+
+def library_items_dir(lab: str, vcenter: str) -> Path:
+    """Where vCenter ``vcenter`` of ``lab`` keeps its content library's files (``VcenterConfig.library_items``):
+    the hosts of an embedded lab import from and boot from these, and from nothing else of the machine."""
+    return lab_dir(lab) / "vcenters" / vcenter / "library" / "items"

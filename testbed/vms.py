@@ -142,8 +142,9 @@ def build_vm_spec(name: str, *, ip: str, mac: str, memory_bytes: int, disk_bytes
 
 
 async def realize_on_host(agent: AgentClient, spec: VmSpec, *, image: str | None = None,
-                          start: bool = True) -> VmSpec:
-    """Make ``spec`` real on the agent's host: its machine type fixed, its disks created (or imported).
+                          image_format: str | None = None, start: bool = True) -> VmSpec:
+    """Make ``spec`` real on the agent's host: its machine type fixed, its disks created (or imported from
+    ``image``, a file in one of the host's import directories, of ``image_format``: None, the agent reads it).
 
     Returns the spec as it now is; starts the VM if asked. The caller undoes on failure.
     """
@@ -151,7 +152,7 @@ async def realize_on_host(agent: AgentClient, spec: VmSpec, *, image: str | None
     disks = list(spec.disks)
     if image is not None:
         info = await agent.call("disk.import", datastore=disks[0].datastore, file=disks[0].file,
-                                source=str(Path(image).resolve()))
+                                source=str(Path(image).resolve()), format=image_format)
         disks[0] = disks[0].model_copy(update={"size_bytes": info["size_bytes"]})
     else:
         for d in disks:
@@ -188,6 +189,9 @@ class VmManager:
                      workload: str = "idle", datastore: str | None = None, port_group: str | None = None,
                      kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                      image: str | None = None, vcpus: int = 1, start: bool = True) -> VmRecord:
+        """A VM on ``host``, reached with the lab operator's key. ``kernel``/``initrd``/``image`` are paths on the
+        host (the lab operator's own), which its agent still checks: boot files only from the built-in guest's
+        directory or a content library, images only from a content library (``HostConfig.import_dirs``)."""
         check_vm_request(name, memory_bytes)
         t = self.state.topology
         _, _, _, hspec = t.host(host)

@@ -74,8 +74,8 @@ def prefill(path: Path) -> int:
 
 
 def allocated(path: Path) -> int:
-    out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(path)], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(["qemu-img", "map", "-U", "-f", "qcow2", "--output=json", str(path)], check=True,
+                         capture_output=True, text=True).stdout
     return sum(e["length"] for e in json.loads(out) if e.get("data"))
 
 

@@ -32,6 +32,9 @@ class HostConfig(BaseModel):
     # Where this host keeps the built-in guest image (vmlinuz, initrd.img): a host made from the host
     # image has its own copy; None: the paths in the VM's spec are used as they are (netns hosts).
     guest_image_dir: str | None = None
+    # The only directories ``disk.import`` copies from and VMs boot kernels/initrds from (besides
+    # guest_image_dir): the content libraries of the vCenters that manage this host. Nothing else of the host.
+    import_dirs: tuple[str, ...] = ()
 
     @property
     def socket(self) -> Path:

@@ -14,9 +14,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import Conflict, InputError, NotFound, TestbedError
+from testbed.errors import Conflict, Forbidden, InputError, NotFound, TestbedError
 from testbed.hostd.config import DatastoreConfig, HostConfig
 from testbed.names import check_datastore_name, check_disk_file, inside
+from testbed.qemu import images
 from testbed.units import format_bytes
 
 
@@ -59,7 +60,7 @@ class Datastores:
         return total
 
     async def _virtual_size(self, path: Path) -> int:
-        info = json.loads(await qemu_img("info", "-U", "--output=json", str(path), host=self.cfg.name))
+        info = json.loads(await qemu_img(*images.info_args(path, format_of(path)), host=self.cfg.name))
         return int(info["virtual-size"])
 
     async def describe(self, ds: DatastoreConfig) -> dict[str, Any]:
@@ -107,23 +108,53 @@ class Datastores:
                         "-o", "encrypt.format=luks,encrypt.key-secret=sec0"]
             try:
                 await qemu_img("create", "-q", "-f", fmt, *opts, str(path), str(size_bytes), host=self.cfg.name)
+                set_format(path, fmt)
             except BaseException:
                 key_path(path).unlink(missing_ok=True)
+                format_path(path).unlink(missing_ok=True)
                 raise
         return await self.info(datastore, file)
 
-    async def import_image(self, datastore: str, file: str, source: str) -> dict[str, Any]:
-        """Copy a user's bootable image into the datastore as a qcow2 disk."""
-        src = Path(source)
-        if not src.is_file():
-            raise NotFound(f"image {source} does not exist on host {self.cfg.name}")
-        size = await self._virtual_size(src)
+    def allowed_source(self, source: str, what: str) -> Path:
+        """``source`` resolved (symbolic links followed) if it is a file inside one of the host's import
+        directories (``HostConfig.import_dirs``), else ``Forbidden``: a VM never reads another file of the host."""
+        try:
+            src = Path(source).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise NotFound(f"{what} {source} does not exist on host {self.cfg.name}",
+                           hint="VM images come from a vCenter's content library: `testbed image list`") from None
+        for d in self.cfg.import_dirs:
+            root = Path(d).resolve()
+            if src.is_relative_to(root) and src != root:
+                if not src.is_file():
+                    raise InputError(f"{what} {source} on host {self.cfg.name} is not a regular file")
+                return src
+        raise Forbidden(f"{what} {source} is outside the directories host {self.cfg.name} imports from "
+                        f"({', '.join(self.cfg.import_dirs) or 'none configured'})",
+                        hint="VM images come from a vCenter's content library: `testbed image add FILE`")
+
+    async def import_image(self, datastore: str, file: str, source: str, fmt: str | None = None) -> dict[str, Any]:
+        """Copy a bootable image (from an import directory: a content library) into the datastore as a qcow2
+        disk. Its format is ``fmt`` or read from its header, never guessed by qemu-img (``-f`` always), and an
+        image with a backing or data file (which would make QEMU read another host file) is refused."""
+        src = self.allowed_source(source, "image")
+        probed = images.probe_format(src)
+        if fmt is not None and fmt != probed:
+            raise InputError(f"image {source} on host {self.cfg.name} is {probed}, not {fmt}")
+        info = json.loads(await qemu_img(*images.info_args(src, probed), host=self.cfg.name))
+        problem = images.image_problem(info, probed)
+        if problem:
+            raise InputError(f"image {source} refused on host {self.cfg.name}: {problem}", hint=images.REFUSED_HINT)
+        size = int(info["virtual-size"])
         async with self._lock:
             path = await self._reserve(datastore, file, size)
             try:
-                await qemu_img("convert", "-q", "-O", "qcow2", str(src), str(path), host=self.cfg.name)
+                await qemu_img("convert", "-q", "-f", probed, "-O", "qcow2", str(src), str(path),
+                               host=self.cfg.name)
+                set_format(path, "qcow2")
             except BaseException:
                 path.unlink(missing_ok=True)
+                format_path(path).unlink(missing_ok=True)
                 raise
         return await self.info(datastore, file)
 
@@ -131,7 +162,7 @@ class Datastores:
         path = self.path(datastore, file)
         if not path.exists():
             raise NotFound(f"disk {file!r} does not exist on datastore {datastore} of host {self.cfg.name}")
-        info = json.loads(await qemu_img("info", "-U", "--output=json", str(path), host=self.cfg.name))
+        info = json.loads(await qemu_img(*images.info_args(path, format_of(path)), host=self.cfg.name))
         return {"datastore": datastore, "file": file, "path": str(path),
                 "size_bytes": int(info["virtual-size"]), "allocated_bytes": int(info.get("actual-size", 0)),
                 "format": info["format"], "encrypted": bool(info.get("encrypted", False))}
@@ -139,6 +170,7 @@ class Datastores:
     async def delete(self, datastore: str, file: str) -> None:
         path = self.path(datastore, file)
         key_path(path).unlink(missing_ok=True)
+        format_path(path).unlink(missing_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -149,3 +181,22 @@ class Datastores:
 def key_path(disk: Path) -> Path:
     """Where an encrypted disk's key lives: a hidden file beside it (the lab's key provider)."""
     return disk.with_name(f".{disk.name}.key")
+
+
+def format_path(disk: Path) -> Path:
+    """Where a disk's format is kept (a hidden file beside it): qemu-img is told it (``-f``), never lets a raw
+    disk, whose first bytes the guest writes, pass for a qcow2 with a backing file."""
+    return disk.with_name(f".{disk.name}.format")
+
+
+def set_format(disk: Path, fmt: str) -> None:
+    format_path(disk).write_text(fmt + "\n")
+
+
+def format_of(disk: Path) -> str:
+    """The disk's format as recorded when it was made (qcow2 where nothing is recorded: what disk.create makes)."""
+    try:
+        fmt = format_path(disk).read_text().strip()
+    except FileNotFoundError:
+        return "qcow2"
+    return fmt if fmt in images.ACCEPTED_FORMATS else "qcow2"

@@ -100,12 +100,14 @@ async def _qemu_img(*args: str, what: str) -> str:
     return out.decode()
 
 
-async def digest(path: Path, host: str) -> dict[str, Any]:
+async def digest(path: Path, host: str, fmt: str = "qcow2") -> dict[str, Any]:
+    """The digest of a stopped disk of format ``fmt`` (given, never probed: a raw disk's header is the guest's)."""
     if not path.exists():
         raise TestbedError(f"disk {path} does not exist on host {host}")
     raw = path.with_name(f".{path.name}.digest.raw")
     try:
-        await _qemu_img("convert", "-U", "-O", "raw", str(path), str(raw), what=f"reading disk {path} on host {host}")
+        await _qemu_img("convert", "-U", "-f", fmt, "-O", "raw", str(path), str(raw),
+                        what=f"reading disk {path} on host {host}")
         return await asyncio.to_thread(_scan, raw)
     finally:
         raw.unlink(missing_ok=True)

@@ -68,8 +68,11 @@ class HostMethods(AgentBase):
         return await self.datastores.create(datastore, file, size_bytes, format, encrypted)
 
     @method("disk.import")
-    async def m_disk_import(self, conn: Connection, datastore: str, file: str, source: str) -> dict[str, Any]:
-        return await self.datastores.import_image(datastore, file, source)
+    async def m_disk_import(self, conn: Connection, datastore: str, file: str, source: str,
+                            format: str | None = None) -> dict[str, Any]:
+        """Copy ``source`` (a file of an import directory: a vCenter's content library) in as a qcow2 disk;
+        ``format`` (qcow2 or raw): what the caller knows it is (None: read from its header, never qemu-img's guess)."""
+        return await self.datastores.import_image(datastore, file, source, format)
 
     @method("disk.info")
     async def m_disk_info(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from testbed.errors import Conflict, InputError, NotFound
 from testbed.hostd.agent_base import Connection, method
+from testbed.hostd.datastore import format_of
 from testbed.hostd.destination import DestinationRole
 from testbed.hostd.source import SourceRole, reachable
 from testbed.hostd.vm_methods import VmMethods
@@ -150,4 +151,5 @@ class MigrationMethods(VmMethods):
     async def m_disk_digest(self, conn: Connection, datastore: str, file: str) -> dict[str, Any]:
         """Per-MiB SHA-256 of a disk's contents, and the guest agent's block ring if present."""
         from testbed.hostd.diskcheck import digest
-        return await digest(self.datastores.path(datastore, file), self.cfg.name)
+        path = self.datastores.path(datastore, file)
+        return await digest(path, self.cfg.name, format_of(path))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import Conflict, InputError, NotFound, QemuError
+from testbed.errors import Conflict, Forbidden, InputError, NotFound, QemuError
 from testbed.hostd.agent_base import AgentBase, Connection, method
 from testbed.hostd.vm import VmProcess
 from testbed.qemu.cmdline import VmPaths
@@ -47,6 +47,8 @@ class VmMethods(AgentBase):
             vspec = vspec.model_copy(update={"boot": vspec.boot.model_copy(
                 update={"kernel": str(gd / "vmlinuz"), "initrd": str(gd / "initrd.img")})})
         for path in (vspec.boot.kernel, vspec.boot.initrd):
+            if path:     # where it is first: whether a file outside those directories exists is not told
+                self._check_boot_file(vspec.name, path)
             if path and not Path(path).is_file():
                 raise NotFound(f"boot file {path} of VM {vspec.name} does not exist on host {self.cfg.name}",
                                hint="build the guest image with `make image` or give an existing path")
@@ -61,6 +63,16 @@ class VmMethods(AgentBase):
                 del self.vms[vspec.name]
             raise
         return vm.describe()
+
+    def _check_boot_file(self, vm: str, path: str) -> None:
+        """A kernel or initrd is loaded into the guest's memory: only from the built-in guest's directory or an
+        import directory (a content library), never another file of the host."""
+        dirs = [d for d in (self.cfg.guest_image_dir, *self.cfg.import_dirs) if d]
+        p = Path(path).resolve()
+        if not any(p.is_relative_to(Path(d).resolve()) for d in dirs):
+            raise Forbidden(f"boot file {path} of VM {vm} is outside the directories host {self.cfg.name} boots "
+                            f"from ({', '.join(dirs) or 'none configured'})",
+                            hint="kernels and initrds come from a vCenter's content library: `testbed image add FILE`")
 
     @method("vm.stop")
     async def m_vm_stop(self, conn: Connection, name: str, timeout_s: float = 10.0) -> dict[str, Any]:

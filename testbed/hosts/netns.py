@@ -17,7 +17,7 @@ from testbed.lab import topology as topo
 from testbed.lab.builder import LabPaths
 from testbed.lab.state import LabState
 from testbed.net import fabric
-from testbed.paths import GUEST_IMAGE_DIR
+from testbed.paths import GUEST_IMAGE_DIR, library_items_dir
 
 
 class LabHost(Host):
@@ -67,4 +67,5 @@ class NetnsHost(LabHost):
             license=self.spec.license, accel=self.state.accel, accel_reason=self.state.accel_reason,
             mgmt_address=self.mgmt_ip, vmotion_address=self.vmotion_ip, machine_types=self.spec.machine_types,
             guest_image_dir=str(GUEST_IMAGE_DIR),
+            import_dirs=tuple(str(library_items_dir(t.name, s.vcenter.name)) for s in t.sites),
         )

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from testbed.errors import InputError
 from testbed.guest.workload import parse_workload
 from testbed.lab.topology import LinkSpec, Topology, default_topology
+from testbed.names import ITEM_NAME_RULE, item_name_ok
 from testbed.qemu.spec import VM_NAME_RULE, vm_name_ok
 from testbed.units import parse_size
 
@@ -45,10 +46,18 @@ class VmDef(_Frozen):
     workload: str = "idle"              # idle | memory:RATE[@WSS] | disk:RATE, comma-joined
     network: str | None = None
     encrypted: bool = False
-    kernel: str | None = None           # the user's own guest (no testbed agent: no heartbeat, no memory check)
-    initrd: str | None = None
+    kernel: str | None = None           # the user's own guest (no testbed agent: no heartbeat, no memory check):
+    initrd: str | None = None           # content library items (`testbed image add FILE`), not paths
     append: str | None = None
-    image: str | None = None            # or a bootable qcow2/raw image as the VM's disk
+    image: str | None = None            # or a bootable qcow2/raw image (a library item) as the VM's disk
+
+    @field_validator("kernel", "initrd", "image")
+    @classmethod
+    def _library_item(cls, v: str | None) -> str | None:
+        if v is not None and not item_name_ok(v):
+            raise ValueError(f"{v!r} is not a content library item name ({ITEM_NAME_RULE}): add the file with "
+                             "`testbed image add FILE --name NAME` and give NAME here")
+        return v
 
     @property
     def builtin_guest(self) -> bool:

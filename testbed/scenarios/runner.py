@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from testbed import labctl
@@ -84,8 +83,7 @@ class Run:
         t0 = time.monotonic()
         for v in self.sc.vms:
             c = self.client(self.vc_of[v.host])
-            own = {k: str(Path(getattr(v, k)).resolve()) if k != "append" else getattr(v, k)
-                   for k in ("kernel", "initrd", "append", "image") if getattr(v, k)}
+            own = {k: getattr(v, k) for k in ("kernel", "initrd", "append", "image") if getattr(v, k)}  # library items
             c.post("/api/vcenter/vm", {"name": v.name, "placement": {"host": v.host, "network": v.network},
                                        "memory": v.memory, "disk": None if v.image else v.disk,
                                        "workload": v.workload, "encrypted": v.encrypted, **own})

@@ -17,6 +17,9 @@ that does not answer or could not do what was asked.
     POST   /api/vcenter/vm/{vm}?action=relocate  -> {"task": id}
     GET    /api/cis/tasks | /api/cis/tasks/{task}
     GET    /api/testbed/events | about | trust;  POST /api/testbed/reconcile
+    GET    /api/testbed/images | GET /api/testbed/images/{name}   the content library's items (VM kernels,
+           initrds, disk images) | POST /api/testbed/images?name=N[&kind=K] (the file as the body; admin)
+           | DELETE /api/testbed/images/{name} (admin)
     GET    /api/testbed/source-copies | DELETE /api/testbed/source-copies/{vm}   what an unverified
            (or after-switchover failed) move kept on its source host | discard it
     peer vCenters (signed requests): /api/testbed/trust/challenge, /api/testbed/trust,
@@ -52,6 +55,7 @@ from testbed.errors import (
     Unauthorized,
 )
 from testbed.migration.convergence import normalize
+from testbed.names import ITEM_NAME_RULE, item_name_ok
 from testbed.units import parse_rate_bytes, parse_size
 from testbed.vcenter import sso
 from testbed.vcenter.service import VCenter
@@ -91,10 +95,18 @@ class CreateVm(_In):
     cpu_count: int = Field(default=1, ge=1, le=16)
     power_on: bool = True
     encrypted: bool = False                # the VM's disk is LUKS-encrypted (cross-vCenter vMotion refuses it)
-    kernel: str | None = None              # the user's own guest: kernel (+ initrd, append), paths on the host
+    kernel: str | None = None              # the user's own guest: kernel (+ initrd, append), content library items
     initrd: str | None = None
     append: str | None = None
-    image: str | None = None               # or a bootable disk image, copied to the datastore
+    image: str | None = None               # or a bootable disk image (a library item), copied to the datastore
+
+    @field_validator("kernel", "initrd", "image")
+    @classmethod
+    def _library_item(cls, v: str | None) -> str | None:
+        if v is not None and not item_name_ok(v):
+            raise ValueError(f"{v!r} is not a content library item name ({ITEM_NAME_RULE}); "
+                             "`testbed image list` shows the items")
+        return v
 
 
 class DestinationVcenter(_In):
@@ -226,6 +238,13 @@ Peer = Annotated[str, Depends(_peer)]
 Basic = Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 
 
+def _admin_of(vc: VCenter, s: sso.Session) -> None:
+    row = vc.inv.user(s.user)
+    if row is None or row["role"] != "Admin":
+        raise Forbidden(f"user {s.user} may not change the content library of vCenter {vc.cfg.name}",
+                        hint="log in as an administrator of the SSO domain")
+
+
 def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -239,6 +258,10 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     app = FastAPI(title=f"testbed vCenter {vc.cfg.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.vc = vc
+
+    def _admin(s: sso.Session) -> None:
+        _admin_of(vc, s)
+
     @app.exception_handler(TestbedError)
     async def _testbed_error(request: Request, err: TestbedError) -> JSONResponse:
         status, kind = status_of(err)
@@ -374,6 +397,26 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     @app.delete("/api/testbed/source-copies/{vm}")
     async def discard_source(s: Session, vm: str) -> dict[str, Any]:
         return await vc.discard_source(vm, user=s.user)
+
+    # --- the content library ------------------------------------------------------------------
+    @app.get("/api/testbed/images")
+    def images(s: Session) -> list[dict[str, Any]]:
+        return vc.library.items_list()
+
+    @app.get("/api/testbed/images/{name}")
+    def image(s: Session, name: str) -> dict[str, Any]:
+        return vc.library.get(name)
+
+    @app.post("/api/testbed/images", status_code=201)
+    async def add_image(s: Session, request: Request, name: Annotated[str, Query(max_length=63)],
+                        kind: Annotated[Literal["kernel", "initrd", "disk"] | None, Query()] = None) -> dict[str, Any]:
+        _admin(s)
+        return await vc.add_image(name, request.stream(), kind=kind, user=s.user)
+
+    @app.delete("/api/testbed/images/{name}", status_code=204)
+    def remove_image(s: Session, name: str) -> None:
+        _admin(s)
+        vc.remove_image(name, user=s.user)
 
     @app.post("/api/testbed/reconcile")
     async def reconcile(s: Session) -> dict[str, Any]:

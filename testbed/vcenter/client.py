@@ -94,9 +94,12 @@ class VcClient:
 
     # --- plumbing -------------------------------------------------------------------
     def request(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
-                auth: tuple[str, str] | None = None, signed: bool = False, timeout_s: float | None = None) -> Any:
+                auth: tuple[str, str] | None = None, signed: bool = False, timeout_s: float | None = None,
+                upload: Path | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if upload is not None:          # a file's bytes as the body, streamed (a content library item)
+            return self._upload(method, path, upload, params, headers, timeout_s)
         if self.token:
             headers[SESSION_HEADER] = self.token
         if signed:
@@ -117,6 +120,10 @@ class VcClient:
                                   hint="is the vCenter up (`testbed lab status`) and the URL right?") from err
         except requests.exceptions.Timeout as err:
             raise HostUnreachable(f"vCenter {self.url} did not answer {method} {path} in time") from err
+        return self._answer(r, method, path)
+
+    def _answer(self, r: requests.Response, method: str, path: str) -> Any:
+        """The JSON of an answer, or its error as ``ApiError`` (``NotFound``, ``Conflict``) with the server's words."""
         if r.status_code >= 400:
             try:
                 e = r.json()
@@ -132,6 +139,19 @@ class VcClient:
         if r.status_code == 204 or not r.content:
             return None
         return r.json()
+
+    def _upload(self, method: str, path: str, file: Path, params: dict[str, Any] | None, headers: dict[str, str],
+                timeout_s: float | None) -> Any:
+        headers = {**headers, "Content-Type": "application/octet-stream"}
+        if self.token:
+            headers[SESSION_HEADER] = self.token
+        with file.open("rb") as f:
+            try:
+                r = self.http.request(method, self.url + path, data=f, params=params, headers=headers,
+                                      timeout=timeout_s or max(self.timeout_s, 600))
+            except requests.exceptions.RequestException as err:
+                raise HostUnreachable(f"uploading {file} to vCenter {self.url} failed: {_reason(err)}") from err
+        return self._answer(r, method, path)
 
     def _signature(self, method: str, path: str, data: bytes) -> dict[str, str]:
         assert self.peer is not None, "peer calls need this vCenter's name and key"

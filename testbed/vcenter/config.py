@@ -61,6 +61,15 @@ class VcenterConfig(BaseModel):
         return self.path / "vcenter.pid"
 
     @property
+    def library(self) -> Path:
+        """The content library: ``items/`` (the files, copied in) and ``catalog.json`` (what each one is)."""
+        return self.path / "library"
+
+    @property
+    def library_items(self) -> Path:
+        return self.library / "items"
+
+    @property
     def log(self) -> Path:
         return self.path / "vcenter.log"
 

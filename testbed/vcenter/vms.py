@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -15,6 +16,7 @@ from testbed.hosts.base import Host
 from testbed.lab import topology as topo
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter.base import VcBase, guest_running
+from testbed.vcenter.library import ContentLibrary
 from testbed.vms import build_vm_spec, check_vm_request, realize_on_host
 
 log = logging.getLogger("testbed.vcenter")
@@ -26,7 +28,44 @@ def _mac(seed: str) -> str:
 
 
 class Vms(VcBase):
-    """The VMs registered here, and the source copies kept for them."""
+    """The VMs registered here, and the source copies kept for them; the content library they are made from."""
+
+    @functools.cached_property
+    def library(self) -> ContentLibrary:
+        lib = ContentLibrary(self.cfg.library, self.cfg.name)
+        if gone := lib.discard_partial_uploads():       # first use in this process: no upload of ours runs yet
+            log.info("content library of %s: removed %d unfinished upload(s)", self.cfg.name, len(gone))
+        return lib
+
+    async def add_image(self, name: str, chunks: Any, kind: str | None = None, user: str = "") -> dict[str, Any]:
+        item = await self.library.add_stream(name, chunks, kind=kind, user=user)
+        self.inv.event("LibraryItemAddedEvent", f"content library item {name} added by {user or 'system'} "
+                       f"({item['kind']}, {item['format']}, {item['size_bytes']} bytes, sha256 {item['sha256']})")
+        return item
+
+    def remove_image(self, name: str, user: str = "") -> None:
+        users = self.library.in_use(name, self.inv.vms()) if name in self.library.catalog() else []
+        if users:
+            raise Conflict(f"content library item {name!r} of vCenter {self.cfg.name} is the kernel or initrd of "
+                           f"VM {', '.join(users)}", hint="delete those VMs first")
+        self.library.remove(name)
+        self.inv.event("LibraryItemRemovedEvent", f"content library item {name} removed by {user or 'system'}")
+
+    async def _own_guest(self, kernel: str | None, initrd: str | None,
+                         image: str | None) -> tuple[str | None, str | None, str | None, str | None]:
+        """The library items a VM names, as the paths to hand its host (checked: ``ContentLibrary.resolve``),
+        and the image's format."""
+        async def path(name: str | None, kind: str, what: str) -> tuple[str | None, str | None]:
+            if name is None:
+                return None, None
+            p, item = await asyncio.to_thread(self.library.resolve, name, kind, what)
+            return str(p), str(item["format"])
+        if initrd is not None and kernel is None:
+            raise InputError("an initrd needs a kernel: give --kernel too")
+        k, _ = await path(kernel, "kernel", "kernel")
+        i, _ = await path(initrd, "initrd", "initrd")
+        im, fmt = await path(image, "disk", "image")
+        return k, i, im, fmt
 
     def _next_ip(self) -> str:
         used = {v.get("ip") for v in self.inv.vms()}
@@ -43,8 +82,11 @@ class Vms(VcBase):
                         kernel: str | None = None, initrd: str | None = None, append: str | None = None,
                         image: str | None = None, user: str = "") -> dict[str, Any]:
         """A VM of the built-in guest, or the user's own: ``kernel``/``initrd``/``append`` or a bootable
-        ``image`` (copied to the datastore), paths as the host sees them."""
+        ``image`` (copied to the datastore), each the name of an item of this vCenter's content library."""
         check_vm_request(name, memory_bytes)
+        if kernel is not None and image is not None:
+            raise InputError("give either --image or --kernel/--initrd, not both")
+        kernel, initrd, image, image_format = await self._own_guest(kernel, initrd, image)
         h = self.inv.host(host)
         if h is None:
             self.managed(host)
@@ -73,7 +115,7 @@ class Vms(VcBase):
             await self.observe_heartbeats(name, ip)
             try:
                 async with self.agent(host) as agent:
-                    spec = await realize_on_host(agent, spec, image=image, start=start)
+                    spec = await realize_on_host(agent, spec, image=image, image_format=image_format, start=start)
             except BaseException:
                 await self._remove_from_host(host, spec)
                 self.inv.delete_vm(name)

@@ -557,10 +557,11 @@ def test_an_unverified_move_exits_2_and_keeps_the_source_copy_until_discarded(vc
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == rc, f"exit {r.returncode}: {r.stdout}{r.stderr}"
         return r.stdout + r.stderr
-    with client(vclab, "vc-a") as c:
+    with client(vclab, "vc-a") as c:     # the user's own kernel and initrd: content library items, not host paths
+        for item, f in (("own9-vmlinuz", "vmlinuz"), ("own9-initrd", "initrd.img")):
+            c.post("/api/testbed/images", params={"name": item}, upload=GUEST_IMAGE_DIR / f)
         c.post("/api/vcenter/vm", {"name": "own9", "placement": {"host": "esx-a2"}, "memory": "128M", "disk": "64M",
-                                   "kernel": str(GUEST_IMAGE_DIR / "vmlinuz"),
-                                   "initrd": str(GUEST_IMAGE_DIR / "initrd.img"), "append": "console=ttyS0"})
+                                   "kernel": "own9-vmlinuz", "initrd": "own9-initrd", "append": "console=ttyS0"})
     try:
         time.sleep(3)
         out = tmp_path / "own9.json"
@@ -580,8 +581,12 @@ def test_an_unverified_move_exits_2_and_keeps_the_source_copy_until_discarded(vc
         assert "keeps a source copy of VM 'own9'" in cli("vm", "discard-source", "own9", rc=1)
         assert not any(x["name"] == "own9" for x in asyncio.run(_vm_list(vclab, "esx-a2")))
     finally:
-        with client(vclab, "vc-a") as c, contextlib.suppress(NotFound):
-            c.delete("/api/vcenter/vm/own9")
+        with client(vclab, "vc-a") as c:
+            with contextlib.suppress(NotFound):
+                c.delete("/api/vcenter/vm/own9")
+            for item in ("own9-vmlinuz", "own9-initrd"):
+                with contextlib.suppress(NotFound):
+                    c.delete(f"/api/testbed/images/{item}")
 
 
 def test_enhanced_linked_mode(lab_env: Path) -> None:

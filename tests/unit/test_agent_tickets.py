@@ -20,6 +20,7 @@ import pytest
 
 from testbed.errors import Forbidden, InputError, TicketRefused
 from testbed.hostd.config import DatastoreConfig, HostConfig
+from testbed.hostd.datastore import set_format
 from testbed.hostd.server import HostAgent
 from testbed.hostd.tickets import DESTINATION_METHODS, MAX_TTL_S
 from testbed.hosts.agent import remote_error
@@ -277,8 +278,9 @@ async def test_the_destination_methods_pass_the_scope_check(lab: Lab, method: st
 
 
 async def test_host_facts_show_a_ticket_only_its_vm_and_disks(lab: Lab) -> None:
-    (lab.tmp / "ds1" / "db01.qcow2").write_bytes(b"x")
-    (lab.tmp / "ds1" / "web01.qcow2").write_bytes(b"x")
+    for f in ("db01.qcow2", "web01.qcow2"):      # raw, as recorded: the agent never lets qemu-img guess a format
+        (lab.tmp / "ds1" / f).write_bytes(b"x")
+        set_format(lab.tmp / "ds1" / f, "raw")
     lab.agent.vms = {"db01": object(), VM: object()}  # type: ignore[dict-item]
     full = await lab.connect()
     everything = (await full.send("host.facts"))["result"]

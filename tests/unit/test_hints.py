@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "testbed"
 COMMAND = re.compile(r"`((?:testbed|make) [^`]+)`")
 # Words a hint uses for "put yours here"; filled like a user would.
-PLACEHOLDER = re.compile(r"\b(NAME|HOST|VM|TASK|LAB)\b")
+PLACEHOLDER = re.compile(r"\b(NAME|HOST|VM|TASK|LAB|FILE)\b")
 
 
 def _text(node: ast.AST) -> str | None:

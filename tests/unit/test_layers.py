@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("testbed.vcenter",),
     ("testbed.ui", "testbed.experiments", "testbed.bench", "testbed.scenarios", "testbed.demo",
      "testbed.vagrant_lab"),
-    ("testbed.cli", "testbed.cli_bench", "testbed.cli_scenarios", "testbed.cli_vcenter"),
+    ("testbed.cli", "testbed.cli_bench", "testbed.cli_scenarios", "testbed.cli_vcenter", "testbed.cli_images"),
 ]
 
 

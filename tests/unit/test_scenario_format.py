@@ -36,8 +36,12 @@ def test_shipped_scenarios_are_valid() -> None:
     ("name: x\nvms:\n  - {name: a, host: esx-a1}\nsteps:\n  - fault: {kind: cut-link, at: verify, "
      "move: {vm: a, to_host: esx-b1}}\n", 5, "fault cut-link can be injected at: disk-sync, memory-precopy"),
     ("name: x\nvms: [\n", 2, "not valid YAML"),
-    ("name: x\nvms:\n  - {name: a, host: esx-a1, kernel: /k, workload: 'memory:5MB/s'}\nsteps:\n  - wait: 1\n",
+    ("name: x\nvms:\n  - {name: a, host: esx-a1, kernel: k, workload: 'memory:5MB/s'}\nsteps:\n  - wait: 1\n",
      3, "vms.0.workload: a workload needs the built-in guest"),
+    ("name: x\nvms:\n  - {name: a, host: esx-a1, kernel: /etc/shadow}\nsteps:\n  - wait: 1\n",
+     3, "not a content library item name"),
+    ("name: x\nvms:\n  - {name: a, host: esx-a1, image: ../x}\nsteps:\n  - wait: 1\n",
+     3, "not a content library item name"),
 ])
 def test_bad_scenarios_point_at_the_line(text: str, line: int, words: str) -> None:
     with pytest.raises(InputError) as e:
