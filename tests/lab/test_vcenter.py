@@ -433,6 +433,53 @@ def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -
                 b.delete("/api/vcenter/vm/bystander")
 
 
+def test_a_vm_speaking_for_another_is_counted_not_believed(vclab: str, app1: str) -> None:
+    """A real guest that claims to be app1 (the user's own kernel, the built-in one from the content library,
+    told `tb.vm=app1` from an address of the VM network that is not app1's): the observer counts its
+    heartbeats under 'spoofed' and keeps them out of app1's figures, which still come from app1 alone."""
+    from testbed.lab import topology as topo
+    from testbed.paths import GUEST_IMAGE_DIR
+    cfg = deploy.config_of(vclab, "vc-a")
+    fake = topo.vm_address(cfg.site_index * cfg.vm_ip_pool + cfg.vm_ip_pool - 1)     # the pool's last: unused
+    fake_ip = fake.split("/")[0]
+    sock = builder.LabPaths(vclab).observer_socket
+
+    def stats(since_s: float) -> dict[str, Any]:
+        return dict(asyncio.run(obs.query(sock, {"op": "stats", "vm": app1, "since_s": since_s})))
+
+    def spoofed() -> int:
+        return int(asyncio.run(obs.query(sock, {"op": "vms"}))["spoofed"].get(app1, {}).get(fake_ip, 0))
+
+    with client(vclab, "vc-a") as c:
+        bound = asyncio.run(obs.query(sock, {"op": "bindings"}))["bindings"]
+        assert bound.get(app1) == c.get(f"/api/vcenter/vm/{app1}")["ip"].split("/")[0], bound
+        for item, f in (("mimic-vmlinuz", "vmlinuz"), ("mimic-initrd", "initrd.img")):
+            c.post("/api/testbed/images", params={"name": item}, upload=GUEST_IMAGE_DIR / f)
+        try:
+            seq0 = stats(time.monotonic() - 1)["last"]["seq"]
+            t0 = time.monotonic()
+            c.post("/api/vcenter/vm", {
+                "name": "mimic", "placement": {"host": "esx-a2"}, "memory": "128M", "kernel": "mimic-vmlinuz",
+                "initrd": "mimic-initrd", "append": f"console=ttyS0 tb.vm={app1} tb.ip={fake} "
+                                                    f"tb.observer={topo.OBSERVER_IP}:{topo.OBSERVER_PORT}"})
+            deadline = time.monotonic() + 120       # the guest boots under TCG: as long as it takes, within reason
+            while spoofed() < 500 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert spoofed() >= 500, f"the mimic's heartbeats were not counted as spoofed: {spoofed()}"
+            st = stats(t0)
+            assert fake_ip not in st["sources"], st["sources"]          # none of them reached app1's track
+            assert st["spoofed"] >= 500
+            # app1's own sequence goes on from where it was (the mimic's starts at 1): its figures are its own
+            assert st["last"]["seq"] > seq0 and st["first"]["seq"] > seq0 - 2000, (seq0, st["first"], st["last"])
+            assert not [g for g in st["gaps"] if g["seq_after"] < g["seq_before"]], st["gaps"]
+        finally:
+            with contextlib.suppress(NotFound):
+                c.delete("/api/vcenter/vm/mimic")
+            for item in ("mimic-vmlinuz", "mimic-initrd"):
+                with contextlib.suppress(NotFound):
+                    c.delete(f"/api/testbed/images/{item}")
+
+
 # --- the move itself ----------------------------------------------------------------------------
 
 def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str, capsys: pytest.CaptureFixture[str]) -> None:
