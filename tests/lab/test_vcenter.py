@@ -156,7 +156,7 @@ def test_api_refuses_without_a_valid_token(vclab: str) -> None:
         assert e.value.status == 401 and "not issued by SSO domain vsphere-a.local" in str(e.value)
     # an expired token, signed by the right domain (the lab operator holds the domain's secret)
     expired, _ = sso.issue(cfg_a.domain_secret.read_bytes(), f"administrator@{cfg_a.sso_domain}",
-                           cfg_a.sso_domain, ttl_s=-1)
+                           cfg_a.sso_domain, ttl_s=-1, issuer="vc-a")
     anon.token = expired
     with pytest.raises(ApiError) as e:
         anon.get("/api/vcenter/vm")
@@ -333,7 +333,7 @@ def test_destination_refuses_a_vcenter_it_does_not_trust(vclab: str) -> None:
         assert e.value.status == 403 and "trusted peer" in str(e.value)
         # signed, but in the name of a vCenter vc-b has no trust with
         cfg_a = deploy.config_of(vclab, "vc-a")
-        b.peer = ("vc-x", cfg_a.key)
+        b.peer, b.audience = ("vc-x", cfg_a.key), "vc-b"
         with pytest.raises(ApiError) as e:
             b.post("/api/testbed/xvmotion/admit", body, signed=True)
         assert e.value.status == 403 and "does not trust vCenter 'vc-x'" in str(e.value)
