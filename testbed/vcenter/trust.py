@@ -105,8 +105,10 @@ class Trust(VcBase):
         """A client of the peer vCenter at ``url`` (pinned to ``thumbprint``) whose calls this vCenter signs for it
         (``audience``: its name; by default the name this vCenter trusts at that URL and thumbprint)."""
         if audience is None:
+            tp = certs.normalize(thumbprint)
             audience = next((tr["name"] for tr in self.inv.trusts()
-                             if tr["url"].rstrip("/") == url.rstrip("/") and tr["thumbprint"] == thumbprint), None)
+                             if tr["url"].rstrip("/") == url.rstrip("/") and certs.normalize(tr["thumbprint"]) == tp),
+                            None)
         return VcClient(url, thumbprint=thumbprint, token=token, peer=(self.cfg.name, self.cfg.key),
                         audience=audience)
 

@@ -357,3 +357,21 @@ def test_sessions_of_an_untrusted_issuer_or_without_one_are_refused(net: Net) ->
     # a session vc-b issued itself is checked here alone: vc-a down changes nothing
     net.down.add("vc-a")
     assert _use(net, "vc-b", _login(net, "vc-b")).status_code == 200
+
+
+async def test_a_linked_relocate_reaches_its_peer_with_its_own_session_and_signs_for_it(net: Net) -> None:
+    """What a relocate to a linked vCenter does first (``Trust._connect_peer``, no credentials): a session vc-a
+    issues itself, which vc-b checks with vc-a, and signed calls addressed to vc-b."""
+    a, b = net.vcs["vc-a"], net.vcs["vc-b"]
+    peer, about = await a._connect_peer({"url": b.cfg.url, "thumbprint": b.thumbprint}, ADMIN)
+    try:
+        assert about["name"] == "vc-b" and peer.audience == "vc-b"
+        assert (await peer.aget(ADMISSION, signed=True))["state"] == "admitted"
+        assert any(to == "vc-a" and path == "/api/session" for to, _, path, _ in net.sent), "vc-b asked vc-a"
+        await peer.alogout()        # what the relocate does at its end: the session is gone at both
+        assert peer.token is None
+    finally:
+        peer.close()
+    assert not net.events("vc-b")
+    (ev,) = net.events("vc-a", "UserLogoutSessionEvent")
+    assert ev["data"]["issuer"] == "vc-a"
