@@ -10,6 +10,8 @@ format (no audience, no nonce), whose signature could be replayed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 import secrets
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.errors import Forbidden
 from testbed.vcenter import certs
 
 VERSION = "testbed-peer-call/2"
@@ -43,7 +46,6 @@ def message(method: str, target: str, ts: str, audience: str, nonce: str, body: 
 def sign(name: str, key: Path, method: str, target: str, body: bytes, audience: str,
          now_s: float | None = None) -> dict[str, str]:
     """The headers of a call from vCenter ``name`` (its key ``key``) to vCenter ``audience``."""
-    import base64
     ts = f"{time.time() if now_s is None else now_s:.3f}"
     nonce = secrets.token_hex(16)
     sig = certs.sign(key, message(method, target, ts, audience, nonce, body))
@@ -62,32 +64,27 @@ class SignedCall:
     signature: bytes
 
 
-class Malformed(ValueError):
-    """The headers are not a signed call of this version; the message says what is wrong."""
-
-
 def parse(peer: str | None, ts: str | None, audience: str | None, nonce: str | None,
           signature: str | None) -> SignedCall:
-    import base64
-    import binascii
-    if not NAME.match(peer or ""):
-        raise Malformed(f"the {H_PEER} header is not a vCenter name")
+    """The headers as a signed call of this version, or ``Forbidden`` saying what is wrong with them."""
+    if not NAME.fullmatch(peer or ""):
+        raise Forbidden(f"the {H_PEER} header is not a vCenter name")
     if not audience and not nonce and ts and signature:
-        raise Malformed(f"the call is signed in the old format (method, path, time and body: no audience and "
+        raise Forbidden(f"the call is signed in the old format (method, path, time and body: no audience and "
                         f"no nonce), which a captured call could replay; it needs {H_AUDIENCE} and {H_NONCE} "
                         f"({VERSION})")
-    if not NAME.match(audience or ""):
-        raise Malformed(f"the {H_AUDIENCE} header is missing or not a vCenter name")
-    if not NONCE.match(nonce or ""):
-        raise Malformed(f"the {H_NONCE} header is missing or not 32 hex digits")
-    if not TIMESTAMP.match(ts or ""):
-        raise Malformed(f"the {H_TIME} header is missing or not a time in seconds")
+    if not NAME.fullmatch(audience or ""):
+        raise Forbidden(f"the {H_AUDIENCE} header is missing or not a vCenter name")
+    if not NONCE.fullmatch(nonce or ""):
+        raise Forbidden(f"the {H_NONCE} header is missing or not 32 hex digits")
+    if not TIMESTAMP.fullmatch(ts or ""):
+        raise Forbidden(f"the {H_TIME} header is missing or not a time in seconds")
     try:
         sig = base64.b64decode(signature or "", validate=True)
     except (binascii.Error, ValueError) as err:
-        raise Malformed(f"the {H_SIGNATURE} header is not base64") from err
+        raise Forbidden(f"the {H_SIGNATURE} header is not base64") from err
     if not sig:
-        raise Malformed(f"the {H_SIGNATURE} header is empty")
+        raise Forbidden(f"the {H_SIGNATURE} header is empty")
     assert peer and ts and audience and nonce
     return SignedCall(peer, ts, float(ts), audience, nonce, sig)
 
@@ -96,4 +93,4 @@ def shown(value: str | None, limit: int = 80) -> str:
     """A value from outside as it may appear in a message or an event: a name as is, anything else quoted, cut."""
     if value is None:
         return "(none)"
-    return value if NAME.match(value) else repr(value[:limit]) + ("..." if len(value) > limit else "")
+    return value if NAME.fullmatch(value) else repr(value[:limit]) + ("..." if len(value) > limit else "")

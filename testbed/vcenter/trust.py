@@ -56,7 +56,7 @@ class Trust(VcBase):
                          "missing)")
         try:
             call = peercall.parse(peer, ts, audience, nonce, signature)
-        except peercall.Malformed as err:
+        except Forbidden as err:
             self._refuse(peer, method, target, "malformed",
                          f"vCenter {me} refuses {method} {target} from {peercall.shown(peer)}: {err}",
                          hint="the calling vCenter must be upgraded to sign its calls with an audience and a nonce"
@@ -95,7 +95,7 @@ class Trust(VcBase):
     def _refuse(self, peer: str | None, method: str, target: str, reason: str, message: str,
                 hint: str | None = None, **data: str) -> NoReturn:
         """Record a refused peer call (never its signature) and refuse it."""
-        who, path = peercall.shown(peer), peercall.shown(target, 200) if not _PRINTABLE.match(target) else target
+        who, path = peercall.shown(peer), peercall.shown(target, 200) if not _PRINTABLE.fullmatch(target) else target
         self.inv.event("PeerCallRefusedEvent", f"refused {method} {path} from vCenter {who}: {message}",
                        peer=who, method=method, path=path, reason=reason, **data)
         raise Forbidden(message, hint=hint)
@@ -117,7 +117,7 @@ class Trust(VcBase):
         the token itself, over TLS pinned to the issuer's certificate this vCenter trusts. Fails closed: an issuer
         this vCenter does not trust or cannot reach means no session here (log in here instead)."""
         me, issuer = self.cfg.name, s.issuer
-        trust = self.inv.trust(issuer) if peercall.NAME.match(issuer) else None
+        trust = self.inv.trust(issuer) if peercall.NAME.fullmatch(issuer) else None
         if trust is None:
             raise Unauthorized(f"vCenter {me}: this session was issued by vCenter {peercall.shown(issuer)}, which "
                                f"{me} has no trust with, so it cannot check the session is still valid",
