@@ -22,8 +22,11 @@ that does not answer or could not do what was asked.
            | DELETE /api/testbed/images/{name} (admin)
     GET    /api/testbed/source-copies | DELETE /api/testbed/source-copies/{vm}   what an unverified
            (or after-switchover failed) move kept on its source host | discard it
-    peer vCenters (signed requests): /api/testbed/trust/challenge, /api/testbed/trust,
+    peer vCenters (signed requests, ``peercall``): /api/testbed/trust/challenge, /api/testbed/trust,
     /api/testbed/xvmotion/precheck | admit | {id} | {id}/commit | {id}/abort
+
+A session issued by another vCenter of the domain (linked mode) is checked with its issuer on every use
+(``GET /api/session`` there, with the token), and logged out there first.
 """
 
 from __future__ import annotations
@@ -226,11 +229,15 @@ def _session(request: Request,
 
 async def _peer(request: Request, x_testbed_peer: Annotated[str | None, Header()] = None,
                 x_testbed_timestamp: Annotated[str | None, Header()] = None,
+                x_testbed_audience: Annotated[str | None, Header()] = None,
+                x_testbed_nonce: Annotated[str | None, Header()] = None,
                 x_testbed_signature: Annotated[str | None, Header()] = None) -> str:
-    """A request from a trusted peer vCenter: signed with the key of the certificate we trust for it."""
+    """A request from a trusted peer vCenter: signed with the key of the certificate we trust for it, for this
+    vCenter, once (``peercall``)."""
     body = await request.body()
-    return _vc(request).verify_peer(x_testbed_peer, x_testbed_timestamp, x_testbed_signature, request.method,
-                                    request.url.path, body)
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return _vc(request).verify_peer(x_testbed_peer, x_testbed_timestamp, x_testbed_audience, x_testbed_nonce,
+                                    x_testbed_signature, request.method, target, body)
 
 
 Session = Annotated[sso.Session, Depends(_session)]
@@ -286,12 +293,13 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
 
     @app.get("/api/session")
     def whoami(s: Session) -> dict[str, Any]:
+        # a linked vCenter asks the issuer of a session this way whether it still holds ("vcenter": the issuer)
         return {"user": s.user, "domain": s.domain, "created_time": s.issued_s, "expires_time": s.expires_s,
-                "vcenter": vc.cfg.name}
+                "vcenter": vc.cfg.name, "issuer": s.issuer}
 
     @app.delete("/api/session", status_code=204)
-    def logout(s: Session) -> None:
-        vc.logout(s)
+    def logout(s: Session, token: Annotated[str | None, Header(alias="vmware-api-session-id")] = None) -> None:
+        vc.logout(s, token)
 
     # --- inventory ------------------------------------------------------------------------
     @app.get("/api/vcenter/datacenter")

@@ -14,11 +14,10 @@ Errors come back as ``ApiError`` with the HTTP status and the server's message.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from urllib3.connectionpool import HTTPSConnectionPool
 
 from testbed.errors import ApiError, Conflict, HostUnreachable, InputError, NotFound, TestbedError, ThumbprintMismatch
 from testbed.net.cmd import socket_in_netns
-from testbed.vcenter import certs
+from testbed.vcenter import certs, peercall
 
 SESSION_HEADER = "vmware-api-session-id"
 
@@ -71,7 +70,7 @@ class _PinnedAdapter(HTTPAdapter):
 class VcClient:
     def __init__(self, url: str, *, thumbprint: str | None = None, cafile: Path | None = None,
                  netns: str | None = None, token: str | None = None, timeout_s: float = 60.0,
-                 peer: tuple[str, Path] | None = None) -> None:
+                 peer: tuple[str, Path] | None = None, audience: str | None = None) -> None:
         if not url.startswith("https://"):
             raise InputError(f"vCenter URL {url!r} must start with https://")
         if thumbprint is None and cafile is None:
@@ -81,6 +80,7 @@ class VcClient:
         self.thumbprint = certs.normalize(thumbprint) if thumbprint else None
         self.timeout_s = timeout_s
         self.peer = peer              # (this vCenter's name, its key): signs peer calls
+        self.audience = audience      # the name of the vCenter at ``url``: who its signed calls are for
         self.http = requests.Session()
         # Never a proxy or a CA bundle from the environment: lab traffic goes to the lab, checked by its pin.
         self.http.trust_env = False
@@ -103,6 +103,9 @@ class VcClient:
         if self.token:
             headers[SESSION_HEADER] = self.token
         if signed:
+            if params:
+                # the query is part of what is signed: sent exactly as signed
+                path, params = f"{path}?{urllib.parse.urlencode(params)}", None
             headers.update(self._signature(method, path, data))
         try:
             r = self.http.request(method, self.url + path, data=data or None, params=params, headers=headers,
@@ -153,13 +156,13 @@ class VcClient:
                 raise HostUnreachable(f"uploading {file} to vCenter {self.url} failed: {_reason(err)}") from err
         return self._answer(r, method, path)
 
-    def _signature(self, method: str, path: str, data: bytes) -> dict[str, str]:
-        assert self.peer is not None, "peer calls need this vCenter's name and key"
+    def _signature(self, method: str, target: str, data: bytes) -> dict[str, str]:
+        if self.peer is None or self.audience is None:
+            raise InputError(f"a signed call ({method} {target}) to {self.url} needs this vCenter's name and key "
+                             "and the name of the vCenter it is for (its audience)",
+                             hint="peer clients come from Trust.peer_client, which knows both")
         name, key = self.peer
-        ts = f"{time.time():.3f}"
-        msg = signing_message(method, path, ts, data)
-        return {"X-Testbed-Peer": name, "X-Testbed-Timestamp": ts,
-                "X-Testbed-Signature": base64.b64encode(certs.sign(key, msg)).decode()}
+        return peercall.sign(name, key, method, target, data, self.audience)
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
@@ -242,10 +245,6 @@ class VcClient:
                 raise TestbedError(f"task {task_id} still {t['status']} after {timeout_s or 0:.0f} s",
                                    hint=f"`testbed task watch {task_id}` follows it")
             await asyncio.sleep(0.5)
-
-
-def signing_message(method: str, path: str, ts: str, body: bytes) -> bytes:
-    return f"{method.upper()}\n{path}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()
 
 
 def _got(err: Exception) -> str:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS source_copies (
 CREATE TABLE IF NOT EXISTS admissions (
     id TEXT PRIMARY KEY, vm TEXT NOT NULL, host TEXT NOT NULL, peer TEXT NOT NULL, state TEXT NOT NULL,
     data TEXT NOT NULL, created_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS peer_nonces (
+    nonce TEXT PRIMARY KEY, peer TEXT NOT NULL, expires_s REAL NOT NULL, seen_s REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS peer_nonces_expiry ON peer_nonces (expires_s);
 """
 
 
@@ -101,6 +104,23 @@ class Inventory:
 
     def revoked(self, sid: str) -> bool:
         return bool(self.query("SELECT 1 FROM revoked WHERE sid=?", sid))
+
+    # --- nonces of signed peer calls: each accepted once, kept while a call carrying it could be accepted ---
+    def use_nonce(self, nonce: str, peer: str, expires_s: float, now_s: float,
+                  max_live: int) -> Literal["fresh", "seen", "full"]:
+        """Record ``nonce`` (until ``expires_s``) unless it is already there (``seen``) or ``max_live`` nonces are
+        (``full``); those past their expiry are dropped first, so the table holds one window's calls at most."""
+        with self.tx() as db:
+            db.execute("DELETE FROM peer_nonces WHERE expires_s < ?", (now_s,))
+            if db.execute("SELECT 1 FROM peer_nonces WHERE nonce=?", (nonce,)).fetchone():
+                return "seen"
+            if db.execute("SELECT COUNT(*) FROM peer_nonces").fetchone()[0] >= max_live:
+                return "full"
+            db.execute("INSERT INTO peer_nonces VALUES (?,?,?,?)", (nonce, peer, expires_s, now_s))
+            return "fresh"
+
+    def live_nonces(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM peer_nonces")[0]["n"])
 
     # --- hosts ----------------------------------------------------------------------
     def hosts(self) -> list[dict[str, Any]]:

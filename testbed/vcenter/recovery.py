@@ -44,7 +44,8 @@ class Recovery(Relocate):
         spec = VmSpec.model_validate(v["spec"]) if v else None
         dest_host = t["placement"]["host"]
         dvc = t.get("destination_vcenter")
-        peer = self.peer_client(dvc["url"], dvc["thumbprint"]) if dvc and dvc.get("thumbprint") else None
+        peer = self.peer_client(dvc["url"], dvc["thumbprint"], audience=dvc.get("name")) \
+            if dvc and dvc.get("thumbprint") else None
         # 1. let a migration in flight reach an end: the agents carry on without us
         src_status = await self._source_migration_status(src_host, name, wait_s=60)
         if t.get("stage") == Stage.COMMITTED and t.get("commit"):

@@ -2,10 +2,12 @@
 
 Passwords are stored as scrypt hashes. A session token is
 ``<payload>.<signature>``: the payload (base64url JSON) names the user, the
-domain, a session id and the expiry; the signature is an HMAC-SHA256 with the
-domain's secret. Every vCenter of a domain holds its secret (enhanced linked
-mode: two vCenters in one domain accept each other's tokens); a token of
-another domain fails its signature. Logging out revokes the session id.
+domain, the vCenter that issued it, a session id and the expiry; the signature
+is an HMAC-SHA256 with the domain's secret. Every vCenter of a domain holds its
+secret (enhanced linked mode: two vCenters in one domain accept each other's
+tokens); a token of another domain fails its signature. Logging out revokes the
+session id at its issuer, which every other vCenter of the domain asks before
+it accepts the token (``trust.Trust.check_with_issuer``).
 """
 
 from __future__ import annotations
@@ -54,14 +56,16 @@ class Session:
     user: str            # user@domain
     domain: str
     sid: str
+    issuer: str          # the vCenter that issued it: the one that knows whether it was logged out
     issued_s: float
     expires_s: float
 
 
-def issue(secret: bytes, user: str, domain: str, ttl_s: float) -> tuple[str, Session]:
+def issue(secret: bytes, user: str, domain: str, ttl_s: float, *, issuer: str) -> tuple[str, Session]:
     now = time.time()
-    s = Session(user=user, domain=domain, sid=secrets.token_hex(12), issued_s=now, expires_s=now + ttl_s)
-    payload = _b64(json.dumps({"u": s.user, "d": s.domain, "sid": s.sid, "iat": s.issued_s,
+    s = Session(user=user, domain=domain, sid=secrets.token_hex(12), issuer=issuer, issued_s=now,
+                expires_s=now + ttl_s)
+    payload = _b64(json.dumps({"u": s.user, "d": s.domain, "iss": s.issuer, "sid": s.sid, "iat": s.issued_s,
                                "exp": s.expires_s}, separators=(",", ":")).encode())
     sig = _b64(hmac.new(secret, payload.encode(), hashlib.sha256).digest())
     return f"{payload}.{sig}", s
@@ -74,7 +78,15 @@ def verify(secret: bytes, domain: str, token: str) -> Session:
         if not hmac.compare_digest(want, sig):
             raise TokenError(f"the session token was not issued by SSO domain {domain}")
         d = json.loads(_unb64(payload))
-        s = Session(user=d["u"], domain=d["d"], sid=d["sid"], issued_s=d["iat"], expires_s=d["exp"])
+        if "iss" not in d:
+            raise TokenError("the session token names no issuing vCenter (a token of an older version); "
+                             "log in again")
+        s = Session(user=d["u"], domain=d["d"], sid=d["sid"], issuer=d["iss"], issued_s=d["iat"],
+                    expires_s=d["exp"])
+        if not all(isinstance(x, str) and x for x in (s.user, s.domain, s.sid, s.issuer)):
+            raise TypeError("empty or not a string")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (s.issued_s, s.expires_s)):
+            raise TypeError("times are not numbers")
     except (ValueError, KeyError, TypeError) as err:
         raise TokenError("the session token is malformed") from err
     if s.domain != domain:

@@ -157,7 +157,7 @@ def test_api_refuses_without_a_valid_token(vclab: str) -> None:
         assert e.value.status == 401 and "not issued by SSO domain vsphere-a.local" in str(e.value)
     # an expired token, signed by the right domain (the lab operator holds the domain's secret)
     expired, _ = sso.issue(cfg_a.domain_secret.read_bytes(), f"administrator@{cfg_a.sso_domain}",
-                           cfg_a.sso_domain, ttl_s=-1)
+                           cfg_a.sso_domain, ttl_s=-1, issuer="vc-a")
     anon.token = expired
     with pytest.raises(ApiError) as e:
         anon.get("/api/vcenter/vm")
@@ -334,7 +334,7 @@ def test_destination_refuses_a_vcenter_it_does_not_trust(vclab: str) -> None:
         assert e.value.status == 403 and "trusted peer" in str(e.value)
         # signed, but in the name of a vCenter vc-b has no trust with
         cfg_a = deploy.config_of(vclab, "vc-a")
-        b.peer = ("vc-x", cfg_a.key)
+        b.peer, b.audience = ("vc-x", cfg_a.key), "vc-b"
         with pytest.raises(ApiError) as e:
             b.post("/api/testbed/xvmotion/admit", body, signed=True)
         assert e.value.status == 403 and "does not trust vCenter 'vc-x'" in str(e.value)
@@ -381,7 +381,7 @@ def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -
         trust_as(vclab, "vc-a", b)
         b.post("/api/vcenter/vm", {"name": "bystander", "placement": {"host": "esx-b1"}, "memory": "128M",
                                    "disk": "64M", "power_on": False})
-        b.peer = ("vc-a", cfg_a.key)
+        b.peer, b.audience = ("vc-a", cfg_a.key), "vc-b"
         try:
             before = asyncio.run(on_host())
             adm = b.post("/api/testbed/xvmotion/admit", {
@@ -428,7 +428,7 @@ def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -
             assert after == before, "the ticket changed esx-b1"
             assert inventory_host(vclab, "vc-b", "intruder") is None
         finally:
-            b.peer = None
+            b.peer, b.audience = None, None
             with contextlib.suppress(TestbedError):
                 b.delete("/api/vcenter/vm/bystander")
 

@@ -48,7 +48,7 @@ def api(vc_config: VcenterConfig) -> Iterator[tuple[TestClient, VCenter]]:
     vc = VCenter(vc_config)
     vc.inv.put_user(ADMIN, sso.hash_password("pw"), "Admin")
     vc.inv.put_user("reader@vsphere-t.local", sso.hash_password("pw"), "ReadOnly")
-    token, _ = sso.issue(vc.secret, ADMIN, vc_config.sso_domain, 600)
+    token, _ = sso.issue(vc.secret, ADMIN, vc_config.sso_domain, 600, issuer=vc_config.name)
     with TestClient(create_app(vc, recover=False), headers={"vmware-api-session-id": token}) as c:
         yield c, vc
 
@@ -159,7 +159,7 @@ def test_the_item_name_rule() -> None:
 def test_only_an_administrator_changes_the_library(api: tuple[TestClient, VCenter]) -> None:
     c, vc = api
     assert add(c, "vmlinuz", kernel_bytes()).status_code == 201
-    token, _ = sso.issue(vc.secret, "reader@vsphere-t.local", vc.cfg.sso_domain, 600)
+    token, _ = sso.issue(vc.secret, "reader@vsphere-t.local", vc.cfg.sso_domain, 600, issuer=vc.cfg.name)
     h = {"vmware-api-session-id": token}
     r = c.post("/api/testbed/images", params={"name": "other"}, content=kernel_bytes(), headers=h)
     assert r.status_code == 403 and "may not change the content library" in message(r), r.text

@@ -19,7 +19,8 @@ from testbed.vcenter.service import VCenter
 @pytest.fixture
 def api(vc_config: VcenterConfig) -> Iterator[tuple[TestClient, VCenter]]:
     vc = VCenter(vc_config)
-    token, _ = sso.issue(vc.secret, f"administrator@{vc_config.sso_domain}", vc_config.sso_domain, 600)
+    token, _ = sso.issue(vc.secret, f"administrator@{vc_config.sso_domain}", vc_config.sso_domain, 600,
+                         issuer=vc_config.name)
     with TestClient(create_app(vc, recover=False), headers={"vmware-api-session-id": token}) as c:
         yield c, vc
 

@@ -24,12 +24,12 @@ def test_passwords_are_hashed_and_checked() -> None:
 
 def test_tokens_expire_and_belong_to_their_domain() -> None:
     secret_a, secret_b = b"a" * 32, b"b" * 32
-    token, s = sso.issue(secret_a, "administrator@vsphere-a.local", "vsphere-a.local", ttl_s=60)
+    token, s = sso.issue(secret_a, "administrator@vsphere-a.local", "vsphere-a.local", ttl_s=60, issuer="vc-a")
     got = sso.verify(secret_a, "vsphere-a.local", token)
     assert got.user == "administrator@vsphere-a.local" and got.sid == s.sid
     with pytest.raises(sso.TokenError, match="not issued by SSO domain vsphere-b.local"):
         sso.verify(secret_b, "vsphere-b.local", token)
-    expired, _ = sso.issue(secret_a, "u@vsphere-a.local", "vsphere-a.local", ttl_s=-5)
+    expired, _ = sso.issue(secret_a, "u@vsphere-a.local", "vsphere-a.local", ttl_s=-5, issuer="vc-a")
     with pytest.raises(sso.TokenError, match="expired"):
         sso.verify(secret_a, "vsphere-a.local", expired)
     with pytest.raises(sso.TokenError, match="malformed"):

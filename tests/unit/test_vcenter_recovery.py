@@ -141,7 +141,7 @@ async def test_completed_but_destination_unreachable_stays_paused(vc: VCenter) -
 
 async def test_cross_vcenter_switched_over_commits_at_the_peer(vc: VCenter, monkeypatch: pytest.MonkeyPatch) -> None:
     peer = FakePeer(running=True)
-    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint: peer)
+    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint, **kw: peer)
     src, dst = agents(vc, "completed")
     interrupted_task(vc, cross=True)
     t = await restart(vc)
@@ -158,7 +158,7 @@ async def test_stopped_after_the_commit_only_the_ending_is_left(vc: VCenter, mon
     """Stopped between the commit and the task's end: the task ends with the commit's verdict; the source copy
     still paused on the source is recorded; nothing is rolled back or committed twice."""
     peer = FakePeer(running=True)
-    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint: peer)
+    monkeypatch.setattr(vc, "peer_client", lambda url, thumbprint, **kw: peer)
     src, dst = agents(vc, "completed")
     t = interrupted_task(vc, cross=cross)
     v = vc.inv.vm("vm1")
