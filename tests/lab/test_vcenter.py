@@ -480,6 +480,26 @@ def test_a_vm_speaking_for_another_is_counted_not_believed(vclab: str, app1: str
                     c.delete(f"/api/testbed/images/{item}")
 
 
+def test_a_captured_signed_call_cannot_be_replayed(vclab: str) -> None:
+    """A signed peer call (vc-a's admission status query at vc-b), captured whole and sent again: the first is
+    answered (404: no such admission, the signature was accepted), the replay is a 403 and vc-b records it."""
+    cfg_a = deploy.config_of(vclab, "vc-a")
+    with client(vclab, "vc-b") as b:
+        trust_as(vclab, "vc-a", b)
+        b.peer, b.audience = ("vc-a", cfg_a.key), "vc-b"
+        path = "/api/testbed/xvmotion/0123456789abcdef"
+        captured = {**b._signature("GET", path, b""), "vmware-api-session-id": str(b.token)}
+        b.peer, b.audience = None, None
+        n_events = len(b.get("/api/testbed/events"))
+        first = b.http.get(b.url + path, headers=captured, timeout=30)
+        again = b.http.get(b.url + path, headers=captured, timeout=30)
+        assert first.status_code == 404, first.text
+        assert again.status_code == 403 and "nonce" in again.text, again.text
+        refused = [e for e in b.get("/api/testbed/events")[n_events:] if e["kind"] == "PeerCallRefusedEvent"]
+        assert len(refused) == 1 and "replay" in json.dumps(refused[0]), refused
+        assert captured["X-Testbed-Signature"] not in json.dumps(refused), "a signature reached the event log"
+
+
 # --- the move itself ----------------------------------------------------------------------------
 
 def test_relocate_across_vcenters_end_to_end(vclab: str, app1: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -653,6 +673,18 @@ def test_enhanced_linked_mode(lab_env: Path) -> None:
             t = relocate(a, "elm1", {"placement": {"host": "esx-b1"}, "destination_vcenter": {"url": url}})
         assert t["status"] == "SUCCEEDED", t["error"]
         assert running_on(name, "elm1") == ["esx-b1"] and inventory_host(name, "vc-b", "elm1") == "esx-b1"
+        # logout is domain-wide: a session of vc-a logged out at vc-b (or at vc-a) is refused at both
+        for where in ("vc-b", "vc-a"):
+            with client(name, "vc-a") as a, client(name, "vc-b", login=False) as b, \
+                    client(name, "vc-a", login=False) as a2:
+                b.token = a2.token = a.token
+                assert b.get("/api/session")["issuer"] == "vc-a"      # good at vc-b: checked with its issuer
+                (b if where == "vc-b" else a2).logout()
+                for c in (a, b):
+                    with pytest.raises(ApiError) as e:
+                        c.get("/api/session")
+                    assert e.value.status == 401, (where, c.url, e.value)
+                a.token = None
     finally:
         labctl.down(name)
 
