@@ -354,6 +354,14 @@ def trust_as(lab: str, peer: str, b: VcClient) -> None:
                                   "signature": sig})
 
 
+async def _agent_log(lab: str, host: str) -> str:
+    """The host agent's own log, read on the host (netns hosts keep it in the agent's directory)."""
+    from testbed.hosts.netns import NetnsHost
+    h = labctl.hosts_of(builder.load_state(lab))[host]
+    assert isinstance(h, NetnsHost), h
+    return Path(h.agent_config().dir, "hostd.log").read_text()
+
+
 def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -> None:
     """Issue 17's attacks, over real SSH with a real ticket: vc-b admits an incoming VM for vc-a (signed as vc-a,
     as a relocate does) and hands back the ticket; with it, raw QMP, another VM, `disk.import` of /etc/shadow
@@ -427,6 +435,15 @@ def test_a_ticket_grants_one_move_and_nothing_else(vclab: str, tmp_path: Path) -
             after = asyncio.run(on_host())
             assert after == before, "the ticket changed esx-b1"
             assert inventory_host(vclab, "vc-b", "intruder") is None
+            # nothing secret in what either side keeps for people to read: the ticket's private key, the
+            # session token (events, the vCenters' logs, the host agent's log)
+            secret_lines = [ln for ln in adm["ticket"]["private_key"].splitlines() if len(ln) > 40]
+            agent_log = asyncio.run(_agent_log(vclab, "esx-b1"))
+            for where, text in [("vc-b events", json.dumps(b.get("/api/testbed/events"))),
+                                ("vc-b log", deploy.config_of(vclab, "vc-b").log.read_text()),
+                                ("vc-a log", cfg_a.log.read_text()), ("esx-b1 hostd.log", agent_log)]:
+                assert not any(ln in text for ln in secret_lines), f"the ticket's key is in {where}"
+                assert str(b.token) not in text, f"a session token is in {where}"
         finally:
             b.peer, b.audience = None, None
             with contextlib.suppress(TestbedError):
