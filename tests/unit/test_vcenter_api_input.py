@@ -30,7 +30,7 @@ def relocate(c: TestClient, options: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize(("options", "field", "says"), [
-    ({"converge": "bogus"}, "converge", "unknown mode"),
+    ({"converge": "bogus"}, "converge", "'sdps'"),
     ({"bandwidth": -1}, "bandwidth", "above zero"),
     ({"bandwidth": 0}, "bandwidth", "above zero"),
     ({"bandwidth": "fast"}, "bandwidth", "bandwidth"),
