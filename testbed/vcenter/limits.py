@@ -51,6 +51,10 @@ def _in_bounds(what: str, value: int, lo: int, hi: int, unit: str, fmt: Callable
     return value
 
 
+def _said(err: InputError) -> str:
+    return f"{err.message} ({err.hint})" if err.hint else err.message
+
+
 def _bytes(n: int) -> str:
     return f"{n} B" if n < 1024 or n % 1024 else format_bytes(n).replace(".0 ", " ")
 
@@ -62,7 +66,7 @@ def check_size(value: object, what: str, lo: int, hi: int) -> int:
     try:
         n = value if isinstance(value, int) else parse_size(value, what=what)
     except InputError as err:
-        raise ValueError(f"{err.message} ({err.hint})") from None
+        raise ValueError(_said(err)) from None
     return _in_bounds(what, n, lo, hi, "", _bytes)
 
 
@@ -73,7 +77,7 @@ def check_rate(value: object, what: str, lo: int = BANDWIDTH_MIN, hi: int = BAND
     try:
         n = value if isinstance(value, int) else parse_rate_bytes(value, what=what)
     except InputError as err:
-        raise ValueError(f"{err.message} ({err.hint})") from None
+        raise ValueError(_said(err)) from None
     if n <= 0:
         raise ValueError(f"{what} {value!r}: give a rate above zero (or leave it out: the link's own)")
     return _in_bounds(what, n, lo, hi, " per second", lambda b: f"{b} B")
@@ -106,8 +110,9 @@ def _vm_name(v: str) -> str:
         raise ValueError(f"VM name {v!r} must be {VM_NAME_RULE}") from err
 
 
-VmName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,30}$"), AfterValidator(_vm_name),
-                   Field(description=f"a VM name: {VM_NAME_RULE}")]
+VmName = Annotated[str, StringConstraints(max_length=64), AfterValidator(_vm_name),
+                   WithJsonSchema({"type": "string", "pattern": r"^[a-z][a-z0-9-]{0,30}$",
+                                   "description": f"a VM name: {VM_NAME_RULE}"})]
 ObjectName = Annotated[str, StringConstraints(pattern=OBJECT_NAME_PATTERN)]
 HostName = Annotated[str, StringConstraints(pattern=HOSTNAME_PATTERN, max_length=253)]
 UserName = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
@@ -143,7 +148,7 @@ def _workload(v: str) -> str:
     try:
         parse_workload(v)
     except InputError as err:
-        raise ValueError(err.message if not err.hint else f"{err.message} ({err.hint})") from None
+        raise ValueError(_said(err)) from None
     return v
 
 
