@@ -114,8 +114,11 @@ class CreateVm(_In):
     image: str | None = None               # or a bootable disk image, copied to the datastore
 
 
+VcenterUrl = Annotated[str, Field(pattern=r"^https://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/?$")]
+
+
 class DestinationVcenter(_In):
-    url: Annotated[str, Field(pattern=r"^https://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/?$")]
+    url: VcenterUrl
     user_name: UserName | None = None
     password: Secret | None = None
     thumbprint: Annotated[str, Field(pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")] | None = None
@@ -145,28 +148,29 @@ class Relocate(_In):
 
 
 class TrustRequest(_In):
-    name: str
-    url: str
-    certificate: str
-    nonce: str
-    signature: str
+    name: ObjectName
+    url: VcenterUrl
+    certificate: Annotated[str, Field(max_length=16384)]
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]    # ours, from POST /api/testbed/trust/challenge
+    signature: Annotated[str, Field(max_length=2048)]
 
 
 class IncomingPrecheck(_In):
     vm: dict[str, Any]
     source_facts: dict[str, Any]
-    host: str
-    datastore: str | None = None
-    source_names: list[str] = []
+    host: ObjectName
+    datastore: ObjectName | None = None
+    source_names: list[Annotated[str, Field(max_length=253)]] = Field(default=[], max_length=16)
 
 
 class Admit(_In):
     vm: dict[str, Any]
-    host: str
-    datastore: str | None = None
-    source_vcenter: str
-    source_task: str | None = None
-    move_timeout_s: float | None = Field(default=None, gt=0)   # the source's limit for the move: the ticket's life
+    host: ObjectName
+    datastore: ObjectName | None = None
+    source_vcenter: ObjectName
+    source_task: Annotated[str, Field(max_length=64)] | None = None
+    # the source's limit for the move: the ticket's life (clamped there: testbed.vcenter.admission.ticket_ttl_s)
+    move_timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 _basic = HTTPBasic(auto_error=False)
