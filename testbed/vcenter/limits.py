@@ -107,7 +107,7 @@ def _vm_name(v: str) -> str:
     try:
         return check_vm_name(v)
     except InputError as err:
-        raise ValueError(f"VM name {v!r} must be {VM_NAME_RULE}") from err
+        raise ValueError(_said(err)) from err
 
 
 VmName = Annotated[str, StringConstraints(max_length=64), AfterValidator(_vm_name),
