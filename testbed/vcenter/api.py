@@ -5,8 +5,10 @@ Every route but ``POST /api/session`` needs a session token in the
 ``{"error_type": ..., "messages": [{"default_message": ...}], "hint": ...}``,
 with the HTTP status that fits: 400 bad input (malformed JSON and unknown
 fields included), 401 no/expired/foreign token, 403 not allowed (an untrusted
-peer), 404 unknown object, 409 busy or already there, 503 a host or peer
-that does not answer or could not do what was asked.
+peer), 404 unknown object or route, 405 no such method, 409 busy or already there,
+503 a host or peer that does not answer or could not do what was asked, 500 a bug
+(an incident id; the traceback only in the log): ``api_errors``. Every request
+field's rule is in its type (``limits``), every answer's shape in ``views``.
 
     POST   /api/session                          log in (basic auth) -> token
     GET    /api/session | DELETE /api/session    who am I | log out
