@@ -43,7 +43,7 @@ from testbed.vcenter.service import VCenter
 
 from .fake_agent import FakeAgent, spec
 
-EXAMPLES = 20
+EXAMPLES = 15
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 STUBBED = "fuzz: this vCenter reaches no host or peer"
 HOST_FACTS = {"name": "esx-f1", "hostname": "esx-f1.unit.test", "qemu_version": "10.0.0", "accel": "tcg",
