@@ -34,6 +34,7 @@ from testbed import __version__
 from testbed.errors import InputError, TestbedError
 from testbed.paths import default_lab_name
 from testbed.units import format_bytes, parse_rate_bytes, parse_size
+from testbed.vcenter import limits as lim
 
 out = Console()
 err = Console(stderr=True)
@@ -319,15 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = sub.add_parser("vm", help="VM lifecycle").add_subparsers(dest="sub", required=True)
     s = vm.add_parser("create", help="create a VM (and power it on)")
-    s.add_argument("name")
+    s.add_argument("name", type=lim.arg_vm_name, help=f"the VM's name: {lim.VM_NAME_RULE}")
     s.add_argument("--host", required=True)
-    s.add_argument("--memory", default="512M")
-    s.add_argument("--disk", help="size of the VM's local disk, e.g. 1G")
-    s.add_argument("--workload", default="idle",
+    s.add_argument("--memory", type=lim.arg_memory, default=512 * lim.MiB, help="e.g. 512M (64M to 64G)")
+    s.add_argument("--disk", type=lim.arg_disk, help="size of the VM's local disk, e.g. 1G (1M to 2T)")
+    s.add_argument("--workload", type=lim.arg_workload, default="idle",
                    help="idle | memory:RATE[@WSS] | disk:RATE, comma-joined (e.g. memory:20MB/s@256M,disk:5MB/s)")
     s.add_argument("--datastore", help="datastore on the host (default: its first)")
     s.add_argument("--port-group", help="port group of the NIC (default: the first)")
-    s.add_argument("--vcpus", type=int, default=1)
+    s.add_argument("--vcpus", type=lim.arg_vcpus, default=1, help="1-16")
     s.add_argument("--kernel", metavar="ITEM",
                    help="your own guest kernel (instead of the built-in guest): a content library item "
                         "(`testbed image add FILE` adds one, `testbed image list` shows them)")
@@ -369,20 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("vm")
     s.add_argument("--to-host", required=True)
     s.add_argument("--to-datastore", help="datastore on the destination (default: its first)")
-    s.add_argument("--streams", type=int, default=1, help="multifd channels (XvMotion Streams), 1-16")
-    s.add_argument("--converge", choices=("auto-converge", "auto", "sdps", "postcopy", "adaptive", "off"),
-                   default="adaptive",
+    s.add_argument("--streams", type=lim.arg_streams, default=1, help="multifd channels (XvMotion Streams), 1-16")
+    s.add_argument("--converge", choices=lim.CONVERGE_CHOICES, default="adaptive",
                    help="how pre-copy is made to end: auto-converge (alias auto: QEMU's throttle), sdps (stun the "
                         "vCPUs in ms slices from the source host agent), postcopy (switch once pre-copy stalls), "
                         "adaptive (default: SDPS, downtime steps, then post-copy if allowed), off "
                         "(see docs/migration.md)")
     s.add_argument("--allow-postcopy", action=argparse.BooleanOptionalAction, default=False,
                    help="adaptive: allow post-copy as the last resort (default: no)")
-    s.add_argument("--completion-timeout", type=float, default=None, metavar="SECONDS",
+    s.add_argument("--completion-timeout", type=lim.arg_completion_timeout, default=None, metavar="SECONDS",
                    help="abort (or fall back to post-copy) after this long in pre-copy (default: 240 s per GiB "
-                        "of RAM, at least 60 s)")
-    s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
-    s.add_argument("--downtime-limit", type=int, default=100,
+                        "of RAM, at least 60 s; at most 24 h)")
+    s.add_argument("--bandwidth", type=lim.arg_bandwidth,
+                   help="cap the migration itself, e.g. 100MiB/s (the link may cap it too)")
+    s.add_argument("--downtime-limit", type=lim.arg_downtime_limit, default=100,
                    help="QEMU's downtime limit in ms (default 100; QEMU's own default is 300)")
     from testbed.cli_vcenter import add_verdict_options
     add_verdict_options(s)

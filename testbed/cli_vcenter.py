@@ -31,8 +31,8 @@ from testbed import cli_images
 from testbed.errors import InputError, NotFound
 from testbed.lab import builder
 from testbed.ui import print_prechecks, task_progress_line
-from testbed.units import parse_rate_bytes
 from testbed.vcenter import deploy
+from testbed.vcenter import limits as lim
 from testbed.vcenter.client import VcClient
 
 out = Console()
@@ -131,7 +131,7 @@ def _options(a: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {"streams": a.streams, "converge": a.converge, "allow_postcopy": a.allow_postcopy,
                          "downtime_limit_ms": a.downtime_limit, "completion_timeout_s": a.completion_timeout}
     if a.bandwidth:
-        o["bandwidth"] = parse_rate_bytes(a.bandwidth, what="--bandwidth")
+        o["bandwidth"] = a.bandwidth     # bytes/s: checked by its argument type (testbed.vcenter.limits)
     if a.accept_unverified:
         o["accept_unverified"] = True
     return {k: v for k, v in o.items() if v is not None}
@@ -338,14 +338,16 @@ def vc_trust(a: argparse.Namespace) -> int:
 
 
 def add_engine_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--streams", type=int, default=None, help="multifd channels (XvMotion Streams), 1-16")
-    s.add_argument("--converge", choices=("auto-converge", "auto", "sdps", "postcopy", "adaptive", "off"),
-                   default=None, help="how pre-copy is made to end (see docs/migration.md)")
+    s.add_argument("--streams", type=lim.arg_streams, default=None, help="multifd channels (XvMotion Streams), 1-16")
+    s.add_argument("--converge", choices=lim.CONVERGE_CHOICES, default=None,
+                   help="how pre-copy is made to end (see docs/migration.md)")
     s.add_argument("--allow-postcopy", action=argparse.BooleanOptionalAction, default=None,
                    help="adaptive: allow post-copy as the last resort")
-    s.add_argument("--completion-timeout", type=float, default=None, metavar="SECONDS")
-    s.add_argument("--bandwidth", help="cap the migration itself, e.g. 100MiB/s")
-    s.add_argument("--downtime-limit", type=int, default=None, help="QEMU's downtime limit in ms (default 100)")
+    s.add_argument("--completion-timeout", type=lim.arg_completion_timeout, default=None, metavar="SECONDS",
+                   help="at most 24 h")
+    s.add_argument("--bandwidth", type=lim.arg_bandwidth, help="cap the migration itself, e.g. 100MiB/s")
+    s.add_argument("--downtime-limit", type=lim.arg_downtime_limit, default=None,
+                   help="QEMU's downtime limit in ms (default 100; 1-60000)")
     add_verdict_options(s)
 
 

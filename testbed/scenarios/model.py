@@ -13,12 +13,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from testbed.errors import InputError
-from testbed.guest.workload import parse_workload
 from testbed.lab.topology import LinkSpec, Topology, default_topology
 from testbed.names import ITEM_NAME_RULE, item_name_ok
-from testbed.qemu.spec import VM_NAME_RULE, vm_name_ok
-from testbed.units import parse_size
+from testbed.vcenter.limits import (
+    CompletionTimeoutS,
+    Converge,
+    DiskSize,
+    DowntimeLimitMs,
+    MemorySize,
+    MiB,
+    ObjectName,
+    Streams,
+    VmName,
+    Workload,
+)
 
 PHASES = ("prechecks", "disk-sync", "memory-precopy", "switchover")
 FAULT_PHASES = {"cut-link": ("disk-sync", "memory-precopy"),
@@ -31,20 +39,15 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _size(v: object, what: str) -> object:
-    try:
-        return parse_size(v, what=what) if isinstance(v, str) else v
-    except InputError as err:   # pydantic reports ValueErrors with their place in the file
-        raise ValueError(err.args[0]) from None
-
-
 class VmDef(_Frozen):
-    name: str
-    host: str
-    memory: int = 256 * 2**20
-    disk: int | None = 128 * 2**20
-    workload: str = "idle"              # idle | memory:RATE[@WSS] | disk:RATE, comma-joined
-    network: str | None = None
+    """A VM, with the vCenter API's own limits (testbed.vcenter.limits): a scenario cannot ask what the API refuses."""
+
+    name: VmName
+    host: ObjectName
+    memory: MemorySize = 256 * MiB      # bytes once validated ("256M" in the file)
+    disk: DiskSize | None = 128 * MiB   # none: a diskless VM
+    workload: Workload = "idle"         # idle | memory:RATE[@WSS] | disk:RATE, comma-joined
+    network: ObjectName | None = None
     encrypted: bool = False
     kernel: str | None = None           # the user's own guest (no testbed agent: no heartbeat, no memory check):
     initrd: str | None = None           # content library items (`testbed image add FILE`), not paths
@@ -63,39 +66,16 @@ class VmDef(_Frozen):
     def builtin_guest(self) -> bool:
         return self.kernel is None and self.image is None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not vm_name_ok(v):
-            raise ValueError(f"VM name {v!r} must be {VM_NAME_RULE}")
-        return v
-
-    @field_validator("memory", mode="before")
-    @classmethod
-    def _mem(cls, v: object) -> object:
-        return _size(v, "memory")
-
-    @field_validator("disk", mode="before")
-    @classmethod
-    def _disk(cls, v: object) -> object:
-        return _size(v, "disk")
-
-    @field_validator("workload")
-    @classmethod
-    def _wl(cls, v: str) -> str:
-        try:
-            parse_workload(v)
-        except InputError as err:
-            raise ValueError(err.args[0]) from None
-        return v
 
 
 class EngineOptions(_Frozen):
-    streams: int | None = Field(default=None, ge=1, le=16)
-    converge: Literal["auto-converge", "auto", "sdps", "postcopy", "adaptive", "off"] | None = None
+    """A move's options, with the limits the API's RelocateOptions checks (the same types)."""
+
+    streams: Streams | None = None
+    converge: Converge | None = None
     allow_postcopy: bool | None = None
-    downtime_limit_ms: int | None = Field(default=None, ge=1)
-    completion_timeout_s: float | None = Field(default=None, gt=0)
+    downtime_limit_ms: DowntimeLimitMs | None = None
+    completion_timeout_s: CompletionTimeoutS | None = None
 
 
 class Expect(_Frozen):

@@ -5,8 +5,10 @@ Every route but ``POST /api/session`` needs a session token in the
 ``{"error_type": ..., "messages": [{"default_message": ...}], "hint": ...}``,
 with the HTTP status that fits: 400 bad input (malformed JSON and unknown
 fields included), 401 no/expired/foreign token, 403 not allowed (an untrusted
-peer), 404 unknown object, 409 busy or already there, 503 a host or peer
-that does not answer or could not do what was asked.
+peer), 404 unknown object or route, 405 no such method, 409 busy or already there,
+503 a host or peer that does not answer or could not do what was asked, 500 a bug
+(an incident id; the traceback only in the log): ``api_errors``. Every request
+field's rule is in its type (``limits``), every answer's shape in ``views``.
 
     POST   /api/session                          log in (basic auth) -> token
     GET    /api/session | DELETE /api/session    who am I | log out
@@ -40,67 +42,84 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import (
-    ApiError,
-    Conflict,
     Forbidden,
-    HostError,
-    HostUnreachable,
     InputError,
     NotFound,
-    TestbedError,
-    ThumbprintMismatch,
     Unauthorized,
 )
-from testbed.migration.convergence import normalize
 from testbed.names import ITEM_NAME_RULE, item_name_ok
-from testbed.units import parse_rate_bytes, parse_size
-from testbed.vcenter import sso
+from testbed.vcenter import sso, views
+from testbed.vcenter.api_errors import ERROR_RESPONSES, install_error_handlers, openapi_schema
+from testbed.vcenter.api_errors import error_body as error_body
+from testbed.vcenter.api_errors import status_of as status_of
+from testbed.vcenter.limits import (
+    Bandwidth,
+    CompletionTimeoutS,
+    Converge,
+    DiskSize,
+    DowntimeLimitMs,
+    HostName,
+    MemorySize,
+    MirrorGranularity,
+    MirrorMode,
+    ObjectName,
+    Secret,
+    Streams,
+    UserName,
+    Vcpus,
+    VmName,
+    Workload,
+)
 from testbed.vcenter.service import VCenter
 
 log = logging.getLogger("testbed.vcenter.api")
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, and no coercion ("1" is not 1, true is not 1): every field's
+    rule is in its type (testbed.vcenter.limits), checked before any work."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+SshFingerprint = Annotated[str, Field(pattern=r"^SHA256:[A-Za-z0-9+/]{43}=?$")]
+Edition = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 
 
 class AddHost(_In):
-    hostname: str = Field(min_length=1, max_length=253)
-    user_name: str = "root"
-    password: str
-    thumbprint: str | None = None          # the host's SSH key fingerprint (SHA256:...), pinned if given
-    cluster: str | None = None
-    license: str | None = None
+    hostname: HostName
+    user_name: UserName = "root"
+    password: Secret
+    thumbprint: SshFingerprint | None = None   # the host's SSH key fingerprint (SHA256:...), pinned if given
+    cluster: ObjectName | None = None
+    license: Edition | None = None
 
 
 class HostPatch(_In):
-    license: str
+    license: Edition
 
 
 class Placement(_In):
-    host: str = Field(min_length=1)
-    datastore: str | None = None
-    network: str | None = None             # the port group the VM's NICs use at the destination
+    host: ObjectName
+    datastore: ObjectName | None = None
+    network: ObjectName | None = None      # the port group the VM's NICs use at the destination
 
 
 class CreateVm(_In):
-    name: str = Field(min_length=1, max_length=64)
+    name: VmName
     placement: Placement
-    memory: str | int = "512M"
-    disk: str | int | None = None
-    workload: str = "idle"
-    cpu_count: int = Field(default=1, ge=1, le=16)
+    memory: MemorySize = 512 * 2**20
+    disk: DiskSize | None = None           # none: a diskless VM
+    workload: Workload = "idle"
+    cpu_count: Vcpus = 1
     power_on: bool = True
     encrypted: bool = False                # the VM's disk is LUKS-encrypted (cross-vCenter vMotion refuses it)
     kernel: str | None = None              # the user's own guest: kernel (+ initrd, append), content library items
     initrd: str | None = None
-    append: str | None = None
+    append: str | None = Field(default=None, max_length=2000)   # the kernel takes 2 KiB on x86
     image: str | None = None               # or a bootable disk image (a library item), copied to the datastore
 
     @field_validator("kernel", "initrd", "image")
@@ -112,50 +131,27 @@ class CreateVm(_In):
         return v
 
 
+VcenterUrl = Annotated[str, Field(pattern=r"^https://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/?$")]
+
+
 class DestinationVcenter(_In):
-    url: str
-    user_name: str | None = None
-    password: str | None = None
-    thumbprint: str | None = None
+    url: VcenterUrl
+    user_name: UserName | None = None
+    password: Secret | None = None
+    thumbprint: Annotated[str, Field(pattern=r"^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")] | None = None
 
 
 class RelocateOptions(_In):
     """A relocate's engine options, each checked here (a 400 before any work), not in the middle of the move."""
-    streams: int | None = Field(default=None, ge=1, le=16)
-    converge: str | None = None
+    streams: Streams | None = None
+    converge: Converge | None = None       # normalized: "auto" -> "auto-converge"
     allow_postcopy: bool | None = None
-    bandwidth: str | int | None = None      # bytes/s, or a rate ("30MiB/s", "240Mbit/s")
-    downtime_limit_ms: int | None = Field(default=None, ge=1, le=60000)
-    completion_timeout_s: float | None = Field(default=None, gt=0)
+    bandwidth: Bandwidth | None = None     # bytes/s, or a rate ("30MiB/s", "240Mbit/s"): bytes/s once validated
+    downtime_limit_ms: DowntimeLimitMs | None = None
+    completion_timeout_s: CompletionTimeoutS | None = None
     accept_unverified: bool | None = None   # remove the source copy even when a check could not be made
-    mirror_mode: Literal["write-blocking", "background-throttled"] | None = None
-    mirror_granularity: int | None = Field(default=None, ge=512, le=64 * 2**20)   # bytes, a power of 2
-
-    @field_validator("converge")
-    @classmethod
-    def _known_mode(cls, v: str | None) -> str | None:
-        try:
-            return None if v is None else normalize(v)
-        except TestbedError as err:
-            raise ValueError(f"{err.message}; {err.hint}") from None
-
-    @field_validator("bandwidth")
-    @classmethod
-    def _positive_rate(cls, v: str | int | None) -> int | None:
-        try:
-            bps = parse_rate_bytes(v, what="bandwidth") if isinstance(v, str) else v
-        except TestbedError as err:
-            raise ValueError(err.message) from None
-        if bps is not None and bps <= 0:
-            raise ValueError(f"bandwidth {v!r}: give a rate above zero (or leave it out: the link's own)")
-        return bps
-
-    @field_validator("mirror_granularity")
-    @classmethod
-    def _power_of_two(cls, v: int | None) -> int | None:
-        if v is not None and v & (v - 1):
-            raise ValueError(f"mirror_granularity {v}: QEMU takes a power of 2 (512 B to 64 MiB)")
-        return v
+    mirror_mode: MirrorMode | None = None
+    mirror_granularity: MirrorGranularity | None = None   # bytes, a power of 2
 
 
 class RelocateSpec(_In):
@@ -169,49 +165,29 @@ class Relocate(_In):
 
 
 class TrustRequest(_In):
-    name: str
-    url: str
-    certificate: str
-    nonce: str
-    signature: str
+    name: ObjectName
+    url: VcenterUrl
+    certificate: Annotated[str, Field(max_length=16384)]
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]    # ours, from POST /api/testbed/trust/challenge
+    signature: Annotated[str, Field(max_length=2048)]
 
 
 class IncomingPrecheck(_In):
     vm: dict[str, Any]
     source_facts: dict[str, Any]
-    host: str
-    datastore: str | None = None
-    source_names: list[str] = []
+    host: ObjectName
+    datastore: ObjectName | None = None
+    source_names: list[Annotated[str, Field(max_length=253)]] = Field(default=[], max_length=16)
 
 
 class Admit(_In):
     vm: dict[str, Any]
-    host: str
-    datastore: str | None = None
-    source_vcenter: str
-    source_task: str | None = None
-    move_timeout_s: float | None = Field(default=None, gt=0)   # the source's limit for the move: the ticket's life
-
-
-_STATUS: list[tuple[type[Exception], int, str]] = [
-    (Unauthorized, 401, "UNAUTHENTICATED"), (Forbidden, 403, "UNAUTHORIZED"), (NotFound, 404, "NOT_FOUND"),
-    (Conflict, 409, "RESOURCE_BUSY"), (InputError, 400, "INVALID_ARGUMENT"),
-    (ThumbprintMismatch, 400, "INVALID_ARGUMENT"), (HostUnreachable, 503, "SERVICE_UNAVAILABLE"),
-    (HostError, 503, "SERVICE_UNAVAILABLE"),     # a host could not do it (its agent says why): not our 500
-]
-
-
-def status_of(err: TestbedError) -> tuple[int, str]:
-    """The HTTP status and vSphere error type of an error the service raised (500 only for what none names)."""
-    for cls, st, k in _STATUS:
-        if isinstance(err, cls):
-            return st, k
-    return (err.status, err.error_type) if isinstance(err, ApiError) else (500, "ERROR")
-
-
-def error_body(kind: str, message: str, hint: str | None = None) -> dict[str, Any]:
-    return {"error_type": kind, "messages": [{"default_message": message, "args": [], "id": kind.lower()}],
-            "hint": hint}
+    host: ObjectName
+    datastore: ObjectName | None = None
+    source_vcenter: ObjectName
+    source_task: Annotated[str, Field(max_length=64)] | None = None
+    # the source's limit for the move: the ticket's life (clamped there: testbed.vcenter.admission.ticket_ttl_s)
+    move_timeout_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 _basic = HTTPBasic(auto_error=False)
@@ -263,26 +239,14 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         await vc.close()
 
     app = FastAPI(title=f"testbed vCenter {vc.cfg.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/api/openapi.json")
+                  openapi_url="/api/openapi.json", responses=ERROR_RESPONSES)
+    app.openapi = lambda: openapi_schema(app)     # type: ignore[method-assign]
     app.state.vc = vc
 
     def _admin(s: sso.Session) -> None:
         _admin_of(vc, s)
 
-    @app.exception_handler(TestbedError)
-    async def _testbed_error(request: Request, err: TestbedError) -> JSONResponse:
-        status, kind = status_of(err)
-        return JSONResponse(error_body(kind, str(err.args[0]) if err.args else str(err), err.hint),
-                            status_code=status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg')}")
-        return JSONResponse(error_body("INVALID_ARGUMENT", "malformed request: " + "; ".join(parts),
-                                       "see GET /api/openapi.json for the request shapes"), status_code=400)
+    install_error_handlers(app, vc.cfg.name)
 
     # --- session ------------------------------------------------------------------------
     @app.post("/api/session", status_code=201)
@@ -291,7 +255,7 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
             raise Unauthorized("log in with HTTP basic authentication (user@domain and password)")
         return vc.login(creds.username, creds.password)
 
-    @app.get("/api/session")
+    @app.get("/api/session", response_model=views.WhoAmI)
     def whoami(s: Session) -> dict[str, Any]:
         # a linked vCenter asks the issuer of a session this way whether it still holds ("vcenter": the issuer)
         return {"user": s.user, "domain": s.domain, "created_time": s.issued_s, "expires_time": s.expires_s,
@@ -302,32 +266,32 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         vc.logout(s, token)
 
     # --- inventory ------------------------------------------------------------------------
-    @app.get("/api/vcenter/datacenter")
+    @app.get("/api/vcenter/datacenter", response_model=list[views.Datacenter])
     def datacenters(s: Session) -> list[dict[str, Any]]:
         return [{"datacenter": vc.cfg.datacenter, "name": vc.cfg.datacenter}]
 
-    @app.get("/api/vcenter/cluster")
+    @app.get("/api/vcenter/cluster", response_model=list[views.Cluster])
     def clusters(s: Session) -> list[dict[str, Any]]:
         names = sorted({h["cluster"] for h in vc.inv.hosts()} | {vc.cfg.cluster})
         return [{"cluster": n, "name": n, "hosts": [h["name"] for h in vc.inv.hosts() if h["cluster"] == n]}
                 for n in names]
 
-    @app.get("/api/vcenter/host")
+    @app.get("/api/vcenter/host", response_model=list[views.HostSummary])
     def hosts(s: Session) -> list[dict[str, Any]]:
         return [vc.host_summary(h) for h in vc.inv.hosts()]
 
-    @app.post("/api/vcenter/host", status_code=201)
+    @app.post("/api/vcenter/host", status_code=201, response_model=views.HostSummary)
     async def add_host(s: Session, body: AddHost) -> dict[str, Any]:
         return await vc.add_host(body.hostname, body.user_name, body.password, thumbprint=body.thumbprint,
                                  cluster=body.cluster, license=body.license)
 
-    @app.get("/api/vcenter/host/{host}")
+    @app.get("/api/vcenter/host/{host}", response_model=views.HostDetail)
     async def host(s: Session, host: str) -> dict[str, Any]:
         vc.managed(host)
         h = await vc.refresh_host(host)
         return {**vc.host_summary(h), "facts": h["facts"]}
 
-    @app.patch("/api/vcenter/host/{host}")
+    @app.patch("/api/vcenter/host/{host}", response_model=views.HostSummary)
     def patch_host(s: Session, host: str, body: HostPatch) -> dict[str, Any]:
         return vc.set_license(host, body.license)
 
@@ -335,33 +299,33 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     async def remove_host(s: Session, host: str) -> None:
         await vc.remove_host(host)
 
-    @app.get("/api/vcenter/datastore")
+    @app.get("/api/vcenter/datastore", response_model=list[views.Datastore])
     def datastores(s: Session, host: str | None = None) -> list[dict[str, Any]]:
         return vc.datastores(host)
 
-    @app.get("/api/vcenter/network")
+    @app.get("/api/vcenter/network", response_model=list[views.Network])
     def networks(s: Session) -> list[dict[str, Any]]:
         return vc.networks()
 
     # --- VMs --------------------------------------------------------------------------------
-    @app.get("/api/vcenter/vm")
+    @app.get("/api/vcenter/vm", response_model=list[views.VmSummary])
     async def vms(s: Session) -> list[dict[str, Any]]:
         return await vc.list_vms()
 
-    @app.post("/api/vcenter/vm", status_code=201)
+    @app.post("/api/vcenter/vm", status_code=201, response_model=views.VmInfo)
     async def create_vm(s: Session, body: CreateVm) -> dict[str, Any]:
-        memory = parse_size(body.memory, what="memory") if isinstance(body.memory, str) else body.memory
-        disk = parse_size(body.disk, what="disk") if isinstance(body.disk, str) else body.disk
-        return await vc.create_vm(body.name, body.placement.host, memory, disk, datastore=body.placement.datastore,
+        # memory and disk are bytes here: validated and parsed (testbed.vcenter.limits)
+        return await vc.create_vm(body.name, body.placement.host, int(body.memory),
+                                  None if body.disk is None else int(body.disk), datastore=body.placement.datastore,
                                   network=body.placement.network, workload=body.workload, vcpus=body.cpu_count,
                                   start=body.power_on, encrypted=body.encrypted, kernel=body.kernel,
                                   initrd=body.initrd, append=body.append, image=body.image, user=s.user)
 
-    @app.get("/api/vcenter/vm/{vm}")
+    @app.get("/api/vcenter/vm/{vm}", response_model=views.VmInfo)
     async def vm(s: Session, vm: str) -> dict[str, Any]:
         return await vc.vm_info(vm)
 
-    @app.get("/api/vcenter/vm/{vm}/console")
+    @app.get("/api/vcenter/vm/{vm}/console", response_model=views.Console)
     async def console(s: Session, vm: str) -> dict[str, Any]:
         return await vc.console_log(vm)
 
@@ -369,11 +333,11 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     async def delete_vm(s: Session, vm: str) -> None:
         await vc.delete_vm(vm, user=s.user)
 
-    @app.post("/api/vcenter/vm/{vm}/power")
+    @app.post("/api/vcenter/vm/{vm}/power", response_model=views.VmInfo)
     async def power(s: Session, vm: str, action: Annotated[Literal["start", "stop"], Query()]) -> dict[str, Any]:
         return await vc.power(vm, action, user=s.user)
 
-    @app.post("/api/vcenter/vm/{vm}", status_code=202)
+    @app.post("/api/vcenter/vm/{vm}", status_code=202, response_model=views.TaskRef)
     async def vm_action(s: Session, vm: str, action: Annotated[Literal["relocate"], Query()],
                   body: Relocate) -> dict[str, Any]:
         o = body.spec.options
@@ -385,24 +349,26 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         return {"task": t["id"]}
 
     # --- tasks and events ---------------------------------------------------------------------
-    @app.get("/api/cis/tasks")
-    def tasks(s: Session, status: str | None = None) -> list[dict[str, Any]]:
+    @app.get("/api/cis/tasks", response_model=list[views.TaskView])
+    def tasks(s: Session, status: Annotated[str | None, Query(pattern=r"^(?i:running|succeeded|failed)$")] = None,
+              ) -> list[dict[str, Any]]:
         return [vc.task_view(t) for t in vc.inv.tasks(state=status.upper() if status else None)]
 
-    @app.get("/api/cis/tasks/{task}")
+    @app.get("/api/cis/tasks/{task}", response_model=views.TaskView)
     def task(s: Session, task: str) -> dict[str, Any]:
         return vc.task_view(vc.task(task))
 
-    @app.get("/api/testbed/events")
-    def events(s: Session, vm: str | None = None, since: int = 0) -> list[dict[str, Any]]:
+    @app.get("/api/testbed/events", response_model=list[views.Event])
+    def events(s: Session, vm: Annotated[str | None, Query(max_length=64)] = None,
+               since: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0) -> list[dict[str, Any]]:
         return vc.inv.events(vm=vm, since_id=since)
 
-    @app.get("/api/testbed/source-copies")
+    @app.get("/api/testbed/source-copies", response_model=list[views.SourceCopy])
     def source_copies(s: Session) -> list[dict[str, Any]]:
         return [{k: c[k] for k in ("vm", "host", "task", "kept_s", "moved_to", "destination_vcenter", "why")
                  if k in c} for c in vc.inv.source_copies()]
 
-    @app.delete("/api/testbed/source-copies/{vm}")
+    @app.delete("/api/testbed/source-copies/{vm}", response_model=views.Discarded)
     async def discard_source(s: Session, vm: str) -> dict[str, Any]:
         return await vc.discard_source(vm, user=s.user)
 
@@ -426,15 +392,15 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
         _admin(s)
         vc.remove_image(name, user=s.user)
 
-    @app.post("/api/testbed/reconcile")
+    @app.post("/api/testbed/reconcile", response_model=views.ReconcileReport)
     async def reconcile(s: Session) -> dict[str, Any]:
         return await vc.reconcile()
 
-    @app.get("/api/testbed/about")
+    @app.get("/api/testbed/about", response_model=views.About)
     def about(s: Session) -> dict[str, Any]:
         return vc.about()
 
-    @app.get("/api/testbed/trust")
+    @app.get("/api/testbed/trust", response_model=list[views.Trust])
     def trusts(s: Session) -> list[dict[str, Any]]:
         return [{k: t[k] for k in ("name", "url", "thumbprint", "added_s", "how")} for t in vc.inv.trusts()]
 

@@ -196,7 +196,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(vclab: str) -> None:
             ({"name": "x3", "placement": {"host": "esx-a1", "datastore": "nope"}, "memory": "256M"}, 404, "nope"),
             ({"name": "x4", "placement": {"host": "esx-a1", "network": "Nope"}, "memory": "256M"}, 404, "Nope"),
             ({"name": "x5", "placement": {"host": "esx-a1"}, "memory": "lots"}, 400, "memory"),
-            ({"name": "x6", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "64T"}, 400, "free"),
+            ({"name": "x6", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "1T"}, 400, "free"),
+            ({"name": "x7", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "64T"}, 400, "2 TiB"),
         ]
         for body, status, words in cases:
             r = c.http.post(url, data=json.dumps(body), headers={"vmware-api-session-id": str(c.token),
