@@ -100,6 +100,7 @@ class MoveState:
         self.ctl = Controller(req.converge, req.convergence, req.downtime_limit_ms, req.allow_postcopy,
                               req.max_throttle_pct, self.timeout_s)
         self.decisions: list[Decision] = []
+        self.last_events: dict[str, tuple[str, float]] = {}     # side: the kind of its last event, when (a stall's why)
         self.postcopy: Postcopy | None = None
 
     def _enter(self, phase: Phase, at: float | None = None) -> None:
@@ -130,13 +131,17 @@ class MoveState:
         if not done:
             if quiet is not None:
                 raise quiet()
-            raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s")
+            now = time.monotonic()
+            seen = "; ".join(f"the {side}'s last event: {k} {now - t:.1f} s ago"
+                             for side, (k, t) in self.last_events.items()) or "no event from either agent yet"
+            raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s ({seen})")
         task = done.pop()
         ev = AgentEvent.parse(task.result())
         if len(done):   # both arrived: keep the other for the next call
             other = done.pop()
             (self.sq if other is get_s else self.dq).put_nowait(other.result())
         side = "source" if task is get_s else "destination"
+        self.last_events[side] = (ev.raw_kind or str(ev.kind), time.monotonic())
         clock.map_instants(ev.data, self.clocks[side])   # the agent's instants onto the engine's clock
         place = self.req.source if side == "source" else self.req.destination
         if ev.kind is EventKind.VM_EXITED:

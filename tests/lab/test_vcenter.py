@@ -198,6 +198,16 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(vclab: str) -> None:
             ({"name": "x5", "placement": {"host": "esx-a1"}, "memory": "lots"}, 400, "memory"),
             ({"name": "x6", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "1T"}, 400, "free"),
             ({"name": "x7", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "64T"}, 400, "2 TiB"),
+            # issue 17's findings, as they were tried: a host file as a disk image or a kernel, a negative disk,
+            # a disk size as a string of digits (it created a VM without a disk)
+            ({"name": "x8", "placement": {"host": "esx-a1"}, "memory": "256M", "image": "/etc/shadow"}, 400,
+             "content library item"),
+            ({"name": "x9", "placement": {"host": "esx-a1"}, "memory": "256M", "kernel": "/etc/shadow"}, 400,
+             "content library item"),
+            ({"name": "x10", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": -1}, 400, "disk"),
+            ({"name": "x11", "placement": {"host": "esx-a1"}, "memory": "256M", "disk": "0"}, 400, "disk"),
+            ({"name": "x12", "placement": {"host": "esx-a1"}, "memory": "256M", "image": "nosuchitem"}, 404,
+             "no item 'nosuchitem'"),
         ]
         for body, status, words in cases:
             r = c.http.post(url, data=json.dumps(body), headers={"vmware-api-session-id": str(c.token),
@@ -207,6 +217,19 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(vclab: str) -> None:
         with pytest.raises(NotFound):
             c.post("/api/vcenter/vm/no-such-vm", {"spec": {"placement": {"host": "esx-a2"}}},
                    params={"action": "relocate"})
+        # bad relocate options are refused at the request, before the VM is looked up (no-such-vm: a 400, not the
+        # 404), so before trust, prechecks and admission: no task is made
+        tasks = c.get("/api/cis/tasks")
+        for options, words in [({"bandwidth": -1}, "bandwidth"), ({"converge": "bogus"}, "converge"),
+                               ({"streams": 0}, "streams"), ({"downtime_limit_ms": -5}, "downtime")]:
+            for vm in ("no-such-vm", "x-any"):
+                with pytest.raises(ApiError) as e:
+                    c.post(f"/api/vcenter/vm/{vm}", {"spec": {"placement": {"host": "esx-b1"}, "options": options,
+                                                             **{k: v for k, v in dest_spec(vclab).items()
+                                                                if k != "placement"}}},
+                           params={"action": "relocate"})
+                assert e.value.status == 400 and words in str(e.value), (options, e.value)
+        assert c.get("/api/cis/tasks") == tasks
         assert c.get("/api/vcenter/vm") == before
         assert c.get("/api/vcenter/datastore") == ds_before, "no disk was left behind by the refused creates"
 
