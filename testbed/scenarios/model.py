@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from testbed.lab.topology import LinkSpec, Topology, default_topology
-from testbed.names import ITEM_NAME_RULE, item_name_ok
 from testbed.vcenter.limits import (
     CompletionTimeoutS,
     Converge,
     DiskSize,
     DowntimeLimitMs,
+    LibraryItem,
     MemorySize,
     MiB,
     ObjectName,
@@ -49,18 +49,11 @@ class VmDef(_Frozen):
     workload: Workload = "idle"         # idle | memory:RATE[@WSS] | disk:RATE, comma-joined
     network: ObjectName | None = None
     encrypted: bool = False
-    kernel: str | None = None           # the user's own guest (no testbed agent: no heartbeat, no memory check):
-    initrd: str | None = None           # content library items (`testbed image add FILE`), not paths
+    kernel: LibraryItem | None = None  # the user's own guest (no testbed agent: no heartbeat, no memory check):
+    initrd: LibraryItem | None = None  # content library items (`testbed image add FILE`), not paths
     append: str | None = None
-    image: str | None = None            # or a bootable qcow2/raw image (a library item) as the VM's disk
+    image: LibraryItem | None = None  # or a bootable qcow2/raw image (a library item) as the VM's disk
 
-    @field_validator("kernel", "initrd", "image")
-    @classmethod
-    def _library_item(cls, v: str | None) -> str | None:
-        if v is not None and not item_name_ok(v):
-            raise ValueError(f"{v!r} is not a content library item name ({ITEM_NAME_RULE}): add the file with "
-                             "`testbed image add FILE --name NAME` and give NAME here")
-        return v
 
     @property
     def builtin_guest(self) -> bool:

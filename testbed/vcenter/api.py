@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from testbed.errors import (
     Forbidden,
@@ -51,7 +51,6 @@ from testbed.errors import (
     NotFound,
     Unauthorized,
 )
-from testbed.names import ITEM_NAME_RULE, item_name_ok
 from testbed.vcenter import sso, views
 from testbed.vcenter.api_errors import ERROR_RESPONSES, install_error_handlers, openapi_schema
 from testbed.vcenter.api_errors import error_body as error_body
@@ -63,6 +62,7 @@ from testbed.vcenter.limits import (
     DiskSize,
     DowntimeLimitMs,
     HostName,
+    LibraryItem,
     MemorySize,
     MirrorGranularity,
     MirrorMode,
@@ -117,18 +117,11 @@ class CreateVm(_In):
     cpu_count: Vcpus = 1
     power_on: bool = True
     encrypted: bool = False                # the VM's disk is LUKS-encrypted (cross-vCenter vMotion refuses it)
-    kernel: str | None = None              # the user's own guest: kernel (+ initrd, append), content library items
-    initrd: str | None = None
+    kernel: LibraryItem | None = None  # the user's own guest: kernel (+ initrd, append), content library items
+    initrd: LibraryItem | None = None
     append: str | None = Field(default=None, max_length=2000)   # the kernel takes 2 KiB on x86
-    image: str | None = None               # or a bootable disk image (a library item), copied to the datastore
+    image: LibraryItem | None = None  # or a bootable disk image (a library item), copied to the datastore
 
-    @field_validator("kernel", "initrd", "image")
-    @classmethod
-    def _library_item(cls, v: str | None) -> str | None:
-        if v is not None and not item_name_ok(v):
-            raise ValueError(f"{v!r} is not a content library item name ({ITEM_NAME_RULE}); "
-                             "`testbed image list` shows the items")
-        return v
 
 
 VcenterUrl = Annotated[str, Field(pattern=r"^https://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/?$")]

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, StrictInt, StringConstraints, WithJs
 from testbed.errors import InputError
 from testbed.guest.workload import parse_workload
 from testbed.migration.convergence import normalize
-from testbed.names import VM_NAME_RULE, check_vm_name
+from testbed.names import ITEM_NAME_RULE, VM_NAME_RULE, check_vm_name, item_name_ok
 from testbed.units import format_bytes, parse_rate_bytes, parse_size
 
 MiB, GiB, TiB = 2**20, 2**30, 2**40
@@ -114,6 +114,19 @@ VmName = Annotated[str, StringConstraints(max_length=64), AfterValidator(_vm_nam
                    WithJsonSchema({"type": "string", "pattern": r"^[a-z][a-z0-9-]{0,30}$",
                                    "description": f"a VM name: {VM_NAME_RULE}"})]
 ObjectName = Annotated[str, StringConstraints(pattern=OBJECT_NAME_PATTERN)]
+
+
+def _library_item(v: str) -> str:
+    if not item_name_ok(v):
+        raise ValueError(f"{v!r} is not a content library item name ({ITEM_NAME_RULE}): add the file with "
+                         "`testbed image add FILE --name NAME` and give NAME here (`testbed image list` shows them)")
+    return v
+
+
+# a VM's kernel, initrd or disk image: the name of an item of the vCenter's content library, never a path
+LibraryItem = Annotated[str, StringConstraints(max_length=63), AfterValidator(_library_item),
+                        WithJsonSchema({"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$",
+                                        "description": f"a content library item: {ITEM_NAME_RULE}"})]
 HostName = Annotated[str, StringConstraints(pattern=HOSTNAME_PATTERN, max_length=253)]
 UserName = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
 Secret = Annotated[str, StringConstraints(max_length=1024)]
