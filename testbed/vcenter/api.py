@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from testbed.errors import (
     Forbidden,
@@ -51,6 +51,7 @@ from testbed.errors import (
     NotFound,
     Unauthorized,
 )
+from testbed.qemu.spec import VmSpec
 from testbed.vcenter import sso, views
 from testbed.vcenter.api_errors import ERROR_RESPONSES, install_error_handlers, openapi_schema
 from testbed.vcenter.api_errors import error_body as error_body
@@ -173,8 +174,26 @@ class IncomingPrecheck(_In):
     source_names: list[Annotated[str, Field(max_length=253)]] = Field(default=[], max_length=16)
 
 
+class IncomingVm(BaseModel):
+    """The VM a peer vCenter asks to admit: its name, its spec (validated here as the agent will: a bad one is a
+    400 at the request, not a failure inside the admission) and what its inventory row carries along."""
+    model_config = ConfigDict(extra="forbid")
+    name: VmName
+    spec: VmSpec
+    ip: Annotated[str, Field(max_length=64)] | None = None
+    workload: Annotated[str, Field(max_length=200)] = "idle"
+    builtin_guest: bool = True
+    history: Annotated[list[dict[str, Any]], Field(max_length=1000)] = []
+
+    @model_validator(mode="after")
+    def _same_name(self) -> IncomingVm:
+        if self.spec.name != self.name:
+            raise ValueError(f"the spec is of VM {self.spec.name!r}, not {self.name!r}")
+        return self
+
+
 class Admit(_In):
-    vm: dict[str, Any]
+    vm: IncomingVm
     host: ObjectName
     datastore: ObjectName | None = None
     source_vcenter: ObjectName
@@ -426,7 +445,7 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     async def admit(s: Session, who: Peer, body: Admit) -> dict[str, Any]:
         if body.source_vcenter != who:
             raise Forbidden(f"request signed by {who} but names {body.source_vcenter} as the source")
-        return await vc.admit(who, body.model_dump())
+        return await vc.admit(who, body.model_dump(mode="json"))
 
     @app.get("/api/testbed/xvmotion/{aid}")
     async def admission(who: Peer, aid: str) -> dict[str, Any]:

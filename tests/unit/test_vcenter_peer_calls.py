@@ -375,3 +375,21 @@ async def test_a_linked_relocate_reaches_its_peer_with_its_own_session_and_signs
     assert not net.events("vc-b")
     (ev,) = net.events("vc-a", "UserLogoutSessionEvent")
     assert ev["data"]["issuer"] == "vc-a"
+
+
+def test_a_trusted_peers_malformed_admission_is_a_400_before_any_work(net: Net) -> None:
+    """A peer vCenter's admission body is checked at the edge like any other (issue 17: no 500, ever): no spec,
+    a spec that is not one, a spec of another VM, an extra field: each a 400 naming the field, no placeholder."""
+    from testbed.errors import ApiError
+    from testbed.qemu.spec import BootSpec, VmSpec
+    good = VmSpec(name="x1", memory_bytes=128 * 2**20, boot=BootSpec(kernel="/k", builtin=True)).model_dump(mode="json")
+    token = sso.issue(net.vcs["vc-b"].secret, ADMIN, DOMAIN, 600, issuer="vc-b")[0]
+    bad = [({"name": "x1"}, "spec"), ({"name": "x1", "spec": {"memory_bytes": "lots"}}, "spec"),
+           ({"name": "x2", "spec": good}, "not 'x2'"), ({"name": "x1", "spec": good, "evil": 1}, "evil"),
+           ({"name": "/", "spec": good}, "name")]
+    for vm, words in bad:
+        with net.peer("vc-a", "vc-b", token=token) as b, pytest.raises(ApiError) as e:
+            b.post("/api/testbed/xvmotion/admit", {"vm": vm, "host": "esx-t1", "source_vcenter": "vc-a"},
+                   signed=True)
+        assert e.value.status == 400 and words in str(e.value), (vm, e.value)
+    assert net.vcs["vc-b"].inv.vm("x1") is None and net.vcs["vc-b"].inv.vm("x2") is None
