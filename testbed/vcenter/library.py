@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import Conflict, InputError, NotFound, TestbedError
-from testbed.names import check_item_name
+from testbed.names import check_item_name, inside
 from testbed.qemu import images
 from testbed.units import format_bytes
 
@@ -160,12 +160,11 @@ class ContentLibrary:
     def path_of(self, name: str) -> Path:
         """Where item ``name`` lies, resolved and checked to stay inside ``items/``."""
         check_item_name(name)
-        root = self.items.resolve()
-        p = (self.items / name).resolve()
-        if p.parent != root:
+        try:
+            return inside(self.items, name, f"content library item of vCenter {self.vcenter}")
+        except InputError as err:
             raise InputError(f"content library item {name!r} of vCenter {self.vcenter} resolves outside the "
-                             "library", hint="remove the item and add it again")
-        return p
+                             "library", hint="remove the item and add it again") from err
 
     def resolve(self, name: str, kind: str, what: str) -> tuple[Path, dict[str, Any]]:
         """The path of item ``name`` to hand to a host as a VM's ``what`` (kernel, initrd, image), checked: it
