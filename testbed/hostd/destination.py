@@ -160,11 +160,11 @@ class DestinationRole:
         """Post-copy recovery, destination side: listen for the source on a new port."""
         self.migration_port = free_port(self.address)
         uri = f"tcp:{self.address}:{self.migration_port}"
-        await self.vm.execute("migrate-recover", {"uri": uri})
+        await self.vm.execute("migrate-recover", {"uri": uri}, oob=True)
         return uri
 
     async def pause(self) -> None:
-        await self.vm.execute("migrate-pause")
+        await self.vm.execute("migrate-pause", oob=True)
 
     def detach(self) -> None:
         with contextlib.suppress(ValueError):

@@ -234,7 +234,7 @@ class SourceRole:
 
     async def pause(self) -> None:
         """Post-copy with a dead channel: stop waiting on it (QEMU goes to postcopy-paused)."""
-        await self.vm.execute("migrate-pause")
+        await self.vm.execute("migrate-pause", oob=True)
 
     async def resume(self, uri: str) -> None:
         """Post-copy recovery, source side: reconnect to the destination's ``migrate-recover`` listener."""

@@ -6,10 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 
 from testbed.errors import MigrationError, TestbedError
 from testbed.hostd.protocol import EventKind
+from testbed.hosts.agent import Agent
 from testbed.migration.state import MoveState
+
+# The longest one agent call of the recovery may take. The management network to the far host crosses the link
+# that broke, and a QEMU whose main thread waits on a missing page answers no in-band command: a call without a
+# deadline could wait for ever (it did once in CI), where the recovery must end at its own deadline.
+RECOVERY_CALL_S = 5.0
 
 
 class PostcopyPhase(MoveState):
@@ -57,17 +64,31 @@ class PostcopyPhase(MoveState):
                else "the source reports postcopy-paused")
         self._decide(n, "postcopy-pause", None, f"{why}: both sides paused (migrate-pause); the guest waits on "
                                                 "the destination for pages only the source has")
-        for agent in (self.src, self.dst):
-            with contextlib.suppress(TestbedError):
-                await agent.call("migration.pause", name=self.name)
         deadline = time.monotonic() + req.postcopy_recovery_timeout_s
+
+        async def ask(agent: Agent, method: str, limit_s: float = RECOVERY_CALL_S, **params: Any) -> Any:
+            """One call, bounded by ``limit_s`` and the recovery's own deadline: no answer is None."""
+            try:
+                return await agent.call(method, timeout_s=min(limit_s, max(0.1, deadline - time.monotonic())),
+                                        **params)
+            except TimeoutError:
+                return None
+
+        async def pause(agent: Agent, limit_s: float = RECOVERY_CALL_S) -> None:
+            with contextlib.suppress(TestbedError):
+                await ask(agent, "migration.pause", limit_s, name=self.name)
+
+        # both sides at once, and at most a quarter of the deadline: the status reads below must get their turn
+        await asyncio.gather(*(pause(a, req.postcopy_recovery_timeout_s / 4) for a in (self.src, self.dst)))
         uri: str | None = None
         tries = 0
-        seen = {"destination": "?", "source": "?", "resume": "not tried"}
+        seen = {"destination": "not asked", "source": "not asked", "resume": "not tried"}
         while time.monotonic() < deadline:
             # the destination's status by name (a ticket's connection has no raw QMP there)
-            dst_st = (await self.dst.call("migration.status", name=self.name)).get("status")
-            src_st = (await self.src.call("vm.qmp", name=self.name, command="query-migrate")).get("status")
+            dst_ans, src_ans = await asyncio.gather(
+                ask(self.dst, "migration.status", name=self.name),
+                ask(self.src, "vm.qmp", name=self.name, command="query-migrate"))
+            dst_st, src_st = ((ans or {}).get("status", "no answer") for ans in (dst_ans, src_ans))
             seen.update(destination=str(dst_st), source=str(src_st))
             if src_st == "completed":
                 return
@@ -81,19 +102,23 @@ class PostcopyPhase(MoveState):
                 # a side whose read of the dead channel has not failed yet: pause it again
                 for agent, st in ((self.src, src_st), (self.dst, dst_st)):
                     if st == "postcopy-active":
-                        with contextlib.suppress(TestbedError):
-                            await agent.call("migration.pause", name=self.name)
+                        await pause(agent)
             elif src_st == "postcopy-paused" and dst_st in ("postcopy-paused", "postcopy-recover-setup"):
                 if uri is None:
                     try:
-                        uri = (await self.dst.call("migration.recover", name=self.name))["uri"]
+                        answer = await ask(self.dst, "migration.recover", name=self.name)
+                        uri = answer["uri"] if answer else None
+                        seen["resume"] = "migrate-recover on the destination: no answer" if uri is None else "listening"
                     except TestbedError as err:
                         seen["resume"] = f"migrate-recover on the destination: {err.message.splitlines()[0]}"
                 if uri is not None:
-                    res = await self.src.call("migration.resume", name=self.name, uri=uri)
-                    seen["resume"] = "started" if res["resumed"] else res.get("why", "refused")
-                    tries += 1 if res["resumed"] else 0
-            await asyncio.sleep(1.0)
+                    res = await ask(self.src, "migration.resume", name=self.name, uri=uri)
+                    if res is None:
+                        seen["resume"] = "migrate resume=true on the source: no answer"
+                    else:
+                        seen["resume"] = "started" if res["resumed"] else res.get("why", "refused")
+                        tries += 1 if res["resumed"] else 0
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         raise MigrationError(
             f"post-copy of {self.name} lost its channel ({why}) and the vMotion network between "
             f"{req.source.host.name} and {req.destination.host.name} did not come back within "

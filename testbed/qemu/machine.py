@@ -193,12 +193,17 @@ class QemuMachine:
                 os.kill(self.proc.pid, sig)
 
     # --- QMP ---------------------------------------------------------------
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None, *, oob: bool = False) -> Any:
+        """A QMP command. ``oob``: out of band, where QEMU offers it (``allow-oob`` commands such as
+        ``migrate-pause``): answered even while QEMU's main thread is blocked, as in a post-copy that waits
+        for a page over a dead channel. Where the monitor has no OOB it is sent in band."""
         if not self.alive:
             raise QemuError(f"VM {self.spec.name} is not running on host {self.host}",
                             hint="start it first")
+        greeting = self.qmp.greeting
+        oob = oob and greeting is not None and "oob" in greeting.QMP.capabilities
         try:
-            return await self.qmp.execute(command, arguments)
+            return await self.qmp.execute(command, arguments, oob=oob)
         except QMPError as err:
             raise QemuError(f"QMP {command} on VM {self.spec.name} (host {self.host}) failed: {err}") from err
 

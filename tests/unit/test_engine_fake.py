@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from testbed.errors import Conflict, HostUnreachable
+from testbed.errors import Conflict, HostUnreachable, MigrationError
 from testbed.migration.engine import Migration
+from testbed.migration.postcopy import RECOVERY_CALL_S
+from testbed.migration.report import Postcopy
 from tests.unit.fake_agent import digest, not_there, request, scripted_pair, spec
 
 
@@ -139,3 +142,29 @@ async def test_the_commit_tolerates_what_is_already_gone_on_the_source(tmp_path:
     src.on(gone, not_there)
     r = await Migration(request(vm, src, dst, tmp_path, accept_unverified=True)).run()
     assert r.result == "succeeded", r.error
+
+
+async def test_a_postcopy_recovery_whose_agents_do_not_answer_ends_at_its_deadline(tmp_path: Path) -> None:
+    """The link to the far host is down and a QEMU waiting on a missing page answers nothing in band: every call
+    of the recovery hangs. The recovery must still end at its own deadline with the FAILED verdict's reason (it
+    once waited on such a call until pytest's 15 min limit), each call bounded, none left running."""
+    vm = spec(disk=False)
+    src, dst = scripted_pair(vm)
+
+    async def never(**_: Any) -> None:
+        await asyncio.Event().wait()
+    for agent in (src, dst):
+        for m in ("migration.pause", "migration.status", "vm.qmp", "migration.recover", "migration.resume"):
+            agent.on(m, never)
+    mig = Migration(request(vm, src, dst, tmp_path, postcopy_recovery_timeout_s=2.0))
+    mig.src, mig.dst = src, dst
+    mig.postcopy = Postcopy(requested_s=0.0)
+    t = time.monotonic()
+    with pytest.raises(MigrationError, match="did not come back within 2 s") as err:
+        await mig._postcopy_recover(stuck=True)
+    took = time.monotonic() - t
+    assert took < 2.0 + RECOVERY_CALL_S, f"the recovery took {took:.1f} s for a 2 s deadline"
+    assert "source no answer, destination no answer" in str(err.value), err.value
+    limits = [p["timeout_s"] for a in (src, dst) for _, p in a.calls if "timeout_s" in p]
+    assert limits and len(limits) == len(src.calls) + len(dst.calls), "every call of the recovery has a deadline"
+    assert all(0 < x <= RECOVERY_CALL_S for x in limits), limits
