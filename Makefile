@@ -60,8 +60,8 @@ demo: setup image
 	$(VENV)/bin/testbed demo
 
 test: setup image host-image
-	$(VENV)/bin/ruff check testbed tests benchmarks
-	$(VENV)/bin/mypy testbed benchmarks
+	$(VENV)/bin/ruff check testbed tests
+	$(VENV)/bin/mypy testbed
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup image
@@ -83,18 +83,18 @@ bench: setup image
 
 ## the convergence controllers side by side, then issue 14's pair 10 times each (about 20 min + an estimated 15 min, not yet timed; tables in docs/benchmarks.md)
 bench-convergence: setup image
-	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 2 --allow-postcopy --json convergence.json
-	COLUMNS=250 $(VENV)/bin/python benchmarks/convergence.py --runs 10 --link 30MiB/s --vm-memory 256M \
+	COLUMNS=250 $(VENV)/bin/testbed bench convergence --runs 2 --allow-postcopy --json convergence.json
+	COLUMNS=250 $(VENV)/bin/testbed bench convergence --runs 10 --link 30MiB/s --vm-memory 256M \
 	  --vm-disk 128M --modes sdps,adaptive --workloads open-loop,cpu-bound --allow-postcopy \
 	  --json convergence-30MiB.json
 
-## the delay line's own benchmark (RTT accuracy, throughput)
+## the delay line's own benchmark (RTT accuracy, throughput; docs/long-distance.md)
 bench-wan: setup
-	$(VENV)/bin/python benchmarks/wan_delayline.py
+	$(VENV)/bin/testbed bench wan
 
 lint: venv
-	$(VENV)/bin/ruff check testbed tests benchmarks
-	$(VENV)/bin/mypy testbed benchmarks
+	$(VENV)/bin/ruff check testbed tests
+	$(VENV)/bin/mypy testbed
 
 clean:
 	rm -rf images/guest/build $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -12,6 +12,7 @@
     testbed link set [--rtt 100ms] [--jitter 1ms] [--loss 0.1%] [--bandwidth 1Gbit] [--tcp-buffers auto|kernel|SIZE]
     testbed link show [--json] | link cut | link restore
     testbed experiment downtime-vs-rtt|streams|disk-mirror [--json FILE] [--chart FILE] [--rtts 0,50]
+    testbed bench [--runs N] | bench convergence|downtime|wan ...   (each on a lab of its own, with its vCenters)
     testbed scenario list | scenario validate FILE | scenario run FILE [--report DIR] [--repeat N]
     testbed demo
 """

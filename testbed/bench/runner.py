@@ -32,6 +32,7 @@ from typing import Any
 from rich.table import Table
 
 from testbed import labctl
+from testbed.bench import harness
 from testbed.bench import libvirt_engine as lv
 from testbed.bench.results import WORKLOADS, BenchSettings, MiB, Run, breakdown, fmt, steps_table, table, task_steps
 from testbed.errors import InputError, TestbedError
@@ -59,9 +60,7 @@ PREFILL = (512 * MiB, 256 * MiB)       # offset, length: written before the VM b
 
 def _quality(run: Run, w: quality.Watch) -> Run:
     q = w.summary()
-    run.quality, run.loaded = q, q["loaded"]
-    run.load = (f"{q['load_at_start'][0]:.2f}->{q['load_at_end'][0]:.2f} (max {q['max_load_1m']:.2f}, steal "
-                f"{q['steal_pct']:g}%)" + (" LOADED" if q["loaded"] else ""))
+    run.quality, run.loaded, run.load = q, q["loaded"], harness.load_text(q)
     return run
 
 
