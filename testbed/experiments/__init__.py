@@ -1,7 +1,8 @@
 """Experiments: ``testbed experiment NAME`` runs one on a private lab and reports a table and a chart.
 
-Each experiment brings up its own two-site lab (jumbo frames on the vMotion
-network), takes it down afterwards whatever happens, and returns an
+Each experiment brings up its own two-site lab with its two vCenters (jumbo frames
+on the vMotion network; ``testbed.bench.harness``), moves its VMs through them,
+takes the lab down afterwards whatever happens, and returns an
 ``Outcome``: rows (one per measurement), the columns to show, and chart panels.
 """
 

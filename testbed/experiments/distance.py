@@ -1,8 +1,9 @@
 """The XvMotion distance experiments: the same migrations at growing RTT (docs/long-distance.md).
 
-Every migration crosses the site-to-site link (esx-a1 <-> esx-b1, ping-pong),
-whose delay and bandwidth are set with ``labctl.set_link``: on this machine
-that is the ``tb-wan`` delay line plus the sites' tbf (see ``testbed.net.wan``).
+Every migration crosses the site-to-site link (esx-a1 <-> esx-b1, ping-pong) as a user moves a VM: a
+cross-vCenter relocate through the VM's vCenter (``testbed.bench.harness``). The link's delay and bandwidth
+are set with ``labctl.set_link``: on this machine that is the ``tb-wan`` delay line plus the sites' tbf (see
+``testbed.net.wan``).
 """
 
 from __future__ import annotations
@@ -14,21 +15,19 @@ import os
 import platform
 import secrets
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from testbed import labctl
+from testbed.bench import harness
+from testbed.bench.harness import Log, Measured
 from testbed.experiments import Outcome
 from testbed.experiments.chart import Panel
-from testbed.lab.topology import LinkSpec, default_topology
-from testbed.migration.report import MigrationReport
 from testbed.net import fabric, probe
-from testbed.vms import VmManager
+from testbed.vcenter.labvms import LabVms
 
 MiB = 1024**2
 VMK = {"esx-a1": "198.18.16.11", "esx-b1": "198.18.17.11"}
-Log = Callable[[str], None]
 
 
 class _Stop(Exception):
@@ -49,40 +48,36 @@ DOWNTIME_LIMIT_MS = 100
 
 
 @contextlib.asynccontextmanager
-async def private_lab(mtu: int, bandwidth_bps: int | None, log: Log) -> AsyncIterator[str]:
-    """A two-site lab of its own (jumbo frames on the vMotion network), host agents started; always removed."""
+async def private_lab(mtu: int, bandwidth_bps: int | None, log: Log) -> AsyncIterator[LabVms]:
+    """A two-site lab of its own with its two vCenters (jumbo frames on the vMotion network); its VMs through
+    the vCenters; always removed."""
     name = "x" + secrets.token_hex(3)
-    t = default_topology(name).model_copy(update={"link": LinkSpec(mtu=mtu, bandwidth_bps=bandwidth_bps)})
     log(f"lab {name}: up (vMotion MTU {mtu}, link {'uncapped' if not bandwidth_bps else bandwidth_bps * 8 / 1e6}"
         f"{'' if not bandwidth_bps else ' Mbit/s'})")
-    # The engine alone, without vCenters: the lab operator starts the host agents.
-    await labctl.up(t, start_agents_now=True)
-    try:
-        yield name
-    finally:
-        await asyncio.to_thread(labctl.down, name)
-        log(f"lab {name}: down")
-
-
-async def boot(m: VmManager, name: str, host: str, memory: int, disk: int | None, workload: str) -> None:
-    t0 = time.monotonic()
-    await m.create(name, host, memory, disk, workload=workload)
-    await m.wait_heartbeat(name, timeout_s=90, since_s=t0)
-    await asyncio.sleep(2.0)   # the workload fills its working set
+    async with harness.lab_up(harness.topology(name, bandwidth_bps=bandwidth_bps, mtu=mtu), log) as vms:
+        yield vms
 
 
 def measured_rtt(lab: str) -> float:
     return probe.ping(fabric.ns_name(lab, "esx-a1"), VMK["esx-b1"], count=5, interval_s=0.05).avg_ms
 
 
-def metrics(r: MigrationReport) -> dict[str, Any]:
-    """One migration as a row: times, downtime, bytes and the memory phase's throughput."""
+def metrics(m: Measured) -> dict[str, Any]:
+    """One migration as a row: times, downtime, bytes and the memory phase's throughput; the task's status and
+    length, and the machine's load while it ran. A relocate that never reached the engine has only its error."""
+    task = m.move.task
+    row: dict[str, Any] = {"result": m.result, "error": m.error, "task": task["status"],
+                           "task_s": round(task["end_time"] - task["start_time"], 3) if task.get("end_time") else None,
+                           "load": m.load, "loaded": m.loaded}
+    r = m.report
+    if r is None:
+        return row
     span = {p.name: p.end_s - p.start_s for p in r.phases}
     sent = sum(x.transferred_bytes for x in r.rounds)
     secs = sum(x.end_s - x.start_s for x in r.rounds)
     mem_rate = sent / secs if secs > 0 else (r.bytes.memory / span["memory-precopy"]
                                             if span.get("memory-precopy") else None)
-    return {"result": r.result, "total_s": r.total_s, "downtime_reported_ms": r.downtime_ms.reported,
+    return {**row, "total_s": r.total_s, "downtime_reported_ms": r.downtime_ms.reported,
             "downtime_observed_ms": r.downtime_ms.observed, "path_change_ms": r.downtime_ms.path_change,
             "downtime_observed_naive_ms": r.downtime_ms.observed_naive,
             "stop_to_resume_ms": r.downtime_ms.stop_to_resume, "disk_sync_s": round(span.get("disk-sync", 0.0), 3),
@@ -90,7 +85,14 @@ def metrics(r: MigrationReport) -> dict[str, Any]:
             "rounds": len(r.rounds), "max_throttle_pct": max((x.throttle_pct for x in r.rounds), default=0),
             "memory_MBps": round(mem_rate / 1e6, 1) if mem_rate else None,
             "integrity": f"mem {r.integrity.memory}, disk {r.integrity.disk}",
-            "switchover": r.switchover.model_dump(), "error": r.error}
+            "switchover": r.switchover.model_dump()}
+
+
+def why(m: Measured) -> str:
+    """What to add to a log line about a move that did not succeed."""
+    if m.result == "succeeded":
+        return ""
+    return f": {m.error}" + (f"; {m.report.integrity.details}" if m.report is not None else "")
 
 
 async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_bps: int = 125_000_000,
@@ -106,39 +108,38 @@ async def downtime_vs_rtt(log: Log, rtts: list[float] | None = None, bandwidth_b
                  ("result", "result"), ("total_s", "total s"), ("disk_sync_s", "disk s"), ("precopy_s", "pre-copy s"),
                  ("rounds", "rounds"), ("max_throttle_pct", "throttle %"), ("memory_MBps", "mem MB/s"),
                  ("downtime_reported_ms", "downtime rep. ms"), ("stop_to_resume_ms", "stop->resume ms"),
-                 ("downtime_observed_ms", "downtime obs. ms"), ("path_change_ms", "hb path delta ms")],
+                 ("downtime_observed_ms", "downtime obs. ms"), ("path_change_ms", "hb path delta ms"),
+                 ("task_s", "task s"), ("load", "load")],
         context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
-                 "streams": streams, "tcp_buffers": "auto (2x BDP)", "vmotion_mtu": 9000, "busy_workload": busy})
+                 "streams": streams, "tcp_buffers": "auto (2x BDP)", "vmotion_mtu": 9000, "busy_workload": busy,
+                 "moves": "cross-vCenter relocates through the VM's vCenter"})
     down = Panel("Downtime vs RTT", "RTT (ms)", "downtime (ms)")
     total = Panel("Total migration time vs RTT", "RTT (ms)", "seconds")
-    async with private_lab(9000, bandwidth_bps, log) as lab:
+    async with private_lab(9000, bandwidth_bps, log) as vms:
+        lab = vms.lab
         await asyncio.to_thread(labctl.set_link, lab, tcp_buffers="auto")
-        m = VmManager(lab)
         for wl_name, wl in (("idle", "idle"), ("busy", busy)):
             vm = f"d-{wl_name}"
-            await boot(m, vm, "esx-a1", memory, disk, wl)
-            try:
+            async with harness.booted(vms, vm, "esx-a1", memory, disk, wl, log, settle_s=2.0):
                 for rtt in rtts:
                     await asyncio.to_thread(labctl.set_link, lab, delay_us=int(rtt * 500))
                     ping = await asyncio.to_thread(measured_rtt, lab)
-                    dest = "esx-b1" if m.get(vm).host == "esx-a1" else "esx-a1"
-                    r = await m.migrate(vm, dest, streams=streams, converge=converge,
-                                        downtime_limit_ms=downtime_limit_ms)
-                    row = {"workload": wl_name, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2), **metrics(r)}
+                    dest = harness.other(await harness.where(vms, vm))
+                    m = await harness.move(vms, vm, dest, streams=streams, converge=converge,
+                                           downtime_limit_ms=downtime_limit_ms)
+                    row = {"workload": wl_name, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2), **metrics(m)}
                     out.rows.append(row)
                     log(f"{wl_name} at {rtt} ms, to {dest}: "
-                        f"{row['result']}, total {row['total_s']} s, downtime {row['downtime_reported_ms']} / "
-                        f"{row['downtime_observed_ms']} ms, heartbeat path {row['path_change_ms']} ms"
-                        + (f": {r.error}; {r.integrity.details}" if r.result != "succeeded" else ""))
-                    down.add(f"{wl_name} reported", rtt, row["downtime_reported_ms"])
-                    down.add(f"{wl_name} observed", rtt, row["downtime_observed_ms"])
-                    total.add(wl_name, rtt, row["total_s"])
-                    if r.result != "succeeded":
+                        f"{row['result']}, total {row.get('total_s')} s, downtime {row.get('downtime_reported_ms')} / "
+                        f"{row.get('downtime_observed_ms')} ms, heartbeat path {row.get('path_change_ms')} ms, "
+                        f"load {m.load}" + why(m))
+                    down.add(f"{wl_name} reported", rtt, row.get("downtime_reported_ms"))
+                    down.add(f"{wl_name} observed", rtt, row.get("downtime_observed_ms"))
+                    total.add(wl_name, rtt, row.get("total_s"))
+                    if m.result != "succeeded":
+                        out.notes.append(f"{wl_name}: stopped after {rtt} ms: {m.error}")
                         break
-            finally:
-                with contextlib.suppress(Exception):
-                    await m.delete(vm)
     out.panels = [down, total]
     out.context["load_at_end"] = os.getloadavg()
     return out
@@ -160,44 +161,41 @@ async def streams_vs_rtt(log: Log, rtts: list[float] | None = None, streams_list
         title=f"Streams: memory-phase throughput vs RTT (converge {converge}, downtime limit {downtime_limit_ms} ms)",
         columns=[("buffers", "TCP buffers"), ("rtt_set_ms", "RTT set"), ("streams", "streams"), ("result", "result"),
                  ("memory_MBps", "mem MB/s"), ("link_share_pct", "% of link"), ("tcp_MBps", "raw TCP MB/s"),
-                 ("precopy_s", "pre-copy s"), ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
+                 ("precopy_s", "pre-copy s"), ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms"),
+                 ("load", "load")],
         context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "workload": workload,
-                 "vmotion_mtu": 9000})
+                 "vmotion_mtu": 9000, "moves": "cross-vCenter relocates through the VM's vCenter"})
     panels = {b: Panel(f"Memory phase, {b} TCP buffers", "RTT (ms)", "MB/s") for b in ("kernel", "auto")}
-    async with private_lab(9000, bandwidth_bps, log) as lab:
-        m = VmManager(lab)
+    async with private_lab(9000, bandwidth_bps, log) as vms:
+        lab = vms.lab
         vm = "s-mem"
-        await boot(m, vm, "esx-a1", memory, None, workload)
-        try:
+        async with harness.booted(vms, vm, "esx-a1", memory, None, workload, log, settle_s=2.0):
             with contextlib.suppress(_Stop):
                 for buffers in ("kernel", "auto"):
                     await asyncio.to_thread(labctl.set_link, lab, tcp_buffers=buffers)
                     for rtt in rtts:
                         await asyncio.to_thread(labctl.set_link, lab, delay_us=int(rtt * 500))
                         for n in streams_list:
-                            src = m.get(vm).host
-                            dest = "esx-b1" if src == "esx-a1" else "esx-a1"
+                            src = await harness.where(vms, vm)
+                            dest = harness.other(src)
                             tcp = await asyncio.to_thread(probe.tcp_transfer, fabric.ns_name(lab, src),
                                                           fabric.ns_name(lab, dest), VMK[dest], tcp_seconds, n)
-                            r = await m.migrate(vm, dest, streams=n, converge=converge,
-                                                downtime_limit_ms=downtime_limit_ms)
-                            row = {"buffers": buffers, "rtt_set_ms": rtt, "streams": n, **metrics(r),
+                            m = await harness.move(vms, vm, dest, streams=n, converge=converge,
+                                                   downtime_limit_ms=downtime_limit_ms)
+                            row = {"buffers": buffers, "rtt_set_ms": rtt, "streams": n, **metrics(m),
                                    "tcp_MBps": round(tcp.steady_rate_bps / 1e6, 1)}
                             row["link_share_pct"] = (round(100 * row["memory_MBps"] * 1e6 / bandwidth_bps, 1)
-                                                     if row["memory_MBps"] else None)
+                                                     if row.get("memory_MBps") else None)
                             out.rows.append(row)
-                            panels[buffers].add(f"{n} stream{'s' if n > 1 else ''}", rtt, row["memory_MBps"])
+                            panels[buffers].add(f"{n} stream{'s' if n > 1 else ''}", rtt, row.get("memory_MBps"))
                             log(f"{buffers} buffers, {rtt} ms, {n} streams: {row['result']}, memory "
-                                f"{row['memory_MBps']} MB/s ({row['link_share_pct']}% of link), raw TCP "
-                                f"{row['tcp_MBps']} MB/s" + (f": {r.error}" if r.result != "succeeded" else ""))
-                            if r.result != "succeeded":
-                                # a failed move leaves the VM where the engine left it: the series cannot go on
-                                out.notes.append(f"stopped after {buffers} buffers, {rtt} ms, {n} streams: {r.error}")
+                                f"{row.get('memory_MBps')} MB/s ({row['link_share_pct']}% of link), raw TCP "
+                                f"{row['tcp_MBps']} MB/s, load {m.load}" + why(m))
+                            if m.result != "succeeded":
+                                # the VM is where the move left it (its vCenter says where): the series stops
+                                out.notes.append(f"stopped after {buffers} buffers, {rtt} ms, {n} streams: {m.error}")
                                 raise _Stop
-        finally:
-            with contextlib.suppress(Exception):
-                await m.delete(vm)
     out.panels = list(panels.values())
     out.context["load_at_end"] = os.getloadavg()
     return out

@@ -7,32 +7,35 @@ while the mirror runs (disk-sync start to the switchover) against its rate befor
 and the mean time per write = elapsed / blocks written in that window. When the writer keeps up
 with its pacing that time is the pacing interval (1 / rate); when each write waits for the
 destination it grows to the write's service time (about a round trip or more).
+
+Each move is a cross-vCenter relocate through the VM's vCenter; the mirror window is placed on the sampler's
+clock with the task's timeline (``harness.engine_start``). The sampler reads the heartbeat observer directly: a
+measurement, not management.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from typing import Any
 
 from testbed import labctl
+from testbed.bench import harness
 from testbed.experiments import Outcome
 from testbed.experiments.chart import Panel
 from testbed.experiments.distance import (
     CONVERGE,
     DOWNTIME_LIMIT_MS,
     Log,
-    boot,
     machine_context,
     measured_rtt,
     metrics,
     private_lab,
+    why,
 )
 from testbed.lab import builder
 from testbed.lab import observer as obs
-from testbed.vms import VmManager
 
 BLOCK = 4096
 SLOW_LINK_SYNC_S = 150.0   # on the link slower than the guest's writes: a mirror that has not caught up by then fails
@@ -104,55 +107,55 @@ async def run_disk_mirror(log: Log, rtts: list[float], bandwidth_bps: int, memor
                  ("write_MBps_before", "guest MB/s before"), ("write_MBps_during", "guest MB/s during"),
                  ("ms_per_write_during", "ms/block during"), ("disk_sync_s", "disk sync s"),
                  ("mirror_drain_ms", "drain at switchover ms"), ("throttle_changes", "throttle changes"),
-                 ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms")],
+                 ("total_s", "total s"), ("downtime_observed_ms", "downtime obs. ms"), ("load", "load")],
         context={**machine_context(), "converge": converge, "downtime_limit_ms": downtime_limit_ms,
                  "bandwidth_bps": bandwidth_bps, "vm_memory": memory, "vm_disk": disk,
                  "workload": workload, "vmotion_mtu": 9000, "tcp_buffers": "auto",
-                 "slow_link_bps": slow_link_bps, "slow_link_vm_memory": slow_memory})
+                 "slow_link_bps": slow_link_bps, "slow_link_vm_memory": slow_memory,
+                 "moves": "cross-vCenter relocates through the VM's vCenter"})
     lat = Panel("Guest time per 4 KiB block during the mirror", "RTT (ms)", "ms per block")
     tot = Panel("Total migration time", "RTT (ms)", "seconds")
-    async with private_lab(9000, bandwidth_bps, log) as lab:
+    async with private_lab(9000, bandwidth_bps, log) as vms:
+        lab = vms.lab
         await asyncio.to_thread(labctl.set_link, lab, tcp_buffers="auto")
         sock = labctl.observer_socket(lab)
-        m = VmManager(lab)
 
         async def one(link_bps: int, rtt: float, ping: float, mode: str, granularity: int | None,
                       vm_memory: int) -> None:
             label = mode + ("/4K" if granularity else "")
             vm = f"m-{mode[:2]}{granularity or 0}-{int(rtt)}-{link_bps // 1_000_000}"
-            await boot(m, vm, "esx-a1", vm_memory, disk, workload)
-            try:
+            async with harness.booted(vms, vm, "esx-a1", vm_memory, disk, workload, log, settle_s=2.0):
                 with DiskSeqSampler(sock, vm) as samples:
                     await asyncio.sleep(3.0)
                     t_before = time.monotonic()
                     base = rate(samples.at(t_before - 2.5), samples.at(t_before))
-                    t0 = time.monotonic()
-                    r = await m.migrate(vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity,
-                                        converge=converge, downtime_limit_ms=downtime_limit_ms,
-                                        disk_sync_timeout_s=SLOW_LINK_SYNC_S if link_bps != bandwidth_bps else None)
+                    m = await harness.move(vms, vm, "esx-b1", mirror_mode=mode, mirror_granularity=granularity,
+                                           converge=converge, downtime_limit_ms=downtime_limit_ms,
+                                           disk_sync_timeout_s=SLOW_LINK_SYNC_S if link_bps != bandwidth_bps
+                                           else None)
+                r = m.report
                 row: dict[str, Any] = {"link_MBps": link_bps / 1e6, "rtt_set_ms": rtt, "rtt_ping_ms": round(ping, 2),
-                                       "mode": label, "vm_memory": vm_memory, **metrics(r)}
+                                       "mode": label, "vm_memory": vm_memory, **metrics(m)}
                 row["throttle_changes"] = throttle_changes(lab, vm)
                 row["sampler_errors"] = samples.errors[:20]
-                sync = next((p for p in r.phases if p.name == "disk-sync"), None)
-                paused = r.switchover.source_paused_s
-                if sync is not None and paused is not None:
-                    during = rate(samples.at(t0 + sync.start_s + 0.2), samples.at(t0 + paused))
-                    row["write_MBps_during"], row["ms_per_write_during"] = during
                 row["write_MBps_before"], row["ms_per_write_before"] = base
-                if r.switchover.mirror_done_s is not None and paused is not None:
-                    row["mirror_drain_ms"] = round(1000 * (r.switchover.mirror_done_s - paused), 1)
+                t0 = harness.engine_start(m.move)
+                if r is not None and t0 is not None:
+                    sync = next((p for p in r.phases if p.name == "disk-sync"), None)
+                    paused = r.switchover.source_paused_s
+                    if sync is not None and paused is not None:
+                        during = rate(samples.at(t0 + sync.start_s + 0.2), samples.at(t0 + paused))
+                        row["write_MBps_during"], row["ms_per_write_during"] = during
+                    if r.switchover.mirror_done_s is not None and paused is not None:
+                        row["mirror_drain_ms"] = round(1000 * (r.switchover.mirror_done_s - paused), 1)
                 out.rows.append(row)
                 if link_bps == bandwidth_bps:
                     lat.add(label, rtt, row.get("ms_per_write_during"))
-                    tot.add(label, rtt, row["total_s"])
+                    tot.add(label, rtt, row.get("total_s"))
                 log(f"{link_bps / 1e6:g} MB/s link, {rtt} ms, {label}: {row['result']}, guest "
                     f"{row.get('write_MBps_during')} MB/s ({row.get('ms_per_write_during')} ms/block) during vs "
-                    f"{base[0]} before, throttle changes {row['throttle_changes']}, total {row['total_s']} s, "
-                    f"downtime obs. {row['downtime_observed_ms']} ms")
-            finally:
-                with contextlib.suppress(Exception):
-                    await m.delete(vm)
+                    f"{base[0]} before, throttle changes {row['throttle_changes']}, total {row.get('total_s')} s, "
+                    f"downtime obs. {row.get('downtime_observed_ms')} ms, load {m.load}" + why(m))
 
         for rtt in rtts:
             await asyncio.to_thread(labctl.set_link, lab, delay_us=int(rtt * 500))
