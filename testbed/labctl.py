@@ -4,7 +4,8 @@
 provisions every host (writes its agent's configuration where its sshd
 points ``$TESTBED_HOSTD_CONFIG``), like installing ESXi on it. The host
 agents are started by the vCenters when they add the hosts
-(``testbed.vcenter.deploy``), or by ``start_agents`` for a lab without them.
+(``testbed.vcenter.deploy.up``, which calls ``up`` first): a lab's hosts run
+under its vCenters, never without them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 
 from testbed.errors import TestbedError
 from testbed.hosts import nested
-from testbed.hosts.base import Host, start_agent
+from testbed.hosts.base import Host
 from testbed.hosts.netns import NetnsHost
-from testbed.hosts.ssh import connect_with_retry
 from testbed.lab import builder, libvirt_host, wanctl
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile, record_alive
@@ -45,23 +45,9 @@ def provision_hosts(state: builder.LabState) -> None:
         path.write_text(h.agent_config().model_dump_json(indent=1))
 
 
-async def start_agents(state: builder.LabState) -> None:
-    """Start every host's agent with the lab operator's key (a lab without vCenters)."""
-    def one(h: Host) -> int:
-        s = connect_with_retry(h.ssh_target())
-        try:
-            return start_agent(s)
-        finally:
-            s.close()
-    hs = list(hosts_of(state).values())
-    pids = await asyncio.gather(*(asyncio.to_thread(one, h) for h in hs))
-    for h, pid in zip(hs, pids, strict=True):
-        if h.kind == "netns":   # a nested host's agent runs inside its VM, not on this machine
-            builder.record_process(state.name, f"hostd {h.name}", pid, fabric.ns_name(state.name, h.name))
-
-
-async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, float]:
-    """Build lab ``t`` and provision its hosts (and start their agents if asked). Timings in seconds."""
+async def up(t: topo.Topology) -> dict[str, float]:
+    """Build lab ``t`` and provision its hosts; their agents are not started (the vCenters start them as they
+    add the hosts: ``testbed.vcenter.deploy.up``). Timings in seconds."""
     t0 = time.monotonic()
     timings_l1: dict[str, float] = {}
     if any(h.kind == "nested" for *_, h in t.hosts()):
@@ -86,8 +72,6 @@ async def up(t: topo.Topology, *, start_agents_now: bool = False) -> dict[str, f
         l1_boot = await nested.start(state)
         if l1_boot:
             timings_l1 = {"l1_start_s": time.monotonic() - t_l1, "l1_boot_max_s": max(l1_boot.values())}
-        if start_agents_now:
-            await start_agents(state)
         builder.mark_up(t.name)
     except BaseException:
         await asyncio.to_thread(builder.teardown, t.name)

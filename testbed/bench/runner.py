@@ -48,7 +48,7 @@ from testbed.qemu.spec import VmSpec
 from testbed.vcenter import deploy
 from testbed.vcenter.client import VcClient
 from testbed.vcenter.config import VcenterConfig
-from testbed.vms import build_vm_spec, realize_on_host
+from testbed.vcenter.vmspec import build_vm_spec, realize_on_host
 
 # The disk-writing guest rewrites a 16 MiB block ring (a log), so the data to move stays the same from
 # one move to the next instead of growing by what it wrote in between (its ring would reach 256 MiB).

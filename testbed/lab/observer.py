@@ -4,7 +4,7 @@ Each VM's heartbeats are bound to the address its vCenter gave it (``bind`` at c
 cross-vCenter registration, ``unbind`` at delete; kept in a file beside the control socket, so a restarted
 observer still knows them): a heartbeat that claims a bound VM's name from another address is not that
 VM's: it is counted under ``spoofed`` (claimed name, sender, count) and left out of every figure. A name
-nobody bound (a VM of an engine-only lab, libvirt's VM in the bench) is taken from any address, as before.
+nobody bound (libvirt's VM in the bench) is taken from any address, as before.
 
 It records, per VM, the kernel's receive time of every heartbeat (converted
 to CLOCK_MONOTONIC, the clock every lab process shares) and its sequence

@@ -12,4 +12,5 @@
   ``api_errors``: one error shape, the status of each error.
 - ``client``: a small Python client, with certificate thumbprint pinning.
 - ``deploy``: starting a lab's vCenter services and adding its hosts to them.
+- ``vmspec``: a new VM's spec and its making on a host; ``labvms``: a lab's VMs through its vCenters.
 """

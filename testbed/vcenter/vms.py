@@ -17,7 +17,7 @@ from testbed.lab import topology as topo
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter.base import VcBase, guest_running
 from testbed.vcenter.library import ContentLibrary
-from testbed.vms import build_vm_spec, check_vm_request, realize_on_host
+from testbed.vcenter.vmspec import build_vm_spec, check_vm_request, realize_on_host
 
 log = logging.getLogger("testbed.vcenter")
 

@@ -16,7 +16,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("testbed.hosts",),
     ("testbed.labctl",),
     ("testbed.migration",),
-    ("testbed.vms",),
     ("testbed.vcenter",),
     ("testbed.ui", "testbed.experiments", "testbed.bench", "testbed.scenarios", "testbed.demo",
      "testbed.vagrant_lab"),
