@@ -18,18 +18,20 @@ from typing import Any
 from testbed.errors import TestbedError
 from testbed.hosts import nested
 from testbed.hosts.base import Host
-from testbed.hosts.netns import NetnsHost
-from testbed.lab import builder, libvirt_host, wanctl
+from testbed.hosts.netns import LabHost, NetnsHost
+from testbed.lab import builder, kinds, wanctl
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile, record_alive
 from testbed.net import fabric
 from testbed.paths import GUEST_IMAGE_DIR, lab_dir, testbed_home
 from testbed.qemu import accel
 
+# each kind's runtime (SSH, agent, L1 boot), by the topology's ``kind``; its wiring is testbed.lab.kinds
+HOST_CLASSES: dict[str, type[LabHost]] = {c.kind: c for c in (NetnsHost, nested.NestedHost)}
 
-def hosts_of(state: builder.LabState) -> dict[str, Host]:
-    return {h.name: nested.NestedHost(state, h.name) if h.kind == "nested" else NetnsHost(state, h.name)
-            for *_, h in state.topology.hosts()}
+
+def hosts_of(state: builder.LabState) -> dict[str, LabHost]:
+    return {h.name: HOST_CLASSES[h.kind](state, h.name) for *_, h in state.topology.hosts()}
 
 
 def host(state: builder.LabState, name: str) -> Host:
@@ -39,10 +41,7 @@ def host(state: builder.LabState, name: str) -> Host:
 
 def provision_hosts(state: builder.LabState) -> None:
     for h in hosts_of(state).values():
-        if not isinstance(h, NetnsHost):
-            continue   # a nested host gets its configuration with its identity (testbed.hosts.nested)
-        path = h.paths.host_dir(h.name) / "hostd.json"
-        path.write_text(h.agent_config().model_dump_json(indent=1))
+        h.provision()
 
 
 async def up(t: topo.Topology) -> dict[str, float]:
@@ -90,23 +89,12 @@ async def status(name: str, check_agents: bool = False) -> dict[str, Any]:
     """The lab as JSON: sites, vCenters, hosts (name, site, addresses, state)."""
     state = builder.load_state(name)
     t = state.topology
-    procs = {p.role: p for p in state.processes}
     hosts: list[dict[str, Any]] = []
     for si, site, hi, h in t.hosts():
-        a = topo.host_addresses(si, hi)
-        sshd, hostd = procs.get(f"sshd {h.name}"), procs.get(f"hostd {h.name}")
-        if h.kind == "nested":
-            running = libvirt_host.domain_running(state, f"{t.name}-{h.name}")
-            st = "libvirtd-down" if running is None else "running" if running else "vm-down"
-        elif sshd is None or not record_alive(sshd):
-            st = "sshd-down"
-        elif hostd is None or not record_alive(hostd):
-            st = "agent-down" if state.status == "up" else state.status
-        else:
-            st = "connected"
+        a, kind = topo.host_addresses(si, hi), kinds.of(h)
         hosts.append({"name": h.name, "site": site.name, "vcenter": site.vcenter.name, "kind": h.kind,
-                      "mgmt_address": a.mgmt, "vmotion_address": a.vmotion, "state": st,
-                      "netns": fabric.ns_name(t.name, h.name) if h.kind == "netns" else None,
+                      "mgmt_address": a.mgmt, "vmotion_address": a.vmotion, "state": kind.status(state, h.name),
+                      "netns": kind.netns(t.name, h.name),
                       "datastores": [d.name for d in topo.datastores_of(h)], "license": h.license})
     if check_agents:
         hs = hosts_of(state)

@@ -26,7 +26,7 @@ from testbed.hosts import provision as prov
 from testbed.hosts.hostimage import agent_sha256
 from testbed.hosts.netns import LabHost
 from testbed.hosts.ssh import SshSession, SshTarget
-from testbed.lab import libvirt_host
+from testbed.lab import kinds, libvirt_host
 from testbed.lab import topology as topo
 from testbed.lab.builder import hosts_file
 from testbed.lab.state import LabState, StateFile
@@ -90,6 +90,9 @@ class NestedHost(LabHost):
     def ssh_target(self) -> SshTarget:
         return SshTarget(host=self.name, address=self.mgmt_ip, key_path=self.paths.key,
                          known_hosts=self.paths.known_hosts, from_netns=self.station_netns)
+
+    def provision(self) -> None:
+        """Nothing yet: the configuration goes with the host's identity when its L1 VM starts (``start``)."""
 
     def agent_config(self) -> HostConfig:
         t = self.state.topology
@@ -171,7 +174,7 @@ class NestedHost(LabHost):
 
 
 def nested_hosts(state: LabState) -> list[NestedHost]:
-    return [NestedHost(state, h.name) for *_, h in state.topology.hosts() if h.kind == "nested"]
+    return [NestedHost(state, h.name) for h in kinds.hosts(state.topology, kinds.Nested)]
 
 
 def _overlay(image: HostImage, path: Path) -> None:

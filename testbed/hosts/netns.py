@@ -4,11 +4,14 @@
 site's vCenter namespace, so it crosses the management network like a
 vCenter's connection would. (The vCenter services use their own keys,
 installed when they add the host: ``testbed.vcenter.hostconn``.)
-``agent_config`` is the host's own configuration, written by the lab builder
-where the host's sshd points ``$TESTBED_HOSTD_CONFIG``.
+``agent_config`` is the host's own configuration, which ``provision`` writes
+where the host's sshd points ``$TESTBED_HOSTD_CONFIG``. (Its wiring and lab
+processes are its kind's: ``testbed.lab.kinds.Netns``.)
 """
 
 from __future__ import annotations
+
+import abc
 
 from testbed.hostd.config import DatastoreConfig, HostConfig
 from testbed.hosts.base import Host
@@ -47,6 +50,10 @@ class LabHost(Host):
         return SshTarget(host=self.name, address=self.mgmt_ip, key_path=self.paths.key,
                          known_hosts=self.paths.known_hosts, from_netns=self.station_netns)
 
+    @abc.abstractmethod
+    def provision(self) -> None:
+        """Give the built host its agent's configuration, like installing ESXi on it (``labctl.up``)."""
+
 
 class NetnsHost(LabHost):
     kind = "netns"
@@ -54,6 +61,9 @@ class NetnsHost(LabHost):
     def __init__(self, state: LabState, name: str) -> None:
         super().__init__(state, name)
         self.netns = fabric.ns_name(state.topology.name, name)
+
+    def provision(self) -> None:
+        (self.paths.host_dir(self.name) / "hostd.json").write_text(self.agent_config().model_dump_json(indent=1))
 
     def agent_config(self) -> HostConfig:
         hd = self.paths.host_dir(self.name)

@@ -1,10 +1,11 @@
 """Make a topology real as network namespaces on this machine, and take it down.
 
-``build`` creates the namespaces and wiring (``testbed.net.fabric``), an sshd
-per host (its own host key; the lab's key authorized) and the heartbeat
-observer; every namespace, process and system path is recorded in the lab's
-state before or as it is created. ``teardown`` removes exactly what the state
-records, whether ``build`` finished or crashed halfway.
+``build`` creates the namespaces and wiring (``testbed.net.fabric``, each host's
+part by its kind: ``testbed.lab.kinds``), an sshd per host that needs one here
+(its own host key; the lab's key authorized) and the heartbeat observer; every
+namespace, process and system path is recorded in the lab's state before or as
+it is created. ``teardown`` removes exactly what the state records, whether
+``build`` finished or crashed halfway.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from testbed.errors import Conflict, LabError, NotFound, TestbedError
-from testbed.lab import libvirt_host, wanctl
+from testbed.lab import kinds, libvirt_host, wanctl
 from testbed.lab import topology as topo
 from testbed.lab.state import LabState, ProcessRecord, StateFile, proc_starttime, record_alive
 from testbed.net import fabric
@@ -60,11 +61,16 @@ class LabPaths:
 def namespaces_of(t: topo.Topology) -> list[str]:
     names = [fabric.ns_name(t.name, s.name) for s in t.sites]
     names += [fabric.ns_name(t.name, s.vcenter.name) for s in t.sites]
-    names += [fabric.ns_name(t.name, h.name) for *_, h in t.hosts() if h.kind == "netns"]
+    names += host_namespaces(t)
     names.append(fabric.ns_name(t.name, "obs"))
     if len(t.sites) > 1:
         names.append(fabric.ns_name(t.name, "wan"))
     return names
+
+
+def host_namespaces(t: topo.Topology) -> list[str]:
+    """The hosts' own namespaces (a host of a kind without one has none)."""
+    return [ns for *_, h in t.hosts() if (ns := kinds.of(h).netns(t.name, h.name)) is not None]
 
 
 def check_prerequisites() -> None:
@@ -146,9 +152,8 @@ def name_service(t: topo.Topology, state: LabState, sf: StateFile) -> None:
     if not NETNS_ETC.exists():
         NETNS_ETC.mkdir(mode=0o755)
         state.system_paths.append(str(NETNS_ETC))
-    nodes = [s.vcenter.name for s in t.sites] + [h.name for *_, h in t.hosts() if h.kind == "netns"]
-    for node in nodes:
-        d = NETNS_ETC / fabric.ns_name(t.name, node)
+    for ns in [fabric.ns_name(t.name, s.vcenter.name) for s in t.sites] + host_namespaces(t):
+        d = NETNS_ETC / ns
         d.mkdir(mode=0o755)
         state.system_paths.insert(0, str(d))
         (d / "hosts").write_text(text)
@@ -214,11 +219,11 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
                                        f"root@{h.name}"))
         multi = len(t.sites) > 1
         wan = fabric.ns_name(t.name, "wan") if multi else None
-        state.root_links = fabric.nested_root_links(t)   # recorded before they exist: teardown skips missing
+        state.root_links = fabric.root_links(t, kinds.of)   # recorded before they exist: teardown skips missing
         sf.save(state)
-        run(["ip", "-batch", "-"], input="\n".join(fabric.link_commands(t, wan)) + "\n")
-        _nested_bridges(t)
-        list(pool.map(lambda si: fabric.configure_site(t, si, multi), range(len(t.sites))))
+        run(["ip", "-batch", "-"], input="\n".join(fabric.link_commands(t, wan, kinds.of)) + "\n")
+        _root_bridges(t)
+        list(pool.map(lambda si: fabric.configure_site(t, si, multi, kinds.of), range(len(t.sites))))
         if wan:
             state.link_mechanism = net_wan.choose_mechanism(t)
             fabric.configure_wan(t, wan)
@@ -235,15 +240,16 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
         pub = (paths.host_dir(h.name) / "ssh_host_ed25519_key.pub").read_text().split()
         known.append(f"{addr} {pub[0]} {pub[1]}")
         shadow = _root_password(paths, h)
-        if h.kind != "netns":
-            continue   # an L1 VM runs its own sshd (testbed.hosts.nested)
+        sshd_ns = kinds.of(h).sshd_netns(t.name, h.name)
+        if sshd_ns is None:
+            continue   # the host runs its own sshd (an L1 VM: testbed.hosts.nested)
         cfg = _sshd_config(t, paths, h.name, addr)
         # `ip netns exec` gives sshd its own mount namespace (a slave of ours): the bind mounts of
         # the host's shadow file and of its root's (empty) ~/.bashrc stay inside it. Bash reads
         # ~/.bashrc for every SSH command; this machine's is not the host's (with pyenv in it: 0.45 s each).
         bashrc = paths.host_dir(h.name) / "root.bashrc"
         bashrc.touch()
-        _spawn(state, sf, f"sshd {h.name}", fabric.ns_name(t.name, h.name),
+        _spawn(state, sf, f"sshd {h.name}", sshd_ns,
                ["sh", "-c", 'mount --bind "$0" /etc/shadow && { [ ! -f /root/.bashrc ] || '
                 'mount --bind "$1" /root/.bashrc; } && shift && exec "$@"',
                 str(shadow), str(bashrc), SSHD, "-D", "-f", str(cfg), "-E", str(paths.host_dir(h.name) / "sshd.log")],
@@ -252,15 +258,14 @@ def _build(t: topo.Topology, paths: LabPaths, sf: StateFile, state: LabState) ->
     start_observer(t, state, sf, paths)
 
 
-def _nested_bridges(t: topo.Topology) -> None:
-    """The root-namespace bridges of the nested hosts' NICs: no address, IPv6 off before they come up."""
-    cmds, sysctls = fabric.nested_bridge_commands(t)
-    if not sysctls:
+def _root_bridges(t: topo.Topology) -> None:
+    """The root-namespace bridges the hosts' kinds need (a nested host's NICs): IPv6 off before they come up."""
+    b = fabric.root_bridges(t, kinds.of)
+    if not b.sysctls:
         return
-    cut = cmds.index("#sysctl")
-    run(["ip", "-batch", "-"], input="\n".join(cmds[:cut]) + "\n")
-    run(["sysctl", "-q", "-w", *sysctls])
-    run(["ip", "-batch", "-"], input="\n".join(cmds[cut + 1:]) + "\n")
+    run(["ip", "-batch", "-"], input="\n".join(b.make) + "\n")
+    run(["sysctl", "-q", "-w", *b.sysctls])
+    run(["ip", "-batch", "-"], input="\n".join(b.up) + "\n")
 
 
 def start_observer(t: topo.Topology, state: LabState, sf: StateFile, paths: LabPaths) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.errors import LabError
+from testbed.lab import kinds
 from testbed.lab import topology as topo
 from testbed.lab.state import LabState, ProcessRecord, proc_starttime, record_alive
 from testbed.net import fabric, wan
@@ -142,10 +143,8 @@ def host_buffers(state: LabState) -> dict[str, int | None]:
 
 
 def tune_hosts(state: LabState) -> dict[str, int | None]:
-    """Apply every host's TCP buffer setting in its namespace."""
+    """Apply every host's TCP buffer setting, as its kind does (an L1 VM gets its buffers with its identity)."""
     ceilings = host_buffers(state)
-    nested = {h.name for *_, h in state.topology.hosts() if h.kind == "nested"}
-    for name, ceiling in ceilings.items():
-        if name not in nested:   # an L1 VM gets its buffers with its identity (testbed.hosts.nested)
-            wan.apply_tcp_buffers(fabric.ns_name(state.name, name), ceiling)
+    for *_, h in state.topology.hosts():
+        kinds.of(h).tune_tcp_buffers(state.name, h.name, ceilings[h.name])
     return ceilings

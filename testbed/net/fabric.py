@@ -1,5 +1,9 @@
 """The lab's wiring, named in one place.
 
+Sites, vCenters, the observer and the WAN are wired here; a host's part is its kind's (``HostWiring``, the
+kinds are ``testbed.lab.kinds``): the loops over a lab's hosts ask each host's kind for its root links, root
+bridges, veths to its site and its own configuration, built from the primitives here.
+
 Namespaces (lab ``L``): ``L-<site>`` is a site's switch and router,
 ``L-<host>`` a host, ``L-<vcenter>`` a vCenter's management station,
 ``L-wan`` the site-to-site link, ``L-obs`` the heartbeat observer.
@@ -30,6 +34,9 @@ filtering), so port groups are separate bridges rather than VLAN ids.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from testbed.lab import topology as topo
 from testbed.net import wan
@@ -68,39 +75,76 @@ def l1_ports(t: topo.Topology, si: int, hi: int) -> list[tuple[str, str, str, st
     return [(role, f"{lab}_{si:x}{hi:02x}{r}", f"{lab}-{si:x}{hi:02x}{r}", port, m) for role, r, port, m in roles]
 
 
-def nested_root_links(t: topo.Topology) -> list[str]:
-    """Every root-namespace interface the nested hosts of ``t`` need (bridges and veth ends)."""
-    return [n for si, _, hi, h in t.hosts() if h.kind == "nested"
-            for _, br, end, _, _ in l1_ports(t, si, hi) for n in (br, end)]
+class RootBridges(NamedTuple):
+    """Root-namespace ``ip`` commands for a host's bridges: make them, then (after ``sysctls``) bring them up."""
+
+    make: list[str]
+    sysctls: list[str]
+    up: list[str]
 
 
-def nested_bridge_commands(t: topo.Topology) -> tuple[list[str], list[str]]:
-    """``ip`` commands (root namespace) making the nested hosts' bridges, and the sysctls to set first."""
-    cmds, sysctls = [], []
-    for si, _, hi, h in t.hosts():
-        if h.kind != "nested":
-            continue
-        for _, br, end, _, mtu in l1_ports(t, si, hi):
-            cmds += [f"link add name {br} mtu {mtu} type bridge"]
-            sysctls += [f"net.ipv6.conf.{br}.disable_ipv6=1", f"net.ipv6.conf.{end}.disable_ipv6=1"]
-    ups = [c for si, _, hi, h in t.hosts() if h.kind == "nested" for _, br, end, _, _ in l1_ports(t, si, hi)
-           for c in (f"link set {end} master {br}", f"link set {end} up", f"link set {br} up")]
-    return cmds + ["#sysctl"] + ups, sysctls
+class HostWiring(Protocol):
+    """What the loops below ask of a host's kind (``testbed.lab.kinds``): ``(t, si, hi, host)`` is the host and
+    where it sits (site index, host index from 1), as ``Topology.hosts()`` gives them."""
+
+    def root_links(self, t: topo.Topology, si: int, hi: int, host: topo.HostSpec) -> list[str]: ...
+    def root_bridges(self, t: topo.Topology, si: int, hi: int, host: topo.HostSpec) -> RootBridges: ...
+    def site_links(self, t: topo.Topology, si: int, hi: int, host: topo.HostSpec) -> list[str]: ...
+    def configure(self, t: topo.Topology, si: int, hi: int, host: topo.HostSpec) -> None: ...
 
 
-def link_commands(t: topo.Topology, wan_ns: str | None) -> list[str]:
+KindOf = Callable[[topo.HostSpec], HostWiring]
+
+
+def l1_root_links(t: topo.Topology, si: int, hi: int) -> list[str]:
+    """A nested host's root-namespace interfaces: each NIC's bridge and veth end."""
+    return [n for _, br, end, _, _ in l1_ports(t, si, hi) for n in (br, end)]
+
+
+def l1_root_bridges(t: topo.Topology, si: int, hi: int) -> RootBridges:
+    """A nested host's root-namespace bridges: no address, IPv6 off before they come up."""
+    ports = l1_ports(t, si, hi)
+    return RootBridges(
+        make=[f"link add name {br} mtu {mtu} type bridge" for _, br, _, _, mtu in ports],
+        sysctls=[s for _, br, end, _, _ in ports
+                 for s in (f"net.ipv6.conf.{br}.disable_ipv6=1", f"net.ipv6.conf.{end}.disable_ipv6=1")],
+        up=[c for _, br, end, _, _ in ports
+            for c in (f"link set {end} master {br}", f"link set {end} up", f"link set {br} up")])
+
+
+def l1_site_links(t: topo.Topology, si: int, hi: int) -> list[str]:
+    """A nested host's veths: root end (its NIC's bridge joins it) to the site's port."""
+    sns = ns_name(t.name, t.sites[si].name)
+    return [f"link add name {end} mtu {m} type veth peer name {port} netns {sns} mtu {m}"
+            for _, _, end, port, m in l1_ports(t, si, hi)]
+
+
+def host_site_links(t: topo.Topology, si: int, hi: int, host: str) -> list[str]:
+    """A namespace host's veths to its site: ``vmk0``, ``vmk1``, ``up<i>`` to ``p<h>m``, ``p<h>v``, ``p<h>u<i>``."""
+    hns, sns, mtu = ns_name(t.name, host), ns_name(t.name, t.sites[si].name), t.link.mtu
+    return ([veth(hns, "vmk0", sns, f"p{hi}m"), veth(hns, "vmk1", sns, f"p{hi}v", mtu)]
+            + [veth(hns, f"up{i}", sns, f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))])
+
+
+def root_links(t: topo.Topology, kind_of: KindOf) -> list[str]:
+    """Every root-namespace interface the hosts of ``t`` need (bridges and veth ends)."""
+    return [n for si, _, hi, h in t.hosts() for n in kind_of(h).root_links(t, si, hi, h)]
+
+
+def root_bridges(t: topo.Topology, kind_of: KindOf) -> RootBridges:
+    """The root-namespace bridges of every host of ``t``: all made, then all sysctls, then all up."""
+    each = [kind_of(h).root_bridges(t, si, hi, h) for si, _, hi, h in t.hosts()]
+    return RootBridges(make=[c for b in each for c in b.make], sysctls=[s for b in each for s in b.sysctls],
+                       up=[c for b in each for c in b.up])
+
+
+def link_commands(t: topo.Topology, wan_ns: str | None, kind_of: KindOf) -> list[str]:
     """Root-namespace ``ip`` commands creating every veth pair of the lab (namespaces must exist)."""
     lab, mtu, cmds = t.name, t.link.mtu, []
     for si, site in enumerate(t.sites):
         sns = ns_name(lab, site.name)
         for hi, host in enumerate(site.hosts, start=1):
-            if host.kind == "nested":
-                cmds += [f"link add name {end} mtu {m} type veth peer name {port} netns {sns} mtu {m}"
-                         for _, _, end, port, m in l1_ports(t, si, hi)]
-                continue
-            hns = ns_name(lab, host.name)
-            cmds += [veth(hns, "vmk0", sns, f"p{hi}m"), veth(hns, "vmk1", sns, f"p{hi}v", mtu)]
-            cmds += [veth(hns, f"up{i}", sns, f"p{hi}u{i}", mtu) for i in range(len(t.port_groups))]
+            cmds += kind_of(host).site_links(t, si, hi, host)
         cmds.append(veth(ns_name(lab, site.vcenter.name), "eth0", sns, "vc0"))
         if si == 0:   # the observer has a leg on every port group (a monitoring network reaching all zones)
             cmds += [veth(ns_name(lab, "obs"), f"eth{i}", sns, f"obs{i}", mtu) for i in range(len(t.port_groups))]
@@ -109,8 +153,9 @@ def link_commands(t: topo.Topology, wan_ns: str | None) -> list[str]:
     return cmds
 
 
-def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
-    """Addresses, bridges, routes and VXLAN of site ``si`` and of its hosts and vCenter."""
+def configure_site(t: topo.Topology, si: int, with_wan: bool, kind_of: KindOf) -> None:
+    """Addresses, bridges, routes and VXLAN of site ``si`` and of its hosts (as their kinds configure themselves)
+    and vCenter."""
     site, lab, mtu = t.sites[si], t.name, t.link.mtu
     sns = ns_name(lab, site.name)
     r = topo.site_router_addresses(si)
@@ -124,8 +169,7 @@ def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
                  f"link set p{hi}m up", f"link set p{hi}v up"]
         cmds += [c for i in range(npg) for c in (f"link set p{hi}u{i} master {pg_bridge(i)}",
                                                   f"link set p{hi}u{i} up")]
-        if host.kind == "netns":
-            _configure_host(t, si, hi, host.name)
+        kind_of(host).configure(t, si, hi, host)
     cmds += ["link set vc0 master br-mgmt", "link set vc0 up"]
     if si == 0:
         cmds += [c for i in range(npg) for c in (f"link set obs{i} master {pg_bridge(i)}", f"link set obs{i} up")]
@@ -164,7 +208,8 @@ def configure_site(t: topo.Topology, si: int, with_wan: bool) -> None:
                *(f"net.ipv4.conf.eth{i}.rp_filter=0" for i in range(npg)))
 
 
-def _configure_host(t: topo.Topology, si: int, hi: int, host: str) -> None:
+def configure_host(t: topo.Topology, si: int, hi: int, host: str) -> None:
+    """A namespace host's addresses, routes and port-group bridges."""
     a = topo.host_addresses(si, hi)
     cmds = ["link set lo up",
             f"addr add {a.mgmt} dev vmk0", "link set vmk0 up",

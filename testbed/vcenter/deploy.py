@@ -26,7 +26,7 @@ from typing import Any
 
 from testbed import labctl
 from testbed.errors import LabError, NotFound, TestbedError
-from testbed.lab import builder
+from testbed.lab import builder, kinds
 from testbed.lab import topology as topo
 from testbed.lab.state import StateFile, record_alive
 from testbed.net import fabric
@@ -181,8 +181,9 @@ async def up(t: topo.Topology) -> dict[str, float]:
         jobs = [(s, h) for s in t.sites for h in s.hosts]
         pids = await asyncio.gather(*(asyncio.to_thread(add, s, h) for s, h in jobs))
         for (_, h), pid in zip(jobs, pids, strict=True):
-            if h.kind == "netns":   # a nested host's agent runs inside its L1 VM, not on this machine
-                builder.record_process(t.name, f"hostd {h.name}", pid, fabric.ns_name(t.name, h.name))
+            ns = kinds.of(h).agent_netns(t.name, h.name)
+            if ns is not None:   # None: it runs elsewhere (a nested host's, inside its L1 VM)
+                builder.record_process(t.name, f"hostd {h.name}", pid, ns)
     except BaseException:
         await asyncio.to_thread(builder.teardown, t.name)
         raise
