@@ -3,7 +3,8 @@
 ``capture`` builds a two-site lab with netns and nested hosts against fakes of the machine (commands are
 recorded, not run; no namespace, process or key is made), provisions its hosts and reads its status.
 ``host_kinds_wiring.json`` is what the build made before the host kinds became classes (``testbed.lab.kinds``):
-the refactor changed none of it.
+the refactor changed none of it. Then each kind's wiring for a small lab, that every kind the topology names has
+its classes, and that no code under testbed/ branches on a kind's name any more.
 """
 
 from __future__ import annotations
@@ -122,3 +123,108 @@ def test_the_build_makes_what_it_made_before_the_kind_classes(tmp_path: Path) ->
     for key in want:
         assert got[key] == want[key], key
     assert set(got) == set(want)
+
+
+def small() -> Topology:
+    """One site: a netns host, then a nested one; one port group."""
+    return Topology(name="kt", sites=(SiteSpec(name="site-a", vcenter=VCenterSpec(name="vc-a"), hosts=(
+        HostSpec(name="esx-a1"), HostSpec(name="esx-a2", kind="nested"))),))
+
+
+def test_a_netns_host_is_a_namespace_wired_to_its_site_with_its_sshd_and_agent_here() -> None:
+    from testbed.lab import kinds
+    t = small()
+    h = t.sites[0].hosts[0]
+    k = kinds.of(h)
+    assert isinstance(k, kinds.Netns)
+    assert k.netns("kt", "esx-a1") == k.sshd_netns("kt", "esx-a1") == k.agent_netns("kt", "esx-a1") == "kt-esx-a1"
+    assert k.root_links(t, 0, 1, h) == [] and k.root_bridges(t, 0, 1, h) == ([], [], [])
+    assert k.site_links(t, 0, 1, h) == [
+        "link add name vmk0 netns kt-esx-a1 mtu 1500 type veth peer name p1m netns kt-site-a mtu 1500",
+        "link add name vmk1 netns kt-esx-a1 mtu 1500 type veth peer name p1v netns kt-site-a mtu 1500",
+        "link add name up0 netns kt-esx-a1 mtu 1500 type veth peer name p1u0 netns kt-site-a mtu 1500"]
+
+
+def test_a_nested_host_is_bridges_and_veths_in_the_root_namespace_and_runs_its_own_sshd_and_agent() -> None:
+    from testbed.lab import kinds
+    t = small()
+    h = t.sites[0].hosts[1]
+    k = kinds.of(h)
+    assert isinstance(k, kinds.Nested)
+    assert k.netns("kt", "esx-a2") is k.sshd_netns("kt", "esx-a2") is k.agent_netns("kt", "esx-a2") is None
+    assert k.root_links(t, 0, 2, h) == ["kt_002m", "kt-002m", "kt_002v", "kt-002v", "kt_002u0", "kt-002u0"]
+    assert k.root_bridges(t, 0, 2, h) == (
+        ["link add name kt_002m mtu 1500 type bridge", "link add name kt_002v mtu 1500 type bridge",
+         "link add name kt_002u0 mtu 1500 type bridge"],
+        ["net.ipv6.conf.kt_002m.disable_ipv6=1", "net.ipv6.conf.kt-002m.disable_ipv6=1",
+         "net.ipv6.conf.kt_002v.disable_ipv6=1", "net.ipv6.conf.kt-002v.disable_ipv6=1",
+         "net.ipv6.conf.kt_002u0.disable_ipv6=1", "net.ipv6.conf.kt-002u0.disable_ipv6=1"],
+        ["link set kt-002m master kt_002m", "link set kt-002m up", "link set kt_002m up",
+         "link set kt-002v master kt_002v", "link set kt-002v up", "link set kt_002v up",
+         "link set kt-002u0 master kt_002u0", "link set kt-002u0 up", "link set kt_002u0 up"])
+    assert k.site_links(t, 0, 2, h) == [
+        "link add name kt-002m mtu 1500 type veth peer name p2m netns kt-site-a mtu 1500",
+        "link add name kt-002v mtu 1500 type veth peer name p2v netns kt-site-a mtu 1500",
+        "link add name kt-002u0 mtu 1500 type veth peer name p2u0 netns kt-site-a mtu 1500"]
+    assert [x.name for x in kinds.hosts(t, kinds.Nested)] == ["esx-a2"]
+
+
+def test_every_kind_the_topology_names_has_its_wiring_and_its_runtime() -> None:
+    """A kind added to ``HostSpec.kind`` needs a class in ``testbed.lab.kinds`` and a ``Host`` class in labctl's map."""
+    from typing import get_args
+
+    from testbed import labctl
+    from testbed.lab import kinds
+    names = set(get_args(HostSpec.model_fields["kind"].annotation))
+    assert names == set(kinds.KINDS) == set(labctl.HOST_CLASSES)
+    assert all(kinds.KINDS[n].name == n == labctl.HOST_CLASSES[n].kind for n in names)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+# where a host kind's name may still be tested: the topology's own validation (a limit of nested hosts); and, until
+# the change under way there lands, labctl's up (its check becomes `kinds.hosts(t, kinds.Nested)`): drop it then
+MAY_TEST_A_KIND = {("testbed/lab/topology.py", "_unique"), ("testbed/labctl.py", "up")}
+
+
+def kind_tests(path: Path, names: set[str]) -> list[tuple[int, str]]:
+    """(line, enclosing function) of each comparison with a kind's name, and of each isinstance of a Host class."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+
+    def names_a_kind(node: ast.expr) -> bool:
+        elts = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+        return any(isinstance(e, ast.Constant) and e.value in names for e in elts)
+
+    def visit(node: ast.AST, func: str) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            func = node.name
+        if isinstance(node, ast.Compare) and any(names_a_kind(e) for e in [node.left, *node.comparators]):
+            found.append((node.lineno, func))
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2
+                and any(getattr(n, "id", getattr(n, "attr", "")) in ("NetnsHost", "NestedHost")
+                        for n in ast.walk(node.args[1]))):
+            found.append((node.lineno, func))
+        for child in ast.iter_child_nodes(node):
+            visit(child, func)
+    visit(ast.parse(path.read_text()), "")
+    return found
+
+
+def test_no_module_tests_a_host_kind_by_name() -> None:
+    """The build and the runtime ask a host's kind class (``testbed.lab.kinds``, labctl's ``HOST_CLASSES``);
+    no code branches on ``kind == "netns"`` or on ``isinstance(h, NestedHost)``."""
+    from typing import get_args
+    names = set(get_args(HostSpec.model_fields["kind"].annotation))
+    found = [f"{rel}:{line} in {func or 'the module'}"
+             for f in sorted((ROOT / "testbed").rglob("*.py"))
+             for line, func in kind_tests(f, names)
+             if ((rel := str(f.relative_to(ROOT))), func) not in MAY_TEST_A_KIND]
+    assert not found, "code that tests a host kind by name (make it a method of the kind):\n" + "\n".join(found)
+
+
+def test_the_check_sees_a_kind_test(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(h, x):\n    if h.kind == "nested":\n        pass\n    return h.kind in ("netns",) or '
+                   'isinstance(x, hosts.NetnsHost)\n')
+    assert kind_tests(bad, {"netns", "nested"}) == [(2, "f"), (4, "f"), (4, "f")]
