@@ -5,13 +5,13 @@
   is missing.
 - ``lab`` (module): a two-site lab with a unique name and its two vCenters, up for the
   module's tests, taken down after them; depends on ``lab_env``.
-- ``vms`` (function): a VmManager on ``lab`` that deletes the VMs the test created.
+- ``vms`` (function): the VMs of ``lab`` through its vCenters (``testbed.vcenter.labvms.LabVms``); the VMs the
+  test created are deleted through them afterwards. Helpers the lab tests share are in ``tests/lab/labkit.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import shutil
@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from testbed.paths import GUEST_IMAGE_DIR
-from testbed.vms import VmManager
+from testbed.vcenter.labvms import LabVms
+
+from .lab.labkit import lab_vms
 
 
 def lab_skip_reason() -> str | None:
@@ -66,30 +68,14 @@ def lab(lab_env: Path) -> Iterator[str]:
     from testbed.lab.topology import default_topology
     from testbed.vcenter import deploy
     name = unique_lab_name()
-    asyncio.run(deploy.up(default_topology(name)))
     try:
+        asyncio.run(deploy.up(default_topology(name)))
         yield name
     finally:
         labctl.down(name)
 
 
-@contextlib.asynccontextmanager
-async def vm_manager(lab: str) -> AsyncIterator[VmManager]:
-    """A VmManager on ``lab`` that deletes, on the way out, the VMs created inside the block."""
-    from testbed.errors import TestbedError
-    m = VmManager(lab)
-    before = set(m.registry.load())
-    try:
-        yield m
-    finally:
-        for name in set(m.registry.load()) - before:
-            try:
-                await m.delete(name)
-            except TestbedError as err:
-                print(f"cleanup: deleting VM {name} failed: {err}")
-
-
 @pytest.fixture
-async def vms(lab: str) -> AsyncIterator[VmManager]:
-    async with vm_manager(lab) as m:
+async def vms(lab: str) -> AsyncIterator[LabVms]:
+    async with lab_vms(lab) as m:
         yield m

@@ -1,22 +1,25 @@
-"""VM lifecycle on the embedded lab: boot, heartbeat, console, bad input, cross-site L2."""
+"""VM lifecycle on the embedded lab, through the vCenters: boot, heartbeat, console, bad input, the stretched VM
+network across sites."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
 from testbed import labctl
-from testbed.errors import Conflict, HostUnreachable, InputError, NotFound
+from testbed.errors import ApiError, Conflict, HostUnreachable, NotFound
 from testbed.lab import builder
-from testbed.vms import VmManager
+from testbed.vcenter.labvms import LabVms
+
+from .labkit import MiB, agent, leftovers, report_of
 
 pytestmark = pytest.mark.lab
-
-MiB = 1024**2
 
 
 def cli(lab: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -24,10 +27,10 @@ def cli(lab: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-async def test_vm_boots_and_its_heartbeat_reaches_the_observer(vms: VmManager) -> None:
+async def test_vm_boots_and_its_heartbeat_reaches_the_observer(vms: LabVms) -> None:
     t0 = time.monotonic()
     await vms.create("boot1", "esx-a1", 512 * MiB, 256 * MiB, workload="memory:20MB/s@64M,disk:1MB/s")
-    first_s = await vms.wait_heartbeat("boot1", timeout_s=30, since_s=t0)
+    first_s = await vms.wait_heartbeat("boot1", since_s=t0, timeout_s=30)
     print(f"\nboot to first heartbeat: {first_s:.2f} s (target < 5 s)")
     assert first_s < 10          # target 5 s; margin for a loaded CI machine
     await asyncio.sleep(3)
@@ -36,62 +39,58 @@ async def test_vm_boots_and_its_heartbeat_reaches_the_observer(vms: VmManager) -
     last = st["last"]
     assert last["mem_pages_written"] > 0 and last["mem_pages_verified"] > 0 and last["disk_seq"] > 0
     assert last["mem_errors"] == 0 and last["disk_errors"] == 0 and last["flags"] & 0b11 == 0
-    rows = {r["name"]: r for r in await vms.list()}
-    assert rows["boot1"]["power"] == "running" and rows["boot1"]["host"] == "esx-a1"
-    assert rows["boot1"]["heartbeat_age_s"] < 1
+    rows = {r["name"]: r for r in await vms.client("vc-a").aget("/api/vcenter/vm")}
+    assert rows["boot1"]["power_state"] == "POWERED_ON" and rows["boot1"]["host"] == "esx-a1", rows["boot1"]
     console = await vms.console_log("boot1")
     assert "TBAGENT start" in console and "VIOLATION" not in console
 
 
-async def test_stop_start_and_delete(vms: VmManager) -> None:
+async def test_stop_start_and_delete(vms: LabVms) -> None:
     await vms.create("cycle1", "esx-a2", 256 * MiB, None)
-    await vms.stop("cycle1")
-    assert {r["name"]: r["power"] for r in await vms.list()}["cycle1"] == "stopped"
+    assert (await vms.power("cycle1", "stop"))["power_state"] == "POWERED_OFF"
     t0 = time.monotonic()
-    await vms.start("cycle1")
-    await vms.wait_heartbeat("cycle1", timeout_s=30, since_s=t0)
+    await vms.power("cycle1", "start")
+    await vms.wait_heartbeat("cycle1", since_s=t0, timeout_s=30)
     await vms.delete("cycle1")
-    assert "cycle1" not in {r["name"] for r in await vms.list()}
+    assert "cycle1" not in await vms.names()
+    assert await leftovers(vms, "esx-a2", "cycle1") == []
     with pytest.raises(NotFound, match="cycle1"):
-        await vms.start("cycle1")
+        await vms.power("cycle1", "start")
 
 
-async def test_vm_keeps_its_address_on_a_host_of_the_other_site(vms: VmManager, lab: str) -> None:
-    """The VM network is stretched: a VM moved cold from A1 to B1 reaches the observer from the same address."""
-    rec = await vms.create("stretch1", "esx-a1", 256 * MiB, None)
+async def test_vm_keeps_its_address_on_a_host_of_the_other_site(vms: LabVms) -> None:
+    """The VM network is stretched: a VM moved from A1 (vc-a) to B1 (vc-b) reaches the observer from the same
+    address, before and after."""
     t0 = time.monotonic()
+    vm = await vms.create("stretch1", "esx-a1", 256 * MiB, None)
     await vms.wait_heartbeat("stretch1", since_s=t0)
-    await vms.stop("stretch1")
-    async with vms.agent("esx-a1") as a1:
-        await a1.call("vm.remove", name="stretch1")
+    m = await vms.relocate("stretch1", "esx-b1")
+    assert m.ok, m.error
     t1 = time.monotonic()
-    async with vms.agent("esx-b1") as b1:
-        await b1.call("vm.start", spec=rec.spec.model_dump())
-        try:
-            await vms.wait_heartbeat("stretch1", since_s=t1)
-            st = await vms.heartbeat_stats("stretch1", since_s=t1)
-            assert list(st["sources"]) == [rec.ip.split("/")[0]]   # one address, before and after
-        finally:
-            await b1.call("vm.stop", name="stretch1")
-            await b1.call("vm.remove", name="stretch1")
+    await vms.wait_heartbeat("stretch1", since_s=t1)
+    await asyncio.sleep(0.5)
+    st = await vms.heartbeat_stats("stretch1", since_s=t0)
+    assert list(st["sources"]) == [vm["ip"].split("/")[0]]   # one address, before and after
+    assert report_of(m).destination.host == "esx-b1" and (await vms.get("stretch1"))["ip"] == vm["ip"]
 
 
-async def test_bad_input_gets_one_clear_error_and_changes_nothing(vms: VmManager, lab: str) -> None:
-    before = await vms.list()
+async def test_bad_input_gets_one_clear_error_and_changes_nothing(vms: LabVms, lab: str) -> None:
+    before = await vms.names()
     with pytest.raises(NotFound, match="(?s)esx-zz.*esx-a1"):
         await vms.create("bad1", "esx-zz", 256 * MiB, None)
-    with pytest.raises(InputError, match="has .* free; disk bad2-disk0.qcow2 needs 64.0 GiB"):
-        await vms.create("bad2", "esx-a1", 256 * MiB, 64 * 1024 * MiB)
-    with pytest.raises(InputError, match="workload"):
-        await vms.create("bad3", "esx-a1", 256 * MiB, None, workload="memory:lots")
-    with pytest.raises(InputError, match="not allowed"):
-        await vms.create("Bad_Name", "esx-a1", 256 * MiB, None)
-    await vms.create("taken1", "esx-a1", 256 * MiB, None, start=False)
+    refused: list[tuple[str, dict[str, Any], str]] = [
+        ("bad2", {"disk_bytes": 64 * 1024 * MiB}, "has .* free; disk bad2-disk0.qcow2 needs 64.0 GiB"),
+        ("bad3", {"workload": "memory:lots"}, "workload"),
+        ("Bad_Name", {}, "not allowed")]
+    for name, kw, said in refused:
+        with pytest.raises(ApiError, match=said) as err:
+            await vms.create(name, "esx-a1", 256 * MiB, **{"disk_bytes": None, **kw})
+        assert err.value.status == 400, err.value
+    await vms.create("taken1", "esx-a1", 256 * MiB, None, power_on=False)
     with pytest.raises(Conflict, match="already exists"):
-        await vms.create("taken1", "esx-b1", 256 * MiB, None)
-    after = {r["name"] for r in await vms.list()}
-    assert after == {r["name"] for r in before} | {"taken1"}
-    async with vms.agent("esx-a1") as a1:
+        await vms.create("taken1", "esx-a2", 256 * MiB, None)
+    assert await vms.names() == before | {"taken1"}
+    async with agent(vms, "esx-a1") as a1:
         ds = (await a1.call("datastore.list"))[0]
     assert not any(d.startswith("bad") for d in ds["disks"]), "a refused VM left a disk behind"
     # and from the CLI: a non-zero exit and the message
@@ -139,9 +138,8 @@ async def test_host_facts(lab: str) -> None:
     assert [p["name"] for p in f["port_groups"]] == ["VM Network"]
 
 
-async def test_agent_detects_a_corrupted_page(vms: VmManager) -> None:
+async def test_agent_detects_a_corrupted_page(vms: LabVms) -> None:
     """A byte of the working set flipped from outside (gdbstub, physical mode) is caught and reported."""
-    import re
     t0 = time.monotonic()
     await vms.create("corrupt1", "esx-b2", 512 * MiB, None, workload="memory:10MB/s@32M")
     await vms.wait_heartbeat("corrupt1", since_s=t0)
@@ -151,8 +149,8 @@ async def test_agent_detects_a_corrupted_page(vms: VmManager) -> None:
         await asyncio.sleep(0.2)
     clean = await vms.heartbeat_stats("corrupt1", since_s=time.monotonic() - 1)
     assert clean["last"]["mem_errors"] == 0
-    async with vms.agent("esx-b2") as agent:
-        r = await agent.call("vm.corrupt_memory", name="corrupt1", gpa=int(m.group(1), 16) + 0x123)
+    async with agent(vms, "esx-b2") as a:
+        r = await a.call("vm.corrupt_memory", name="corrupt1", gpa=int(m.group(1), 16) + 0x123)
     assert r["before"] != r["after"]
     deadline = time.monotonic() + 20
     while True:

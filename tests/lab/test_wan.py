@@ -1,6 +1,7 @@
 """The long-distance link: delay, loss, bandwidth and cut/restore take effect on real traffic (ping and
-TCP between host namespaces, VM traffic over VXLAN), and live migrations cross it: one completes at
-50 ms RTT with integrity verified, one whose link is cut in pre-copy rolls back cleanly."""
+TCP between host namespaces, VM traffic over VXLAN), and live migrations cross it (relocates through the
+vCenters): one completes at 50 ms RTT with integrity verified, one whose link is cut in pre-copy rolls back
+cleanly."""
 
 from __future__ import annotations
 
@@ -11,27 +12,23 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed import labctl
-from testbed.lab.topology import LinkSpec, Topology, default_topology
-from testbed.migration.engine import Migration
+from testbed.lab.topology import LinkSpec, default_topology
 from testbed.net import fabric, probe, wan
 from testbed.net.cmd import socket_in_netns
-from testbed.vms import VmManager
+from testbed.vcenter import deploy
+from testbed.vcenter.labvms import LabVms
 
-from ..conftest import unique_lab_name, vm_manager
-from .test_migration import HAPPY, boot, rollback_case
+from ..conftest import unique_lab_name
+from .labkit import HAPPY, boot, lab_vms, report_of, rollback_case
 
 pytestmark = pytest.mark.lab
 MiB = 1024**2
 A1_VMK, B1_VMK, B1_MGMT = "198.18.16.11", "198.18.17.11", "198.18.1.11"
-
-
-async def lab_up(t: Topology) -> dict[str, float]:
-    """The lab without vCenters (the engine alone): the lab operator starts the host agents."""
-    return await labctl.up(t, start_agents_now=True)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +36,8 @@ def wlab(lab_env: Path) -> Iterator[str]:
     """Two sites joined by the WAN; jumbo frames on the vMotion network (as vMotion networks use)."""
     name = unique_lab_name()
     t = default_topology(name).model_copy(update={"link": LinkSpec(mtu=9000)})
-    asyncio.run(lab_up(t))
     try:
+        asyncio.run(deploy.up(t))
         yield name
     finally:
         labctl.down(name)
@@ -55,8 +52,8 @@ def link(wlab: str) -> Iterator[str]:
 
 
 @pytest.fixture
-async def wvms(wlab: str) -> AsyncIterator[VmManager]:
-    async with vm_manager(wlab) as m:
+async def wvms(wlab: str) -> AsyncIterator[LabVms]:
+    async with lab_vms(wlab) as m:
         yield m
 
 
@@ -177,36 +174,42 @@ def test_cut_and_restore(link: str) -> None:
     assert p.received == 3 and p.min_ms >= 10, p
 
 
-async def test_migration_across_50ms_rtt(link: str, wvms: VmManager) -> None:
+async def test_migration_across_50ms_rtt(link: str, wvms: LabVms) -> None:
     """esx-a1 -> esx-b1 at 50 ms RTT, the guest writing memory and disk: integrity verified, and the VM's
     own traffic (VXLAN to the observer at site A) then crosses the delay."""
     labctl.set_link(link, delay_us=25_000, tcp_buffers="auto")
     await boot(wvms, "far", "esx-a1", "memory:5MB/s@32M,disk:1MB/s", memory=256 * MiB, disk=128 * MiB)
-    r = await wvms.migrate("far", "esx-b1")
+    m = await wvms.relocate("far", "esx-b1")
+    r = report_of(m)
     detail = f"{r.result}: {r.error}; {r.integrity.details}"
-    assert r.result == "succeeded", detail
+    assert m.ok and r.result == "succeeded", detail
     assert [p.name for p in r.phases] == HAPPY
     assert r.integrity.memory == "verified" and r.integrity.disk == "verified", detail
     print(f"\n50 ms RTT: total {r.total_s:.2f} s, downtime reported {r.downtime_ms.reported} ms, "
           f"observed {r.downtime_ms.observed} ms")
-    ip = wvms.get("far").ip.split("/")[0]
+    ip = (await wvms.get("far"))["ip"].split("/")[0]
     p = await asyncio.to_thread(probe.ping, ns(link, "obs"), ip, 5, 0.1)
     assert p.received and p.min_ms >= 50, f"VM at site B pinged from site A: {p}"
 
 
-async def test_cut_during_precopy_rolls_back(link: str, wvms: VmManager) -> None:
+async def test_cut_during_precopy_rolls_back(link: str, wvms: LabVms) -> None:
     """The link is cut as pre-copy starts (at 50 ms RTT): the VM keeps running on the source only, its disk
-    unchanged by the attempt, nothing left on the destination (``rollback_case`` checks all of it)."""
+    unchanged by the attempt, and once the link is back nothing is left on the destination (``rollback_case``
+    checks all of it)."""
     labctl.set_link(link, delay_us=25_000)
 
-    async def cut(at: str, mig: Migration) -> None:
-        if at == "memory-precopy:started":
-            await asyncio.to_thread(labctl.set_link, link, up=False)
+    async def cut(held: dict[str, Any]) -> None:
+        await asyncio.to_thread(labctl.set_link, link, up=False)
+
+    async def restore() -> None:
+        await asyncio.to_thread(labctl.set_link, link, up=True)
 
     t0 = time.monotonic()
     try:
-        r = await rollback_case(wvms, "cutme", "esx-b1", cut, "memory-precopy", "", stall_timeout_s=3)
+        m = await rollback_case(wvms, "cutme", "esx-b1", "memory-precopy", "",
+                                breakpoints={"memory-precopy:started": cut}, stall_timeout_s=3, heal=restore,
+                                dest_settle_s=90)
     finally:
         labctl.set_link(link, up=True)
     print(f"cut in pre-copy: rolled back in {time.monotonic() - t0:.1f} s in all")
-    assert r.error
+    assert report_of(m).error
