@@ -13,6 +13,7 @@
      +-- CommandError            a local command exited non-zero
      +-- MigrationError          a move failed in a phase (the engine)
      +-- ApiError                a vCenter answered an API call with an error (its HTTP status)
+     |    +-- ApiForbidden       ... with a 403 (also a Forbidden)
      +-- ThumbprintMismatch      a server's certificate is not the pinned one: nothing was sent
      +-- Unauthorized            401: no token, a bad, expired or another domain's one
      |    +-- TokenError         why a session token was refused
@@ -138,6 +139,11 @@ class Forbidden(TestbedError):
 class TicketRefused(Forbidden):
     """A host agent refused a request outside the scope of the ticket its connection is bound to (another VM,
     a method the ticket does not allow, an expired or revoked ticket)."""
+
+
+class ApiForbidden(ApiError, Forbidden):
+    """A vCenter's 403 to an API call: caught as ``Forbidden`` for what it means, or as an ``ApiError`` with its
+    status (``testbed.vcenter.client``)."""
 
 
 class PhaseError(TestbedError):

@@ -8,7 +8,8 @@ The server's certificate is self-signed: the client pins its SHA-256
 thumbprint (urllib3's ``assert_fingerprint``) and refuses anything else. With
 ``netns`` the TCP connection starts inside that network namespace (the lab's
 management network is not reachable from the machine's own namespace).
-Errors come back as ``ApiError`` with the HTTP status and the server's message.
+Errors come back as ``ApiError`` with the HTTP status and the server's message; a 404 as ``NotFound``, a 409 as
+``Conflict``, a 403 as ``ApiForbidden`` (both a ``Forbidden`` and an ``ApiError``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from testbed.errors import ApiError, Conflict, HostUnreachable, InputError, NotFound, TestbedError, ThumbprintMismatch
+from testbed.errors import (
+    ApiError,
+    ApiForbidden,
+    Conflict,
+    HostUnreachable,
+    InputError,
+    NotFound,
+    TestbedError,
+    ThumbprintMismatch,
+)
 from testbed.net.cmd import socket_in_netns
 from testbed.vcenter import certs, peercall
 
@@ -126,7 +136,8 @@ class VcClient:
         return self._answer(r, method, path)
 
     def _answer(self, r: requests.Response, method: str, path: str) -> Any:
-        """The JSON of an answer, or its error as ``ApiError`` (``NotFound``, ``Conflict``) with the server's words."""
+        """The JSON of an answer, or its error as ``ApiError`` (``NotFound``, ``Conflict``, ``ApiForbidden``)
+        with the server's words."""
         if r.status_code >= 400:
             try:
                 e = r.json()
@@ -137,6 +148,8 @@ class VcClient:
             cls = {404: NotFound, 409: Conflict}.get(r.status_code)
             if cls is not None:
                 raise cls(msg, hint=hint)
+            if r.status_code == 403:
+                raise ApiForbidden(403, f"{method} {path}: HTTP 403 {kind}: {msg}", error_type=kind, hint=hint)
             raise ApiError(r.status_code, f"{method} {path}: HTTP {r.status_code} {kind}: {msg}",
                            error_type=kind, hint=hint)
         if r.status_code == 204 or not r.content:
