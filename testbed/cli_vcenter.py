@@ -5,7 +5,7 @@
     testbed vcenter remove-host NAME HOST | host-license NAME HOST EDITION | trust NAME
     testbed relocate VM --dest-vcenter URL --dest-user U --dest-password P --dest-thumbprint T
                         --dest-host H [--dest-datastore DS] [--dest-network PG] [engine options]
-    testbed task list [--vcenter NAME] | task show ID | task watch ID
+    testbed task list [--vcenter NAME] | task show ID | task watch ID | task continue ID
     testbed image add FILE [--name NAME] [--kind kernel|initrd|disk] | image list | image remove NAME
     testbed vm ... and testbed migrate ... (through the VM's vCenter)
 
@@ -252,6 +252,16 @@ def task_watch(a: argparse.Namespace) -> int:
         return watch(c, a.id, t["target"])
 
 
+def task_continue(a: argparse.Namespace) -> int:
+    """Release the breakpoint a relocate is held at (an administrator's): the move goes on."""
+    c, t = _find_task(a, a.id)
+    with c:
+        r = c.post(f"/api/cis/tasks/{a.id}", params={"action": "continue"})
+    out.print(f"task {a.id} ({t['description']}): released from breakpoint {r['released']}; the move goes on",
+              highlight=False)
+    return 0
+
+
 # --- vcenter -----------------------------------------------------------------------------------------
 def vc_list(a: argparse.Namespace) -> int:
     rows = deploy.status(a.lab)
@@ -410,7 +420,9 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=task_list)
     for name, fn, helptext in (("show", task_show, "a task as JSON"),
-                               ("watch", task_watch, "follow a task to its end")):
+                               ("watch", task_watch, "follow a task to its end"),
+                               ("continue", task_continue, "release the breakpoint a relocate is held at "
+                                                           "(administrators)")):
         s = task.add_parser(name, help=helptext)
         s.add_argument("id")
         s.add_argument("--vcenter")

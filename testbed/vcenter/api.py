@@ -18,6 +18,7 @@ field's rule is in its type (``limits``), every answer's shape in ``views``.
     POST   /api/vcenter/vm/{vm}/power?action=start|stop
     POST   /api/vcenter/vm/{vm}?action=relocate  -> {"task": id}
     GET    /api/cis/tasks | /api/cis/tasks/{task}
+    POST   /api/cis/tasks/{task}?action=continue   release the breakpoint a relocate is held at (admin)
     GET    /api/testbed/events | about | trust;  POST /api/testbed/reconcile
     GET    /api/testbed/images | GET /api/testbed/images/{name}   the content library's items (VM kernels,
            initrds, disk images) | POST /api/testbed/images?name=N[&kind=K] (the file as the body; admin)
@@ -58,9 +59,12 @@ from testbed.vcenter.api_errors import error_body as error_body
 from testbed.vcenter.api_errors import status_of as status_of
 from testbed.vcenter.limits import (
     Bandwidth,
+    Breakpoints,
+    BreakpointTimeoutS,
     CompletionTimeoutS,
     Converge,
     DiskSize,
+    DiskSyncTimeoutS,
     DowntimeLimitMs,
     HostName,
     LibraryItem,
@@ -68,7 +72,10 @@ from testbed.vcenter.limits import (
     MirrorGranularity,
     MirrorMode,
     ObjectName,
+    PostcopyRecoveryTimeoutS,
+    SdpsMaxStunPct,
     Secret,
+    StallTimeoutS,
     Streams,
     UserName,
     Vcpus,
@@ -146,6 +153,14 @@ class RelocateOptions(_In):
     accept_unverified: bool | None = None   # remove the source copy even when a check could not be made
     mirror_mode: MirrorMode | None = None
     mirror_granularity: MirrorGranularity | None = None   # bytes, a power of 2
+    stall_timeout_s: StallTimeoutS | None = None           # no migration progress for this long: the move fails
+    postcopy_recovery_timeout_s: PostcopyRecoveryTimeoutS | None = None   # a broken post-copy reconnects within
+    disk_sync_timeout_s: DiskSyncTimeoutS | None = None   # the disk copy is READY within this, or it rolls back
+    sdps_max_stun_pct: SdpsMaxStunPct | None = None       # SDPS's ceiling
+    # fault injection and experiments (administrators only): hold the move at these engine checkpoints until
+    # POST /api/cis/tasks/{task}?action=continue, each at most breakpoint_timeout_s (default 300)
+    breakpoints: Breakpoints | None = None
+    breakpoint_timeout_s: BreakpointTimeoutS | None = None
 
 
 class RelocateSpec(_In):
@@ -233,11 +248,12 @@ Peer = Annotated[str, Depends(_peer)]
 Basic = Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 
 
-def _admin_of(vc: VCenter, s: sso.Session) -> None:
+def _admin_of(vc: VCenter, s: sso.Session, what: str = "change the content library") -> None:
+    """Administrators only: another user gets a 403 saying what they may not do."""
     row = vc.inv.user(s.user)
     if row is None or row["role"] != "Admin":
-        raise Forbidden(f"user {s.user} may not change the content library of vCenter {vc.cfg.name}",
-                        hint="log in as an administrator of the SSO domain")
+        raise Forbidden(f"user {s.user} may not {what} in vCenter {vc.cfg.name}: administrators only",
+                        hint=f"log in as an administrator of SSO domain {vc.cfg.sso_domain}")
 
 
 def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
@@ -255,8 +271,8 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     app.openapi = lambda: openapi_schema(app)     # type: ignore[method-assign]
     app.state.vc = vc
 
-    def _admin(s: sso.Session) -> None:
-        _admin_of(vc, s)
+    def _admin(s: sso.Session, what: str = "change the content library") -> None:
+        _admin_of(vc, s, what)
 
     install_error_handlers(app, vc.cfg.name)
 
@@ -353,6 +369,8 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     async def vm_action(s: Session, vm: str, action: Annotated[Literal["relocate"], Query()],
                   body: Relocate) -> dict[str, Any]:
         o = body.spec.options
+        if o.breakpoints:
+            _admin(s, "hold a relocate at engine breakpoints (options.breakpoints)")
         opts: dict[str, Any] = o.model_dump(exclude_none=True, exclude={"bandwidth"})
         if o.bandwidth is not None:
             opts["bandwidth_bps"] = o.bandwidth    # a number of bytes/s once validated
@@ -369,6 +387,12 @@ def create_app(vc: VCenter, *, recover: bool = True) -> FastAPI:
     @app.get("/api/cis/tasks/{task}", response_model=views.TaskView)
     def task(s: Session, task: str) -> dict[str, Any]:
         return vc.task_view(vc.task(task))
+
+    @app.post("/api/cis/tasks/{task}", response_model=views.Released)
+    async def task_action(s: Session, task: str, action: Annotated[Literal["continue"], Query()]) -> dict[str, Any]:
+        # async: on the event loop, where the held move waits (an asyncio.Event is not set from another thread)
+        _admin(s, "release a relocate held at a breakpoint")
+        return vc.continue_task(task, user=s.user)
 
     @app.get("/api/testbed/events", response_model=list[views.Event])
     def events(s: Session, vm: Annotated[str | None, Query(max_length=64)] = None,

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.errors import Conflict, NotFound, TestbedError
@@ -27,6 +28,15 @@ def guest_running(status: dict[str, Any]) -> bool:
     return status.get("state") == "running" and status.get("status") == "running"
 
 
+@dataclass
+class Hold:
+    """A relocate held at an engine checkpoint (a breakpoint) until ``release`` is set: by ``continue`` (``by``:
+    the user) or by the breakpoint's time limit."""
+    checkpoint: str
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    by: str | None = None
+
+
 class VcBase:
     """The state every part shares; the agent pool and VM claims."""
 
@@ -39,6 +49,7 @@ class VcBase:
         self.pubkey = cfg.ssh_key.with_suffix(".pub").read_text().strip()
         self.busy: dict[str, str] = {}                 # VM -> what it is busy with
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.held: dict[str, Hold] = {}                # task id -> the breakpoint its move is held at
         self.challenges: dict[str, float] = {}
         self.started_s = time.time()
         self._agents: dict[str, AgentClient] = {}

@@ -29,12 +29,23 @@ BANDWIDTH_MIN, BANDWIDTH_MAX = 1, 100 * 10**9        # bytes/s: 1 B/s to 100 GB/
 DOWNTIME_LIMIT_MS_MIN, DOWNTIME_LIMIT_MS_MAX = 1, 60_000
 COMPLETION_TIMEOUT_S_MAX = 24 * 3600.0               # a ticket lasts at most 24 h (testbed.vcenter.admission)
 GRANULARITY_MIN, GRANULARITY_MAX = 512, 64 * MiB     # QEMU's blockdev-mirror granularity, a power of 2
+STALL_TIMEOUT_S_MAX = 600.0                          # no migration progress for this long: the move fails
+POSTCOPY_RECOVERY_TIMEOUT_S_MAX = 3600.0             # a broken post-copy reconnects within this
+DISK_SYNC_TIMEOUT_S_MAX = 24 * 3600.0                # the disk copy reaches READY within this
+SDPS_MAX_STUN_PCT_MIN, SDPS_MAX_STUN_PCT_MAX = 1, 99  # SDPS's ceiling: the share of each slice the vCPUs may lose
+BREAKPOINTS_MAX = 8
+BREAKPOINT_TIMEOUT_S_MAX = 900.0                     # the longest one breakpoint holds a move
+BREAKPOINT_TIMEOUT_S_DEFAULT = 300.0
 WORKLOAD_MAX_LEN = 200
 
 ConvergeChoice = Literal["auto-converge", "auto", "autoconverge", "sdps", "postcopy", "post-copy", "adaptive", "off"]
 CONVERGE_CHOICES: tuple[str, ...] = get_args(ConvergeChoice)
 MirrorMode = Literal["write-blocking", "background-throttled"]
 MIRROR_MODES: tuple[str, ...] = get_args(MirrorMode)
+# the engine's named checkpoints (testbed.migration.state.FaultHook), where a relocate may be held (a breakpoint)
+Checkpoint = Literal["precheck", "disk-sync:mirror-started", "memory-precopy:started", "switchover:held",
+                     "postcopy:running", "verify"]
+CHECKPOINTS: tuple[str, ...] = get_args(Checkpoint)
 
 # the size and rate strings the units parser reads, as a pattern for the OpenAPI schema (the parser decides)
 SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]?)([iI]?[bB])?\s*$"
@@ -135,6 +146,23 @@ Vcpus = Annotated[StrictInt, Field(ge=VCPUS_MIN, le=VCPUS_MAX)]
 Streams = Annotated[StrictInt, Field(ge=STREAMS_MIN, le=STREAMS_MAX)]
 DowntimeLimitMs = Annotated[StrictInt, Field(ge=DOWNTIME_LIMIT_MS_MIN, le=DOWNTIME_LIMIT_MS_MAX)]
 CompletionTimeoutS = Annotated[float, Field(gt=0, le=COMPLETION_TIMEOUT_S_MAX, allow_inf_nan=False)]
+StallTimeoutS = Annotated[float, Field(gt=0, le=STALL_TIMEOUT_S_MAX, allow_inf_nan=False)]
+PostcopyRecoveryTimeoutS = Annotated[float, Field(gt=0, le=POSTCOPY_RECOVERY_TIMEOUT_S_MAX, allow_inf_nan=False)]
+DiskSyncTimeoutS = Annotated[float, Field(gt=0, le=DISK_SYNC_TIMEOUT_S_MAX, allow_inf_nan=False)]
+SdpsMaxStunPct = Annotated[StrictInt, Field(ge=SDPS_MAX_STUN_PCT_MIN, le=SDPS_MAX_STUN_PCT_MAX)]
+BreakpointTimeoutS = Annotated[float, Field(gt=0, le=BREAKPOINT_TIMEOUT_S_MAX, allow_inf_nan=False)]
+
+
+def _once_each(v: list[str]) -> list[str]:
+    twice = sorted({n for n in v if v.count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given more than once: a move holds at each checkpoint at most once")
+    return v
+
+
+# where the engine holds a relocate until `testbed task continue` (or its breakpoint_timeout_s)
+Breakpoints = Annotated[list[Checkpoint], Field(max_length=BREAKPOINTS_MAX, json_schema_extra={"uniqueItems": True}),
+                        AfterValidator(_once_each)]
 
 
 def _power_of_two(v: int) -> int:

@@ -40,6 +40,10 @@ class Recovery(Relocate):
         name, src_host = t["target"], t["source_host"]
         t.setdefault("notes", []).append(f"vCenter {self.cfg.name} restarted during this task; resolving it "
                                          "from what the hosts report")
+        held = t.pop("held_at", None)
+        if isinstance(held, dict):     # the hold ended with the process that held it
+            t["notes"].append(f"it was held at breakpoint {held.get('checkpoint')} when vCenter {self.cfg.name} "
+                              "stopped")
         v = self.inv.vm(name)
         spec = VmSpec.model_validate(v["spec"]) if v else None
         dest_host = t["placement"]["host"]

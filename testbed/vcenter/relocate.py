@@ -5,7 +5,8 @@
 2. prechecks on both sides (``prechecks``), all reported;
 3. admission: the destination reserves the VM's name, records a placeholder and grants a ticket to its
    host's agent (``admission``, ``hostconn``);
-4. the engine moves the VM; the task shows phase and percent;
+4. the engine moves the VM; the task shows phase and percent (and ``held_at`` while an administrator's
+   breakpoint holds it: ``breakpoints``);
 5. commit: the destination registers the VM, the source unregisters it; or abort: the destination removes
    the placeholder. Both keep the events.
 """
@@ -25,18 +26,30 @@ from testbed.guest.workload import parse_workload
 from testbed.hosts.agent import AgentClient
 from testbed.hosts.base import Host
 from testbed.lab import observer as obs
+from testbed.migration.convergence import ConvergenceSettings
 from testbed.migration.engine import Migration
 from testbed.migration.phases import Phase
-from testbed.migration.request import MigrationRequest, Place, Progress, move_time_limit_s
+from testbed.migration.request import (
+    POSTCOPY_RECOVERY_TIMEOUT_S,
+    MigrationRequest,
+    Place,
+    Progress,
+    move_time_limit_s,
+)
 from testbed.qemu.spec import VmSpec
 from testbed.vcenter import certs, hostconn, prechecks
 from testbed.vcenter.admission import Admission
 from testbed.vcenter.base import guest_running
+from testbed.vcenter.breakpoints import Breakpoints, hold_limit_s, holds_at_most_s
 from testbed.vcenter.client import VcClient
-from testbed.vcenter.tasks import Stage, Tasks
+from testbed.vcenter.tasks import Stage
 from testbed.vcenter.trust import Trust
 
 log = logging.getLogger("testbed.vcenter")
+
+# How long a source vCenter keeps asking an unreachable destination vCenter to abort an admission.
+ABORT_RETRY_S = 1800.0
+ABORT_RETRY_FIRST_S = 2.0      # the first wait; it doubles up to 30 s
 
 # Where a relocate's percent comes from: each phase owns a slice of 0-100.
 _PHASE_PCT = {Phase.CREATED: (0, 0), Phase.PRECHECK: (0, 5), Phase.DISK_SYNC: (5, 45),
@@ -45,7 +58,7 @@ _PHASE_PCT = {Phase.CREATED: (0, 0), Phase.PRECHECK: (0, 5), Phase.DISK_SYNC: (5
               Phase.ROLLED_BACK: (100, 100), Phase.FAILED: (100, 100)}
 
 
-class Relocate(Admission, Trust, Tasks):
+class Relocate(Admission, Trust, Breakpoints):
     """Moves this vCenter runs: within it, or to a peer."""
 
     def start_relocate(self, name: str, placement: dict[str, Any], dest_vc: dict[str, Any] | None,
@@ -72,6 +85,8 @@ class Relocate(Admission, Trust, Tasks):
             dest_vc = {**dest_vc}
             if dest_vc.get("thumbprint"):
                 dest_vc["thumbprint"] = certs.normalize(dest_vc["thumbprint"])
+        if options.get("breakpoints"):    # the limit each holds for, as the task shows it
+            options = {**options, "breakpoint_timeout_s": hold_limit_s(options)}
         where = f"{host}" + (f" of {dest_vc['url']}" if cross and dest_vc else "")
         t = self.new_task("VirtualMachine.relocate", name, f"relocate VM {name} from {v['host']} to {where}", user,
                           source_host=v["host"], placement=placement, options=options,
@@ -247,7 +262,8 @@ class Relocate(Admission, Trust, Tasks):
             # 4. the engine
             self.set_stage(t, Stage.MIGRATING)
             req = self._request(v, spec, src, dest, dest_name, dest_ds or "", options)
-            report = await Migration(req, on_progress=self._engine_progress(t)).run()
+            report = await Migration(req, on_progress=self._engine_progress(t),
+                                     fault=self.breakpoint_hook(t, options)).run()
             if isinstance(dest, hostconn.TicketHost):
                 dest.discard()
             t["result"] = report.model_dump(mode="json")
@@ -293,24 +309,41 @@ class Relocate(Admission, Trust, Tasks):
                 peer.close()
 
     def _move_time_limit(self, spec: VmSpec, options: dict[str, Any]) -> float:
-        """The longest the engine will take for this move with these options: what the destination's ticket lasts."""
-        return round(move_time_limit_s(spec, completion_timeout=options.get("completion_timeout_s"),
-                                       rate_bps=options.get("bandwidth_bps") or self._link_bandwidth(),
-                                       allow_postcopy=bool(options.get("allow_postcopy"))
-                                       or options.get("converge") == "postcopy"), 1)
+        """The longest the engine will take for this move with these options: what the destination's ticket lasts.
+        A post-copy recovery longer than the engine's default, and every breakpoint's longest hold, add to it."""
+        postcopy = bool(options.get("allow_postcopy")) or options.get("converge") == "postcopy"
+        recovery = options.get("postcopy_recovery_timeout_s") or POSTCOPY_RECOVERY_TIMEOUT_S
+        limit = move_time_limit_s(spec, completion_timeout=options.get("completion_timeout_s"),
+                                  rate_bps=options.get("bandwidth_bps") or self._link_bandwidth(),
+                                  disk_sync_timeout=options.get("disk_sync_timeout_s"), allow_postcopy=postcopy,
+                                  convergence=self._convergence(options))
+        if postcopy:
+            limit += max(0.0, recovery - POSTCOPY_RECOVERY_TIMEOUT_S)
+        return round(limit + holds_at_most_s(options), 1)
+
+    @staticmethod
+    def _convergence(options: dict[str, Any]) -> ConvergenceSettings:
+        if options.get("sdps_max_stun_pct") is not None:
+            return ConvergenceSettings(sdps_max_stun_pct=options["sdps_max_stun_pct"])
+        return ConvergenceSettings()
 
     def _request(self, v: dict[str, Any], spec: VmSpec, src: Host, dest: Host, dest_vc: str, dest_ds: str,
                  options: dict[str, Any]) -> MigrationRequest:
         src_ds = spec.disks[0].datastore if spec.disks else ""
         kw: dict[str, Any] = {}
         for k in ("streams", "bandwidth_bps", "downtime_limit_ms", "completion_timeout_s", "stall_timeout_s",
-                  "converge", "allow_postcopy", "accept_unverified", "mirror_mode", "mirror_granularity"):
+                  "converge", "allow_postcopy", "accept_unverified", "mirror_mode", "mirror_granularity",
+                  "postcopy_recovery_timeout_s", "disk_sync_timeout_s"):
             if options.get(k) is not None:
                 kw[k] = options[k]
+        # the engine reaches its "switchover:held" checkpoint only when the source waits for it at pre-switchover
+        if "switchover:held" in (options.get("breakpoints") or ()):
+            kw["hold_switchover"] = True
         return MigrationRequest(
             spec=spec, source=Place(src, self.cfg.name, src_ds), destination=Place(dest, dest_vc, dest_ds),
             observer_socket=self.lab_paths.observer_socket, builtin_guest=bool(v.get("builtin_guest", True)),
-            workload=parse_workload(v.get("workload", "idle")), link_bandwidth_bps=self._link_bandwidth(), **kw)
+            workload=parse_workload(v.get("workload", "idle")), link_bandwidth_bps=self._link_bandwidth(),
+            convergence=self._convergence(options), **kw)
 
     async def _peer_abort(self, peer: VcClient, t: dict[str, Any]) -> tuple[str, list[str]]:
         """Abort the admission at the destination vCenter: ``stopped``, ``running`` (the guest runs there: the
@@ -327,9 +360,50 @@ class Relocate(Admission, Trust, Tasks):
             except TestbedError as err:
                 log.warning("abort at peer (attempt %d): %s", attempt + 1, err)
                 await asyncio.sleep(1)
-        t.setdefault("notes", []).append("the destination vCenter did not confirm the abort; its reconcile "
-                                         "will find the placeholder")
+        t.setdefault("notes", []).append(
+            f"the destination vCenter did not confirm the abort: it is asked again in the background for up to "
+            f"{ABORT_RETRY_S / 60:.0f} min (a cut link between the sites comes back), so its placeholder, "
+            "incoming QEMU and disk do not outlive the move")
+        self._abort_later(peer, t)
         return "unknown", []
+
+    def _abort_later(self, peer: VcClient, t: dict[str, Any]) -> None:
+        """Ask the destination vCenter to abort admission ``t["admission"]`` until it answers (with backoff, for
+        at most ``ABORT_RETRY_S``): what it made for the move goes as soon as it can be reached again. Each try
+        is a signed peer call on a client of its own (the move's client is closed by then)."""
+        aid, name = t["admission"], t["target"]
+        url, thumbprint, audience = peer.url, peer.thumbprint or "", peer.audience
+        deadline = time.monotonic() + ABORT_RETRY_S
+
+        async def retry() -> None:
+            delay = ABORT_RETRY_FIRST_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                client = self.peer_client(url, thumbprint, audience=audience)
+                try:
+                    r = await client.apost(f"/api/testbed/xvmotion/{aid}/abort", {}, signed=True)
+                    what = f"removed there: {', '.join(r.get('undone') or []) or 'nothing left'}"
+                except Conflict:
+                    what = "refused: the guest runs there (the move completed at the destination)"
+                except TestbedError as err:
+                    log.info("abort of admission %s at %s: not yet (%s)", aid, url, err.message.splitlines()[0])
+                    continue
+                finally:
+                    client.close()
+                t.setdefault("notes", []).append(f"the destination vCenter confirmed the abort later: {what}")
+                self.inv.put_task(t)
+                self.inv.event("VmMigrationAbortConfirmedEvent", f"relocate {t['id']} of VM {name}: the abort at "
+                               f"{url} was confirmed later; {what}", vm=name, task=t["id"])
+                return
+            self.inv.event("VmMigrationAbortUnconfirmedEvent", f"relocate {t['id']} of VM {name}: {url} did not "
+                           f"answer the abort for {ABORT_RETRY_S / 60:.0f} min; `testbed vcenter reconcile "
+                           f"{audience or 'NAME'}` shows what is left there", vm=name, task=t["id"])
+
+        key = f"abort-{aid}"
+        task = asyncio.get_running_loop().create_task(retry(), name=key)
+        self.running[key] = task     # close() cancels it with the tasks
+        task.add_done_callback(lambda _: self.running.pop(key, None))
 
     async def _commit_move(self, t: dict[str, Any], v: dict[str, Any], spec: VmSpec, dest_host: str, dest_ds: str,
                            peer: VcClient | None, dest_name: str, verdict: str) -> None:

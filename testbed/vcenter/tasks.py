@@ -97,7 +97,9 @@ class Tasks(VcBase):
                 "description": t["description"], "user": t.get("user"), "vcenter": self.cfg.name,
                 "start_time": t["started_s"], "end_time": t["ended_s"], "progress": t.get("progress"),
                 "prechecks": t.get("prechecks", []), "result": t.get("result"), "error": t.get("error"),
-                "notes": t.get("notes", []), "verdict": task_verdict(t), "timeline": t.get("timeline", [])}
+                "notes": t.get("notes", []), "verdict": task_verdict(t), "timeline": t.get("timeline", []),
+                # a row's held_at counts only while this vCenter holds the move (one left by a restart does not)
+                "held_at": t.get("held_at") if t["id"] in self.held else None, "holds": t.get("holds", [])}
 
     def _finish(self, t: dict[str, Any], ok: bool, *, error: TestbedError | str | None = None,
                 result: Any = None) -> None:

@@ -128,6 +128,14 @@ class TaskView(_Out):
     notes: list[str]
     verdict: str | None = None
     timeline: list[dict[str, Any]]
+    # a relocate held at an engine breakpoint: {"checkpoint", "since" (time.time()), "incoming" (the destination's
+    # migration URI and NBD export, {} before they exist)}; None when not held
+    held_at: dict[str, Any] | None = None
+    holds: list[dict[str, Any]] = []     # each breakpoint it was held at: checkpoint, since, held_s, released_by
+
+
+class Released(_Out):
+    released: str      # the checkpoint the task was held at
 
 
 class Event(_Out):
