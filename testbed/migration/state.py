@@ -4,6 +4,7 @@ figures of the report being built, and the helpers every phase uses (the next ag
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,9 @@ class MoveState:
         self.decisions: list[Decision] = []
         self.last_events: dict[str, tuple[str, float]] = {}     # side: the kind of its last event, when (a stall's why)
         self.postcopy: Postcopy | None = None
+        # events read from an agent's queue but not yet handed to a phase, in their order (``_take``)
+        self._unread: dict[str, collections.deque[dict[str, Any]]] = {
+            "source": collections.deque(), "destination": collections.deque()}
 
     def _enter(self, phase: Phase, at: float | None = None) -> None:
         self.machine.enter(phase, at)
@@ -115,10 +119,15 @@ class MoveState:
     def where(self, place: Place) -> str:
         return f"host {place.host.name} ({place.vcenter})"
 
-    async def _next_event(self, timeout_s: float, what: str,
-                          quiet: type[Exception] | None = None) -> AgentEvent:
-        """The next event from either agent; a destination or source QEMU that died is an error. No event in
-        ``timeout_s``: ``MigrationError`` (no progress), or ``quiet`` when the caller's own deadline came."""
+    async def _take(self, timeout_s: float) -> tuple[str, dict[str, Any]] | None:
+        """The next raw event and its side, None after ``timeout_s`` without one. Order is kept: what was read but
+        not yet handed out comes first, then what already waits, the source's before the destination's (the
+        source's steps come first in every phase: its pre-switchover before the destination's resume)."""
+        for side, q in (("source", self.sq), ("destination", self.dq)):
+            if self._unread[side]:
+                return side, self._unread[side].popleft()
+            if not q.empty():
+                return side, q.get_nowait()
         get_s = asyncio.ensure_future(self.sq.get())
         get_d = asyncio.ensure_future(self.dq.get())
         done, pending = await asyncio.wait({get_s, get_d}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -127,22 +136,39 @@ class MoveState:
         for p in pending:   # an event fetched while cancelling must not be lost
             with contextlib.suppress(asyncio.CancelledError):
                 late = await p
-                (self.sq if p is get_s else self.dq).put_nowait(late)
+                self._unread["source" if p is get_s else "destination"].append(late)
         if not done:
+            return None
+        if get_d in done and get_s in done:    # both arrived: the destination's waits, first in its line
+            self._unread["destination"].append(get_d.result())
+            return "source", get_s.result()
+        task = done.pop()
+        return ("source" if task is get_s else "destination"), task.result()
+
+    async def _next_event(self, timeout_s: float, what: str,
+                          quiet: type[Exception] | None = None) -> AgentEvent:
+        """The next event from either agent; a destination or source QEMU that died is an error. No event in
+        ``timeout_s``: ``MigrationError`` (no progress), or ``quiet`` when the caller's own deadline came.
+
+        The switchover's instants are taken here, whichever phase reads their events: an engine that fell
+        behind (held at a checkpoint, or slow on a loaded machine) reads the destination's resume while it still
+        reads pre-copy, and must not lose it."""
+        got = await self._take(timeout_s)
+        if got is None:
             if quiet is not None:
                 raise quiet()
             now = time.monotonic()
             seen = "; ".join(f"the {side}'s last event: {k} {now - t:.1f} s ago"
                              for side, (k, t) in self.last_events.items()) or "no event from either agent yet"
             raise MigrationError(f"no progress from {what} for {timeout_s:.0f} s ({seen})")
-        task = done.pop()
-        ev = AgentEvent.parse(task.result())
-        if len(done):   # both arrived: keep the other for the next call
-            other = done.pop()
-            (self.sq if other is get_s else self.dq).put_nowait(other.result())
-        side = "source" if task is get_s else "destination"
+        side, raw = got
+        ev = AgentEvent.parse(raw)
         self.last_events[side] = (ev.raw_kind or str(ev.kind), time.monotonic())
         clock.map_instants(ev.data, self.clocks[side])   # the agent's instants onto the engine's clock
+        if ev.kind is EventKind.MIGRATION_SWITCHOVER:
+            self.at.take(ev.data, "mirror_done_s", "continued_s")
+        elif ev.kind is EventKind.MIGRATION_RESUMED:
+            self.at.take(ev.data, "completed_s", "postcopy_s", "nbd_stopped_s", "bitmaps_s", "cont_s", "resumed_s")
         place = self.req.source if side == "source" else self.req.destination
         if ev.kind is EventKind.VM_EXITED:
             raise MigrationError(f"the {side} QEMU on {self.where(place)} exited "

@@ -4,7 +4,6 @@ takes QEMU's downtime and its own instants, on one clock (``clock``)."""
 from __future__ import annotations
 
 from testbed.errors import TestbedError
-from testbed.hostd.protocol import EventKind
 from testbed.migration import clock
 from testbed.migration.postcopy import PostcopyPhase
 from testbed.migration.report import Switchover
@@ -18,13 +17,8 @@ class SwitchoverPhase(PostcopyPhase):
         if self.req.hold_switchover:
             await self._checkpoint("switchover:held")
             await self.src.call("migration.release_switchover", name=self.name)
-        while self.at.resumed_s is None:
-            ev = await self._next_event(timeout_s=60, what="the switchover")
-            if ev.kind is EventKind.MIGRATION_SWITCHOVER:
-                self.at.take(ev.data, "mirror_done_s", "continued_s")
-            elif ev.kind is EventKind.MIGRATION_RESUMED:
-                self.at.take(ev.data, "completed_s", "postcopy_s", "nbd_stopped_s", "bitmaps_s", "cont_s",
-                             "resumed_s")
+        while self.at.resumed_s is None:   # the instants are taken as their events are read (``_next_event``)
+            await self._next_event(timeout_s=60, what="the switchover")
         if self.postcopy is not None:
             await self._postcopy_finish()
         qemu_steps = await self._qemu_steps()
