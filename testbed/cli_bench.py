@@ -1,7 +1,8 @@
 """``testbed bench``: the engine and libvirt's live migration side by side (``testbed.bench.runner``); and its
 subcommands, each on a lab of its own with its vCenters: ``convergence`` (the controllers side by side,
 ``testbed.bench.convergence``), ``downtime`` (N moves of one VM, where the downtime went,
-``testbed.bench.downtime``), ``wan`` (the site link against its targets, ``testbed.bench.wan_delayline``)."""
+``testbed.bench.downtime``), ``resume`` (a resume's first heartbeat: the same QEMU against the first one after a
+move, ``testbed.bench.resume``), ``wan`` (the site link against its targets, ``testbed.bench.wan_delayline``)."""
 
 from __future__ import annotations
 
@@ -141,6 +142,20 @@ def wan(a: argparse.Namespace) -> int:
     return 0
 
 
+def resume(a: argparse.Namespace) -> int:
+    from testbed.bench import resume as rs
+    workloads = _items(a.workloads, "--workloads", rs.WORKLOADS)
+    if not 1 <= a.resumes <= 100:
+        raise InputError(f"--resumes {a.resumes}: give 1 to 100")
+    from testbed.lab import quality
+    quality.refuse_if_busy("testbed bench resume", a.force)
+    rows = asyncio.run(rs.run(rs.Settings(lab=_lab(a, "bresume"), resumes=a.resumes, workloads=workloads), _log))
+    out.print(rs.markdown(rows), markup=False, highlight=False)
+    if a.markdown:
+        Path(a.markdown).write_text(rs.markdown(rows))
+    return 0
+
+
 def _force(s: argparse.ArgumentParser) -> None:
     s.add_argument("--force", action="store_true",
                    help="start even when the machine is busy (1-minute load above 0.75 per CPU); every number is "
@@ -148,7 +163,7 @@ def _force(s: argparse.ArgumentParser) -> None:
 
 
 def _register_subcommands(bench: argparse.ArgumentParser) -> None:
-    sub = bench.add_subparsers(dest="bench_cmd", required=False, metavar="{convergence,downtime,wan}",
+    sub = bench.add_subparsers(dest="bench_cmd", required=False, metavar="{convergence,downtime,resume,wan}",
                                help="instead of the comparison with libvirt (each on a lab of its own, with its "
                                     "vCenters; --lab names it)")
     s = sub.add_parser("convergence", help="the convergence controllers side by side: every mode x every "
@@ -187,6 +202,14 @@ def _register_subcommands(bench: argparse.ArgumentParser) -> None:
     s.add_argument("--json", help="write the rows and every move's report to this file")
     _force(s)
     s.set_defaults(fn=downtime)
+
+    s = sub.add_parser("resume", help="the guest's first heartbeat after a resume: of the same QEMU, and the first "
+                                      "one after a move (a new QEMU: its TCG code cache is empty)")
+    s.add_argument("--resumes", type=int, default=10, help="pause/resume pairs on each side of the move (default 10)")
+    s.add_argument("--workloads", default="idle,busy", help="idle, busy (20 MB/s of memory); default both")
+    s.add_argument("--markdown", help="write the table as Markdown to this file")
+    _force(s)
+    s.set_defaults(fn=resume)
 
     s = sub.add_parser("wan", help="the site link against its targets: RTT accuracy 0-200 ms, TCP rate at 100 ms "
                                    "RTT (no VMs)")

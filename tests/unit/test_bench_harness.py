@@ -26,7 +26,8 @@ def test_bench_alone_is_still_the_libvirt_comparison() -> None:
 
 @pytest.mark.parametrize("argv,fn", [(["bench", "convergence", "--runs", "1"], cli_bench.convergence),
                                      (["bench", "downtime", "--runs", "1", "--vm-memory", "256M"], cli_bench.downtime),
-                                     (["bench", "wan", "--rtts", "0,10"], cli_bench.wan)])
+                                     (["bench", "wan", "--rtts", "0,10"], cli_bench.wan),
+                                     (["bench", "resume", "--resumes", "3"], cli_bench.resume)])
 def test_bench_subcommands(argv: list[str], fn: Any) -> None:
     a = cli.parse([*argv, "--lab", "bx1"])
     assert a.fn is fn
@@ -40,6 +41,10 @@ def test_bench_subcommand_input_is_checked_before_any_lab() -> None:
         cli_bench.convergence(cli.parse(["bench", "convergence", "--sdps-max-stun", "100"]))
     with pytest.raises(InputError, match="--rtts"):
         cli_bench.wan(cli.parse(["bench", "wan", "--rtts", "0,ten"]))
+    with pytest.raises(InputError, match="--workloads: 'huge'"):
+        cli_bench.resume(cli.parse(["bench", "resume", "--workloads", "idle,huge"]))
+    with pytest.raises(InputError, match="--resumes 0"):
+        cli_bench.resume(cli.parse(["bench", "resume", "--resumes", "0"]))
 
 
 def _report(result: str, phases: list[tuple[str, float, float]]) -> MigrationReport:
