@@ -49,7 +49,7 @@ async def up(t: topo.Topology) -> dict[str, float]:
     add the hosts: ``testbed.vcenter.deploy.up``). Timings in seconds."""
     t0 = time.monotonic()
     timings_l1: dict[str, float] = {}
-    if any(h.kind == "nested" for *_, h in t.hosts()):
+    if kinds.hosts(t, kinds.Nested):
         await asyncio.to_thread(nested.check_host_image)   # missing or stale: say so before building anything
     probe = asyncio.create_task(asyncio.to_thread(
         accel.probe, GUEST_IMAGE_DIR / "vmlinuz", testbed_home() / "accel-probe.json"))

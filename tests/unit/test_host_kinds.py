@@ -181,9 +181,8 @@ def test_every_kind_the_topology_names_has_its_wiring_and_its_runtime() -> None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-# where a host kind's name may still be tested: the topology's own validation (a limit of nested hosts); and, until
-# the change under way there lands, labctl's up (its check becomes `kinds.hosts(t, kinds.Nested)`): drop it then
-MAY_TEST_A_KIND = {("testbed/lab/topology.py", "_unique"), ("testbed/labctl.py", "up")}
+# where a host kind's name may still be tested: the topology's own validation (a limit of nested hosts)
+MAY_TEST_A_KIND = {("testbed/lab/topology.py", "_unique")}
 
 
 def kind_tests(path: Path, names: set[str]) -> list[tuple[int, str]]:
