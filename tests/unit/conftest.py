@@ -1,5 +1,6 @@
 """Fixtures of the unit tests (no root, no lab): ``vc``, a real ``VCenter`` on a temporary directory (its
-inventory, certificate, keys), closed after the test."""
+inventory, certificate, keys), closed after the test; ``lab``, a real host agent on a UNIX socket in a temporary
+directory (``tests/unit/agentkit.py``), stopped after the test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from testbed.vcenter import certs
 from testbed.vcenter.config import VcenterConfig
 from testbed.vcenter.service import VCenter
+from tests.unit.agentkit import Lab, agent_lab
 
 
 @pytest.fixture
@@ -29,3 +31,9 @@ async def vc(vc_config: VcenterConfig) -> AsyncIterator[VCenter]:
     v = VCenter(vc_config)
     yield v
     await v.close()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    async with agent_lab(tmp_path) as agent:
+        yield agent

@@ -12,10 +12,7 @@ import pytest
 
 from testbed.errors import InputError
 from testbed.names import check_datastore_name, check_disk_file, inside
-from tests.unit import test_agent_tickets as tickets_tests
-from tests.unit.test_agent_tickets import Lab, vm_spec
-
-lab = tickets_tests.lab          # the same agent fixture: a real agent on a UNIX socket in a tmp dir
+from tests.unit.agentkit import Lab, vm_spec
 
 BAD_VM_NAMES = ["/", "..", "../x", "x/../../etc", "web01/..", ".", "", "Web01", "web01\n", "a" * 40, 7, None]
 BAD_FILES = ["/etc/shadow", "..", ".", "../x", "../../etc/passwd", "a/b", ".hidden", "", "x\n", "a" * 200, 1]

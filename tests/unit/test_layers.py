@@ -101,3 +101,17 @@ def test_no_file_is_over_500_lines() -> None:
     long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "testbed").rglob("*.py"))
             if (n := len(f.read_text().splitlines())) > 500}
     assert not long, f"files over 500 lines: {long}"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Tests share helpers (``labkit``, ``agentkit``, ``vckit``, ``fake_agent``) and fixtures (the conftests), never
+    each other: a test module that another imports runs its tests twice and ties them together."""
+    found = []
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module or ''}.{a.name}" for a in node.names] + [node.module or '']
+                     if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{f.relative_to(ROOT)}:{node.lineno} {n}" for n in names  # type: ignore[attr-defined]
+                      if any(part.startswith("test_") for part in n.split("."))]
+    assert not found, f"test modules imported by others: {found}"

@@ -34,7 +34,7 @@ from testbed.vcenter.config import VcenterConfig
 from testbed.vcenter.limits import CHECKPOINTS
 from testbed.vcenter.service import VCenter
 from tests.unit.fake_agent import FakeAgent, FakeHost, MiB, not_there, scripted_pair, spec
-from tests.unit.test_vcenter_recovery import agents, interrupted_task, restart
+from tests.unit.vckit import agents, interrupted_task, restart
 
 ADMIN = "administrator@vsphere-t.local"
 READER = "reader@vsphere-t.local"
