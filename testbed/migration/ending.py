@@ -44,6 +44,7 @@ class Ending(MoveState):
         # rollback goes on without it (what could not be removed is said in the log).
         t = ROLLBACK_CALL_S
         dest_stopped = not self.dest_started
+        dest_silent = False      # the destination's agent did not answer in time
         if self.dest_started:
             # The destination goes first, in one call that refuses once the guest runs there (it resumes by
             # itself when the source completes): never two running copies.
@@ -63,21 +64,29 @@ class Ending(MoveState):
             except TestbedError as err:
                 log.append(f"destination QEMU: {err.message.splitlines()[0]}")
             except TimeoutError:
+                dest_silent = True
                 log.append(f"destination QEMU on {self.req.destination.host.name}: its agent did not answer in "
                            f"{t:.0f} s; the QEMU there waits for an incoming migration that will never come")
         self._enter(Phase.ROLLBACK)
-        if self.dest_started:
+        # An agent that did not answer the abort will not answer the rest: not asked again, so the source (whose
+        # guest SDPS may still stun) is released now, not after a time limit per call.
+        if self.dest_started and not dest_silent:
             with contextlib.suppress(TestbedError, TimeoutError):
                 await self.dst.call("vm.remove", name=self.name, timeout_s=t)
             with contextlib.suppress(TestbedError, TimeoutError):
                 await self.dst.call("migration.finish", name=self.name, timeout_s=t)
         for ds, f in self.created_disks:
+            if dest_silent:
+                log.append(f"destination disk {f}: not deleted, the agent on {self.req.destination.host.name} did "
+                           "not answer; the disk is left there")
+                continue
             try:
                 await self.dst.call("disk.delete", datastore=ds, file=f, timeout_s=t)
                 log.append(f"destination disk {f} deleted")
             except TestbedError as err:
                 log.append(f"destination disk {f}: {err.message}")
             except TimeoutError:
+                dest_silent = True
                 log.append(f"destination disk {f}: the agent on {self.req.destination.host.name} did not answer "
                            f"in {t:.0f} s; the disk is left there")
         try:

@@ -187,3 +187,29 @@ async def test_events_that_queue_up_while_the_engine_is_held_are_not_lost(tmp_pa
                                              fault=hold).run(), 10)
         assert r.result == "succeeded", (r.result, r.error)
         assert r.switchover.destination_resumed_s is not None and len(r.rounds) == 1, r
+
+
+async def test_a_destination_that_does_not_answer_the_abort_is_not_asked_again(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link to the destination is cut: its agent answers nothing. The rollback waits its time limit once, for
+    the abort, then releases the source (whose guest SDPS may still stun) at once instead of waiting the limit again
+    for every other call there; what it could not remove it says."""
+    from testbed.migration import ending
+    monkeypatch.setattr(ending, "ROLLBACK_CALL_S", 0.3)
+    vm = spec()
+    src, dst = scripted_pair(vm)
+
+    async def never(**_: Any) -> None:
+        await asyncio.Event().wait()
+    for m in ("migration.abort_incoming", "vm.remove", "migration.finish", "disk.delete"):
+        dst.on(m, never)
+    src.on("migration.start", lambda **_: asyncio.get_running_loop().call_soon(
+        src.emit, "migration-failed", {"error": "the vMotion stream broke"}))
+    t = time.monotonic()
+    r = await Migration(request(vm, src, dst, tmp_path)).run()
+    assert r.result == "rolled_back", (r.result, r.error)
+    assert time.monotonic() - t < 2, "the rollback waited for every call to a silent destination"
+    assert dst.methods().count("migration.abort_incoming") == 1
+    assert not dst.called("vm.remove") and not dst.called("disk.delete"), dst.methods()
+    assert src.called("migration.cancel") == [{"name": "vm1", "resume_completed": False}]
+    assert any("not deleted" in line and "the disk is left there" in line for line in r.rollback), r.rollback
