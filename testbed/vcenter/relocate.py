@@ -50,6 +50,9 @@ log = logging.getLogger("testbed.vcenter")
 # How long a source vCenter keeps asking an unreachable destination vCenter to abort an admission.
 ABORT_RETRY_S = 1800.0
 ABORT_RETRY_FIRST_S = 2.0      # the first wait; it doubles up to 30 s
+# Each of the move's own three tries: short, since the background goes on asking (a cut link answers nothing, and
+# the client's own limit of 60 s a try kept a relocate's task open 3 min after its rollback).
+PEER_ABORT_CALL_S = 10.0
 
 # Where a relocate's percent comes from: each phase owns a slice of 0-100.
 _PHASE_PCT = {Phase.CREATED: (0, 0), Phase.PRECHECK: (0, 5), Phase.DISK_SYNC: (5, 45),
@@ -352,8 +355,8 @@ class Relocate(Admission, Trust, Breakpoints):
             return "stopped", []
         for attempt in range(3):
             try:
-                r = await peer.apost(f"/api/testbed/xvmotion/{t['admission']}/abort", {},
-                                            signed=True)
+                r = await peer.apost(f"/api/testbed/xvmotion/{t['admission']}/abort", {}, signed=True,
+                                     timeout_s=PEER_ABORT_CALL_S)
                 return "stopped", list(r.get("undone") or [])
             except Conflict:
                 return "running", []
@@ -382,7 +385,8 @@ class Relocate(Admission, Trust, Breakpoints):
                 delay = min(delay * 2, 30.0)
                 client = self.peer_client(url, thumbprint, audience=audience)
                 try:
-                    r = await client.apost(f"/api/testbed/xvmotion/{aid}/abort", {}, signed=True)
+                    r = await client.apost(f"/api/testbed/xvmotion/{aid}/abort", {}, signed=True,
+                                           timeout_s=PEER_ABORT_CALL_S)
                     what = f"removed there: {', '.join(r.get('undone') or []) or 'nothing left'}"
                 except Conflict:
                     what = "refused: the guest runs there (the move completed at the destination)"

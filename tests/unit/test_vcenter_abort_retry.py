@@ -26,7 +26,8 @@ class Peer:
 
         class Client:
             async def apost(self, path: str, body: Any = None, **kw: Any) -> Any:
-                assert path == "/api/testbed/xvmotion/adm-1/abort" and kw == {"signed": True}
+                assert path == "/api/testbed/xvmotion/adm-1/abort" and kw["signed"] is True
+                assert kw.get("timeout_s", 60) <= relocate.PEER_ABORT_CALL_S, "a try must not wait a minute"
                 peer.calls += 1
                 if peer.calls <= peer.down:
                     raise HostUnreachable("cannot reach vCenter https://vc-b.test: no route to host")

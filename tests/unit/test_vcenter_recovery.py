@@ -26,7 +26,8 @@ class FakePeer:
         self.calls.append(("GET", path))
         return {"running": self.running, "status": "running" if self.running else None}
 
-    async def apost(self, path: str, body: dict[str, Any], signed: bool = False) -> dict[str, Any]:
+    async def apost(self, path: str, body: dict[str, Any], signed: bool = False,
+                    timeout_s: float | None = None) -> dict[str, Any]:
         self.calls.append(("POST", path))
         return {"undone": ["placeholder removed"]}
 
