@@ -34,6 +34,7 @@ from testbed.ui import print_prechecks, task_progress_line
 from testbed.vcenter import deploy
 from testbed.vcenter import limits as lim
 from testbed.vcenter.client import VcClient
+from testbed.vcenter.labvms import LabVms
 
 out = Console()
 
@@ -193,12 +194,9 @@ def relocate(a: argparse.Namespace) -> int:
 def migrate(a: argparse.Namespace) -> int:
     """``testbed migrate VM --to-host H``: within the VM's vCenter, or to the lab's other vCenter."""
     src, c = find_vm(a, a.vm)
-    dst = vcenter_of_host(a.lab, a.to_host)
-    spec: dict[str, Any] = {"placement": {"host": a.to_host, "datastore": a.to_datastore},
-                            "options": _options(a)}
-    if dst != src:
-        cfg = deploy.config_of(a.lab, dst)
-        spec["destination_vcenter"] = deploy.destination_vcenter(cfg)
+    vms = LabVms(a.lab)     # the one builder of a relocate spec within or across the lab's vCenters
+    dst = vms.vcenter_of_host(a.to_host)
+    spec = vms.relocate_spec(src, a.to_host, datastore=a.to_datastore, options=_options(a))
     with c:
         r = c.post(f"/api/vcenter/vm/{a.vm}", {"spec": spec}, params={"action": "relocate"})
         out.print(f"{'cross-vCenter ' if dst != src else ''}relocate of {a.vm}: {src} -> {dst} "
